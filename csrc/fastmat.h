@@ -1,0 +1,190 @@
+/*
+ * fastmat.h - the public interface of fastmat's C core.
+ *
+ * This header is fed verbatim to cffi's ffi.cdef(), so it contains only
+ * simple "#define NAME value" lines, struct declarations and prototypes
+ * using fixed-width integer types (no mode_t, off_t, ssize_t includes).
+ * The build script includes the system headers before it.
+ *
+ * Conventions: every action function returns 0 or -errno (never -1 with
+ * errno); every fd it opens is O_CLOEXEC; paths are interpreted relative to
+ * the given directory fd and never follow a symlink in the last component
+ * unless a comment says otherwise. Nothing here touches Python objects;
+ * every function is safe to call from several threads at once.
+ */
+
+/* Bumped whenever a prototype or struct below changes; checked by Python. */
+#define FM_ABI_VERSION 1
+
+/* ---- capabilities (fm_capabilities) ---- */
+#define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
+#define FM_CAP_CLONEFILE 2       /* macOS clonefile(2) compiled in */
+#define FM_CAP_COPY_FILE_RANGE 4 /* copy_file_range(2) compiled in */
+#define FM_CAP_OPENAT2 8         /* openat2(2) RESOLVE_BENEATH available */
+#define FM_CAP_OVERLAY 16        /* overlay mount code compiled in (Linux) */
+
+/* ---- flags for the single-file functions ---- */
+#define FM_F_FSYNC 1          /* fsync the new file and its directory */
+#define FM_F_NOREPLACE 2      /* publish fails with -EEXIST if the name exists */
+#define FM_F_REFLINK_FORCE 4  /* reflink only: fail with -ENOTSUP, never copy */
+#define FM_F_NO_REFLINK 8     /* never try a reflink, always copy bytes */
+
+/* ---- plan operations (struct fm_plan.op) ---- */
+#define FM_OP_LINK 1    /* linkat(src_dirfd, src, dir, name); per-file fallbacks */
+#define FM_OP_SYMLINK 2 /* symlinkat(src, dir, name): src is the link target */
+#define FM_OP_EMPTY 3   /* a new empty regular file with the given mode */
+#define FM_OP_COPY 4    /* a private reflink-or-copy of src with mode, mtime */
+
+/* ---- how an entry was made (out array "how"); low bits a method ---- */
+#define FM_HOW_NONE 0
+#define FM_HOW_LINK 1
+#define FM_HOW_REFLINK 2
+#define FM_HOW_COPY 3
+#define FM_HOW_SYMLINK 4
+#define FM_HOW_CREATE 5
+#define FM_HOW_METHOD_MASK 15
+#define FM_HOW_ROTATED 16 /* EMLINK: source inode rotated, then linked */
+#define FM_HOW_XDEV 32    /* EXDEV: linkat refused, reflinked or copied */
+
+/* ---- fm_plan_exec flags ---- */
+#define FM_EXEC_DIRS_EXIST 1 /* directories already created by an earlier call */
+#define FM_EXEC_KEEP_GOING 2 /* do not stop at the first failing entry */
+
+/* ---- fault injection sites (tests only; fm_inject) ---- */
+#define FM_SITE_LINK 1     /* linkat of a plan entry */
+#define FM_SITE_REFLINK 2  /* FICLONE / clonefile */
+#define FM_SITE_COPY 3     /* copy_file_range (falls back to read/write) */
+#define FM_SITE_MKDIR 4    /* mkdirat of a plan directory */
+#define FM_SITE_SYMLINK 5  /* symlinkat of a plan entry */
+#define FM_SITE_RENAME 6   /* the publish step of the durable recipe */
+#define FM_SITE_COUNT 7
+
+/* ---- walks (fm_walk_chmod "what") ---- */
+#define FM_WALK_DIRS 1
+#define FM_WALK_FILES 2
+
+/*
+ * A flat materialization plan. Directory 0 is the destination itself
+ * (dirfd passed to fm_plan_exec); directories are listed parents before
+ * children. Strings are packed back to back, each NUL-terminated, in index
+ * order. Entries of one directory must be contiguous.
+ */
+struct fm_plan {
+    uint32_t n_dirs;
+    const int32_t *dir_parent; /* [n_dirs]; dir_parent[0] == -1 */
+    const char *dir_names;     /* n_dirs strings; "" for directory 0 */
+    uint32_t dir_mode;         /* mode of created directories (0755) */
+    uint32_t n_entries;
+    const uint8_t *op;         /* [n_entries] FM_OP_* */
+    const int32_t *entry_dir;  /* [n_entries] index into the directories */
+    const uint32_t *mode;      /* [n_entries] mode for EMPTY / COPY / EXDEV copies */
+    const int64_t *mtime_ns;   /* [n_entries] or NULL; < 0 leaves the mtime */
+    const char *names;         /* n_entries strings: one path component each */
+    const char *srcs;          /* n_entries strings: path under src_dirfd, or target */
+};
+
+struct fm_exec_opts {
+    uint32_t threads;      /* worker threads; 0 = online cores; clamped [1, 256] */
+    uint32_t max_inflight; /* entries claimed but unfinished; 0 = 64; >= threads */
+    uint32_t flags;        /* FM_EXEC_* */
+    int32_t tmp_dirfd;     /* where EMLINK rotation builds its copy; -1 = beside src */
+};
+
+uint32_t fm_abi_version(void);
+uint32_t fm_capabilities(void);
+
+/*
+ * Executes a plan: creates directories 1..n_dirs-1 under dest_dirfd (unless
+ * FM_EXEC_DIRS_EXIST), then every entry on a bounded pthread pool, each
+ * relative to its directory's fd (opened with RESOLVE_BENEATH /
+ * RESOLVE_NO_SYMLINKS, or component-wise O_NOFOLLOW). LINK entries fall back
+ * per file: EXDEV -> reflink, else copy (mode from the plan); EMLINK ->
+ * rotate the source inode (a fresh private copy renamed over src, existing
+ * links untouched) and link again. status[i] gets 0 or -errno per entry
+ * (-ECANCELED if never attempted after a failure), how[i] an FM_HOW_* value,
+ * dir_status[d] 0 or -errno per directory. Returns 0, or the first failure
+ * in plan order (directories before entries), or -EINVAL for a malformed plan.
+ */
+int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan *plan,
+                     const struct fm_exec_opts *opts, int32_t *status, uint8_t *how,
+                     int32_t *dir_status);
+
+/*
+ * The floor, for benchmarks: the same plan done with nothing but mkdirat and
+ * linkat (paths relative to dest_dirfd, precomputed before the clock starts)
+ * on the same number of threads. Only LINK entries are done. *elapsed_ns gets
+ * the time of the syscall loops. Returns 0 or the first -errno.
+ */
+int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan *plan,
+                      uint32_t threads, uint64_t *elapsed_ns);
+
+/* linkat(src_dirfd, src, dst_dirfd, dst, 0). Returns 0 or -errno
+ * (-EEXIST, -ENOENT, -EXDEV, -EMLINK, ...). */
+int32_t fm_link(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst);
+
+/* Creates dst (O_EXCL) as a reflink of src, with exactly `mode` (fchmod:
+ * FICLONE does not carry it). Returns 0, -ENOTSUP where the platform or
+ * filesystem cannot (also for EOPNOTSUPP / EINVAL from FICLONE), -EXDEV,
+ * -EEXIST, -ENOENT. dst is removed on any failure. */
+int32_t fm_reflink(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
+                   uint32_t mode);
+
+/* Creates dst (O_EXCL) as a byte copy of src (copy_file_range, else
+ * read/write), with exactly `mode`. Returns 0 or -errno; dst removed on
+ * failure. */
+int32_t fm_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
+                uint32_t mode);
+
+/*
+ * The durable private-copy recipe: a unique temp in dst_dirfd (O_CREAT |
+ * O_EXCL | O_CLOEXEC), reflink-or-copy of src (FM_F_REFLINK_FORCE /
+ * FM_F_NO_REFLINK choose), fchmod(mode), fsync if FM_F_FSYNC, close, rename
+ * to dst (renameat2 RENAME_NOREPLACE if FM_F_NOREPLACE: -EEXIST when taken),
+ * fsync the directory if FM_F_FSYNC. The temp is unlinked on any failure.
+ * *how (may be NULL) gets FM_HOW_REFLINK or FM_HOW_COPY, untouched on error.
+ */
+int32_t fm_private_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
+                        uint32_t mode, uint32_t flags, uint8_t *how);
+
+/* The same recipe for bytes in memory: write loop, fchmod, fsync, rename. */
+int32_t fm_durable_write(int32_t dst_dirfd, const char *dst, const uint8_t *buf, uint64_t len,
+                         uint32_t mode, uint32_t flags);
+
+/* Moves an already complete file into place: renameat2(..., RENAME_NOREPLACE)
+ * when FM_F_NOREPLACE (fallback link + unlink where renameat2 is missing),
+ * plain renameat otherwise; fsync of dst_dirfd with FM_F_FSYNC. */
+int32_t fm_publish(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
+                   uint32_t flags);
+
+/* Sets `mode` on every directory (FM_WALK_DIRS) or regular file
+ * (FM_WALK_FILES) under dirfd/path, path included; lstat semantics: never
+ * follows, chmods or descends through a symlink (dangling ones included).
+ * Returns 0, -ENOENT, -ENOTDIR, -ELOOP (path itself is a symlink), ... */
+int32_t fm_walk_chmod(int32_t dirfd, const char *path, uint32_t what, uint32_t mode);
+
+/* Removes dirfd/path and everything under it, making directories writable
+ * (u+rwx) where needed; never chmods a file, never follows a symlink (a
+ * symlink at path is unlinked itself). Returns 0, -ENOENT if path does not
+ * exist, -EBUSY for a mount point, or the first other -errno. */
+int32_t fm_remove_tree(int32_t dirfd, const char *path);
+
+/* 1 if a reflink works in this directory's filesystem, 0 if not, -errno if
+ * the probe itself failed. Creates and removes two temp files in dirfd. */
+int32_t fm_probe_reflink(int32_t dirfd);
+
+/* Mounts an overlay at target: lowerdir (read-only), upperdir, workdir, with
+ * extra mount flags MS_NOSUID | MS_NODEV. Returns 0, -EPERM without
+ * CAP_SYS_ADMIN, -ENOTSUP off Linux, -errno otherwise. */
+int32_t fm_mount_overlay(const char *lowerdir, const char *upperdir, const char *workdir,
+                         const char *target);
+
+/* umount2(target, detach ? MNT_DETACH : 0). Returns 0 or -errno. */
+int32_t fm_umount(const char *target, int32_t detach);
+
+/* macOS: clonefile(src, dst, CLONE_NOFOLLOW) of a whole tree. -ENOTSUP
+ * elsewhere. */
+int32_t fm_clone_tree(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst);
+
+/* Tests only: the next `count` calls at `site` fail with `err` (a negative
+ * errno) without doing the syscall. count 0 clears the site. Thread-safe. */
+void fm_inject(uint32_t site, int32_t err, uint32_t count);
