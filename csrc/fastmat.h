@@ -14,7 +14,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 1
+#define FM_ABI_VERSION 2
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -24,10 +24,10 @@
 #define FM_CAP_OVERLAY 16        /* overlay mount code compiled in (Linux) */
 
 /* ---- flags for the single-file functions ---- */
-#define FM_F_FSYNC 1          /* fsync the new file and its directory */
-#define FM_F_NOREPLACE 2      /* publish fails with -EEXIST if the name exists */
-#define FM_F_REFLINK_FORCE 4  /* reflink only: fail with -ENOTSUP, never copy */
-#define FM_F_NO_REFLINK 8     /* never try a reflink, always copy bytes */
+#define FM_F_FSYNC 1         /* fsync the new file and its directory */
+#define FM_F_NOREPLACE 2     /* publish fails with -EEXIST if the name exists */
+#define FM_F_REFLINK_FORCE 4 /* reflink only: fail with -ENOTSUP, never copy */
+#define FM_F_NO_REFLINK 8    /* never try a reflink, always copy bytes */
 
 /* ---- plan operations (struct fm_plan.op) ---- */
 #define FM_OP_LINK 1    /* linkat(src_dirfd, src, dir, name); per-file fallbacks */
@@ -51,12 +51,12 @@
 #define FM_EXEC_KEEP_GOING 2 /* do not stop at the first failing entry */
 
 /* ---- fault injection sites (tests only; fm_inject) ---- */
-#define FM_SITE_LINK 1     /* linkat of a plan entry */
-#define FM_SITE_REFLINK 2  /* FICLONE / clonefile */
-#define FM_SITE_COPY 3     /* copy_file_range (falls back to read/write) */
-#define FM_SITE_MKDIR 4    /* mkdirat of a plan directory */
-#define FM_SITE_SYMLINK 5  /* symlinkat of a plan entry */
-#define FM_SITE_RENAME 6   /* the publish step of the durable recipe */
+#define FM_SITE_LINK 1    /* linkat of a plan entry */
+#define FM_SITE_REFLINK 2 /* FICLONE / clonefile */
+#define FM_SITE_COPY 3    /* copy_file_range (falls back to read/write) */
+#define FM_SITE_MKDIR 4   /* mkdirat of a plan directory */
+#define FM_SITE_SYMLINK 5 /* symlinkat of a plan entry */
+#define FM_SITE_RENAME 6  /* the publish step of the durable recipe */
 #define FM_SITE_COUNT 7
 
 /* ---- walks (fm_walk_chmod "what") ---- */
@@ -75,12 +75,12 @@ struct fm_plan {
     const char *dir_names;     /* n_dirs strings; "" for directory 0 */
     uint32_t dir_mode;         /* mode of created directories (0755) */
     uint32_t n_entries;
-    const uint8_t *op;         /* [n_entries] FM_OP_* */
-    const int32_t *entry_dir;  /* [n_entries] index into the directories */
-    const uint32_t *mode;      /* [n_entries] mode for EMPTY / COPY / EXDEV copies */
-    const int64_t *mtime_ns;   /* [n_entries] or NULL; < 0 leaves the mtime */
-    const char *names;         /* n_entries strings: one path component each */
-    const char *srcs;          /* n_entries strings: path under src_dirfd, or target */
+    const uint8_t *op;        /* [n_entries] FM_OP_* */
+    const int32_t *entry_dir; /* [n_entries] index into the directories */
+    const uint32_t *mode;     /* [n_entries] mode for EMPTY / COPY / EXDEV copies */
+    const int64_t *mtime_ns;  /* [n_entries] or NULL; < 0 leaves the mtime */
+    const char *names;        /* n_entries strings: one path component each */
+    const char *srcs;         /* n_entries strings: path under src_dirfd, or target */
 };
 
 struct fm_exec_opts {
@@ -108,6 +108,12 @@ uint32_t fm_capabilities(void);
 int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan *plan,
                      const struct fm_exec_opts *opts, int32_t *status, uint8_t *how,
                      int32_t *dir_status);
+
+/* Checks a plan as fm_plan_exec would, doing nothing: 0 or -EINVAL (a parent
+ * index not before its child, an entry_dir out of range, a directory's
+ * entries not contiguous, an op out of range, a name that is not one path
+ * component, an empty src for LINK / SYMLINK / COPY, a mode above 07777). */
+int32_t fm_plan_check(const struct fm_plan *plan);
 
 /*
  * The floor, for benchmarks: the same plan done with nothing but mkdirat and

@@ -1,0 +1,81 @@
+/*
+ * fm_internal.h - helpers shared by the C core's files (names fm__*).
+ * Not part of the ABI; never fed to cffi.
+ */
+#ifndef FM_INTERNAL_H
+#define FM_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <errno.h>
+
+#include "fastmat.h"
+
+#ifndef O_PATH
+#define O_PATH 0 /* macOS: a read-only fd does the job of an O_PATH one */
+#endif
+
+#define FM_TMPNAME_MAX 64
+
+/* ---- fm_sys.c: the only code that reads errno. Each returns >= 0 or
+ * -errno and retries EINTR where the call can be repeated. ---- */
+int fm__openat(int dirfd, const char *path, int flags, unsigned mode);
+int fm__openat_beneath(int dirfd, const char *path); /* openat2, -ENOSYS if absent */
+int fm__close(int fd);
+int fm__linkat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
+int fm__symlinkat(const char *target, int dirfd, const char *path);
+int fm__mkdirat(int dirfd, const char *path, unsigned mode);
+int fm__unlinkat(int dirfd, const char *path, int flags);
+int fm__renameat(int olddirfd, const char *oldpath, int newdirfd, const char *newpath);
+int fm__renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd,
+                           const char *newpath); /* -ENOSYS/-EINVAL if unsupported */
+int fm__fstat(int fd, struct stat *st);
+int fm__fstatat(int dirfd, const char *path, struct stat *st, int flags);
+int fm__fchmod(int fd, unsigned mode);
+int fm__fchmodat(int dirfd, const char *path, unsigned mode);
+int fm__fchmodat_nofollow(int dirfd, const char *path, unsigned mode); /* glibc >= 2.32 */
+int fm__fsync(int fd);
+int fm__futimens_ns(int fd, int64_t mtime_ns); /* atime = mtime */
+int64_t fm__read(int fd, void *buf, size_t len);
+int64_t fm__pread(int fd, void *buf, size_t len, int64_t off);
+int64_t fm__write(int fd, const void *buf, size_t len);
+int64_t fm__pwrite(int fd, const void *buf, size_t len, int64_t off);
+int64_t fm__copy_file_range(int in, int64_t *off_in, int out, int64_t *off_out, size_t len);
+int fm__ficlone(int dst_fd, int src_fd);
+int fm__fclonefileat(int src_fd, int dst_dirfd, const char *dst);
+int fm__clonefileat(int src_dirfd, const char *src, int dst_dirfd, const char *dst);
+int fm__dup(int fd);
+/* Reads every entry of the directory fd (not closed) into a packed buffer of
+ * records "<d_type byte><name>\0"; *out is malloc'ed (caller frees). */
+int fm__read_dir(int fd, char **out, size_t *out_len);
+int fm__mount(const char *source, const char *target, const char *type, unsigned long flags,
+              const char *data);
+int fm__umount2(const char *target, int flags);
+
+/* ---- fm_probe.c ---- */
+/* 0, or the injected negative errno when a pending injection at `site` fires. */
+int32_t fm__injected(uint32_t site);
+
+/* ---- fm_file.c ---- */
+/* Opens src for reading (O_NOFOLLOW); -EISDIR / -EINVAL unless a regular file. */
+int fm__open_src(int dirfd, const char *path, struct stat *st);
+/* Creates dst (O_EXCL, mode 0600) as a reflink of src_fd; returns the new fd
+ * or -ENOTSUP / -EXDEV / -errno; dst is removed on failure. */
+int fm__clone_create(int src_fd, int dst_dirfd, const char *dst);
+/* The same as a byte copy (copy_file_range, else read/write). */
+int fm__copy_create(int src_fd, int dst_dirfd, const char *dst);
+/* Writes a unique temp name ".fm-tmp.<pid>.<seq>.<rand>" into buf. */
+void fm__tmpname(char buf[FM_TMPNAME_MAX]);
+/* tmp = "<directory part of path>/<unique temp name>"; -ENAMETOOLONG. */
+int fm__tmp_beside(const char *path, char *tmp, size_t size);
+/* fsyncs the directory containing dirfd/path. */
+int fm__fsync_parent(int dirfd, const char *path);
+
+#endif /* FM_INTERNAL_H */
