@@ -1,0 +1,303 @@
+"""The flat materialization plan: one validated ``Directory`` -> one packed chunk.
+
+A :class:`Node` is the packed form of one distinct ``Directory`` digest: the
+entries (files, then symlinks) as ready-to-join byte strings and arrays, and
+its subdirectories. :func:`expand` lays the nodes out breadth first (parents
+before children, each directory's entries contiguous) into the
+``PlanArrays`` the C executor runs. No per-file Python object is kept: paths
+for error messages are rebuilt from the arrays (:meth:`Plan.path_of_entry`).
+"""
+
+from __future__ import annotations
+
+import re
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fastmat.digest import EMPTY_DIGEST, Digest
+from fastmat.errors import InvalidDigestError
+
+if TYPE_CHECKING:
+    from fastmat._binding import PlanArrays
+    from fastmat.tree import TreeLimits
+
+__all__ = ["OP_COPY", "OP_EMPTY", "OP_LINK", "OP_SYMLINK", "BadNode", "Node", "Plan"]
+
+# FM_OP_* from csrc/fastmat.h (repeated here so validation never needs the C core).
+OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
+_HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
+_EMPTY_HASH = EMPTY_DIGEST.hash
+_RESERVED = ("", ".", "..")
+
+
+class BadNode(Exception):
+    """A ``Directory`` failed validation; ``name`` is the offending entry ("" = itself)."""
+
+    def __init__(self, message: str, name: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.name = name
+
+
+@dataclass(slots=True)
+class Node:
+    """One distinct ``Directory``, validated and packed."""
+
+    n: int  # entries: files + symlinks
+    ops: bytes
+    names: bytes  # NUL-terminated each
+    srcs: bytes  # NUL-terminated each: CAS relpath, symlink target, or b""
+    modes: array[int]
+    mtimes: array[int] | None
+    children: list[tuple[bytes, Digest]]
+    n_files: int
+    n_bytes: int
+    exec_digests: list[Digest]
+
+
+def _name_problem(name: str, limits: TreeLimits) -> str | None:
+    if name in _RESERVED:
+        return f"name {name!r} is not a path component"
+    if "/" in name or "\0" in name:
+        return f"name {name!r} contains '/' or NUL"
+    if len(name.encode()) > limits.max_name_bytes:
+        return f"name longer than max_name_bytes ({limits.max_name_bytes})"
+    return None
+
+
+def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> None:
+    for kind, lst in zip(("files", "directories", "symlinks"), lists, strict=True):
+        if lst != sorted(lst):
+            i = next(i for i in range(len(lst) - 1) if lst[i] > lst[i + 1])
+            raise BadNode(f"{kind} not sorted by name ({lst[i]!r} before {lst[i + 1]!r})", lst[i])
+    names = lists[0] + lists[1] + lists[2]
+    n = len(names)
+    if n > limits.max_entries_per_dir:
+        raise BadNode(f"more than max_entries_per_dir ({limits.max_entries_per_dir}) entries")
+    if not n:
+        return
+    joined = "/".join(names)
+    unique = set(names)
+    longest = max(map(len, names))
+    if longest * 4 > limits.max_name_bytes and len(joined.encode()) != len(joined):
+        longest = max(len(x.encode()) for x in names)
+    if (
+        "\0" in joined
+        or joined.count("/") != n - 1
+        or not unique.isdisjoint(_RESERVED)
+        or longest > limits.max_name_bytes
+    ):
+        for x in names:
+            problem = _name_problem(x, limits)
+            if problem:
+                raise BadNode(problem, x)
+    if len(unique) != n:
+        seen: set[str] = set()
+        for x in names:
+            if x in seen:
+                raise BadNode(f"duplicate name {x!r} (files, directories, symlinks)", x)
+            seen.add(x)
+
+
+def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
+    """(mode, mtime_ns or -1) when NodeProperties ask for a private inode, else None."""
+    has_mode = node.HasField("unix_mode")
+    has_mtime = node.HasField("mtime")
+    if not (has_mode or has_mtime):
+        return None
+    mode = node.unix_mode.value if has_mode else (0o555 if executable else 0o444)
+    if mode > 0o7777:
+        raise BadNode(f"unix_mode {mode:#o} has bits outside 0o7777")
+    mtime = -1
+    if has_mtime:
+        sec, nanos = node.mtime.seconds, node.mtime.nanos
+        if sec < 0 or not 0 <= nanos < 1_000_000_000:
+            raise BadNode(f"mtime {sec}s {nanos}ns out of range")
+        mtime = sec * 1_000_000_000 + nanos
+    return mode & 0o777, mtime  # setuid / setgid / sticky dropped (see fastmat.tree)
+
+
+def build_node(msg: Any, limits: TreeLimits) -> Node:
+    """Validates one decoded ``Directory`` and packs it; raises :class:`BadNode`."""
+    files, dirs, syms = msg.files, msg.directories, msg.symlinks
+    fnames = [f.name for f in files]
+    snames = [s.name for s in syms]
+    _check_names((fnames, [x.name for x in dirs], snames), limits)
+    digests = [f.digest for f in files]
+    hashes = [x.hash for x in digests]
+    sizes = [x.size_bytes for x in digests]
+    nf = len(fnames)
+    if nf and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
+        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
+        raise BadNode(f"file digest hash {hashes[i]!r} is not 64 lowercase hex digits", fnames[i])
+    execs = [f.is_executable for f in files]
+    props = [f.HasField("node_properties") for f in files]
+    exec_digests: list[Digest] = []
+    mtimes: array[int] | None = None
+    if nf and (min(sizes) <= 0 or any(execs) or any(props)):
+        ops, modes, srcs, mt = bytearray(), array("I"), [], array("q")
+        for i, (h, size) in enumerate(zip(hashes, sizes, strict=True)):
+            if size < 0 or (size == 0 and h != _EMPTY_HASH):
+                raise BadNode(f"file digest {h}/{size} is impossible", fnames[i])
+            try:
+                p = _file_props(files[i].node_properties, execs[i]) if props[i] else None
+            except BadNode as e:
+                raise BadNode(e.message, fnames[i]) from None
+            if p is not None:
+                ops.append(OP_COPY if size else OP_EMPTY)
+                modes.append(p[0])
+                mt.append(p[1])
+                srcs.append(f"blobs/{h[:2]}/{h}-{size}" if size else "")
+                continue
+            mt.append(-1)
+            if size == 0:
+                ops.append(OP_EMPTY)
+                modes.append(0o555 if execs[i] else 0o444)
+                srcs.append("")
+            elif execs[i]:
+                ops.append(OP_LINK)
+                modes.append(0o555)
+                srcs.append(f"exec/{h[:2]}/{h}-{size}")
+                exec_digests.append(Digest(h, size))
+            else:
+                ops.append(OP_LINK)
+                modes.append(0o444)
+                srcs.append(f"blobs/{h[:2]}/{h}-{size}")
+        fops = bytes(ops)
+        if max(mt) >= 0:
+            mtimes = mt
+    else:
+        fops = b"\x01" * nf
+        modes = array("I", [0o444]) * nf
+        srcs = [f"blobs/{h[:2]}/{h}-{s}" for h, s in zip(hashes, sizes, strict=True)]
+    ns = len(snames)
+    if ns:
+        targets = [s.target for s in syms]
+        for name, t in zip(snames, targets, strict=True):
+            if not t or "\0" in t or len(t.encode()) > limits.max_symlink_target_bytes:
+                raise BadNode(f"symlink target {t[:80]!r} is empty, has NUL or is too long", name)
+        srcs += targets
+        modes.extend(array("I", [0o777]) * ns)
+        if mtimes is not None:
+            mtimes.extend(array("q", [-1]) * ns)
+    children: list[tuple[bytes, Digest]] = []
+    for x in dirs:
+        try:
+            children.append((x.name.encode(), Digest(x.digest.hash, x.digest.size_bytes)))
+        except InvalidDigestError as e:
+            raise BadNode(f"directory digest: {e}", x.name) from None
+    n = nf + ns
+    return Node(
+        n=n,
+        ops=fops + b"\x02" * ns,
+        names=("\0".join(fnames + snames) + "\0").encode() if n else b"",
+        srcs=("\0".join(srcs) + "\0").encode() if n else b"",
+        modes=modes,
+        mtimes=mtimes,
+        children=children,
+        n_files=nf,
+        n_bytes=sum(sizes),
+        exec_digests=exec_digests,
+    )
+
+
+class Plan:
+    """A validated tree, flat: what ``materialize`` and the directory cache execute."""
+
+    __slots__ = ("arrays", "exec_digests", "n_bytes", "n_dirs", "n_files", "n_symlinks", "root")
+
+    def __init__(
+        self,
+        root: Digest,
+        arrays: PlanArrays,
+        exec_digests: list[Digest],
+        n_files: int,
+        n_bytes: int,
+    ) -> None:
+        self.root = root
+        self.arrays = arrays
+        self.exec_digests = exec_digests  # distinct digests linked from exec/
+        self.n_files = n_files
+        self.n_bytes = n_bytes  # file bytes, every instance counted
+        self.n_dirs = len(arrays.dir_parent)  # the root included
+        self.n_symlinks = arrays.op.count(OP_SYMLINK)
+
+    def path_of_dir(self, d: int) -> str:
+        """The dest-relative path of directory ``d`` ("" for the root)."""
+        names = self.arrays.dir_names.split(b"\0")
+        parts = []
+        while d > 0:
+            parts.append(names[d].decode())
+            d = self.arrays.dir_parent[d]
+        return "/".join(reversed(parts))
+
+    def path_of_entry(self, i: int) -> str:
+        """The dest-relative path of entry ``i``."""
+        base = self.path_of_dir(self.arrays.entry_dir[i])
+        name = self.arrays.names.split(b"\0")[i].decode()
+        return f"{base}/{name}" if base else name
+
+    def blob_srcs(self) -> dict[bytes, int]:
+        """Distinct CAS blobs the plan reads (``blobs/..`` relpaths) -> first entry index.
+
+        Executable entries map to their plain blob (the variant is made from it).
+        """
+        srcs = self.arrays.srcs.split(b"\0")
+        out: dict[bytes, int] = {}
+        for i, (op, src) in enumerate(zip(self.arrays.op, srcs, strict=False)):
+            if op in (OP_LINK, OP_COPY) and src not in out:
+                out[src] = i
+        return {(b"blobs/" + s[5:] if s.startswith(b"exec/") else s): i for s, i in out.items()}
+
+
+def blob_digest(src: bytes) -> Digest:
+    """The digest of a ``blobs/hh/hash-size`` or ``exec/hh/hash-size`` relpath."""
+    h, _, size = src.rsplit(b"/", 1)[1].decode().partition("-")
+    return Digest(h, int(size))
+
+
+def expand(nodes: dict[Digest, Node], root: Digest) -> Plan:
+    """Lays the (validated, bounded) nodes out breadth first into one ``PlanArrays``."""
+    from fastmat._binding import PlanArrays
+
+    inst = [root]
+    parents = array("i", [-1])
+    dir_names = [b""]
+    ops: list[bytes] = []
+    names: list[bytes] = []
+    srcs: list[bytes] = []
+    modes = array("I")
+    entry_dir = array("i")
+    mtimes = array("q") if any(n.mtimes is not None for n in nodes.values()) else None
+    n_files = n_bytes = 0
+    d = 0
+    while d < len(inst):
+        node = nodes[inst[d]]
+        if node.n:
+            ops.append(node.ops)
+            names.append(node.names)
+            srcs.append(node.srcs)
+            modes.extend(node.modes)
+            entry_dir.extend(array("i", [d]) * node.n)
+            if mtimes is not None:
+                mtimes.extend(node.mtimes or array("q", [-1]) * node.n)
+            n_files += node.n_files
+            n_bytes += node.n_bytes
+        for name, child in node.children:
+            inst.append(child)
+            parents.append(d)
+            dir_names.append(name)
+        d += 1
+    exec_digests = sorted({x for n in nodes.values() for x in n.exec_digests}, key=str)
+    arrays = PlanArrays(
+        dir_parent=parents,
+        dir_names=b"\0".join(dir_names) + b"\0",
+        op=b"".join(ops),
+        entry_dir=entry_dir,
+        mode=modes,
+        mtime_ns=mtimes,
+        names=b"".join(names),
+        srcs=b"".join(srcs),
+    )
+    return Plan(root, arrays, exec_digests, n_files, n_bytes)
