@@ -1,0 +1,565 @@
+"""The local content-addressable store, shareable by the threads and processes of a worker.
+
+Layout under the root: ``blobs/<hh>/<hash>-<size>`` (0444, never written again),
+``exec/<hh>/<hash>-<size>`` (the 0555 variant: another inode), ``tmp/<pid>.<rand>/``
+(one per open instance, flock-owned, swept by others once its owner is dead),
+``locks/`` (single-flight lock files) and ``quarantine/`` (what ``verify()`` moved out).
+Everything is built in the instance's temp dir and renamed into place without
+replacing, so a final name only ever holds a complete, fsync'ed file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import itertools
+import logging
+import os
+import secrets
+import stat
+import threading
+import time
+import weakref
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import NamedTuple
+
+from fastmat import _binding, _locks
+from fastmat.digest import Digest
+from fastmat.errors import BlobNotFoundError, DigestMismatchError, InvalidDigestError
+
+log = logging.getLogger("fastmat")
+
+_CHUNK_BYTES = 1 << 20
+_BLOB_MODE = 0o444
+_EXEC_MODE = 0o555
+_AREAS = (("blobs", "blob"), ("exec", "exec"))
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_NO_REFLINK = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ELOOP})
+_MAX_PARALLEL_VARIANTS = 8
+
+
+@dataclass
+class CASCounters:
+    """What this instance did since it was opened (thread-safe snapshot via ``counters``)."""
+
+    blobs_written: int = 0  # blobs this instance published
+    blobs_present: int = 0  # puts that found the blob already there (or lost the race)
+    bytes_written: int = 0
+    reflinked_files: int = 0  # put_file calls served by a reflink
+    copied_files: int = 0  # put_file calls that streamed the bytes
+    exec_variants_built: int = 0  # variant constructions (published or not: single-flight
+    # across threads and processes makes this one per digest over all instances)
+    temp_dirs_swept: int = 0  # dead owners' temp dirs removed at open
+
+
+class DamagedBlob(NamedTuple):
+    digest: Digest
+    reason: str
+    kind: str  # "blob" or "exec"
+
+
+@dataclass
+class VerifyReport:
+    """The result of ``LocalCAS.verify()``; every damaged file is already in quarantine."""
+
+    blobs_checked: int = 0
+    exec_checked: int = 0
+    bytes_checked: int = 0
+    damaged: list[DamagedBlob] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)  # foreign names, quarantined too
+    quarantined: list[Path] = field(default_factory=list)
+    duration_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.damaged and not self.unexpected
+
+
+def _hash_fd(fd: int) -> Digest:
+    h = hashlib.sha256()
+    buf = bytearray(_CHUNK_BYTES)
+    view = memoryview(buf)
+    size = 0
+    while n := os.readv(fd, [buf]):
+        h.update(view[:n])
+        size += n
+    return Digest(h.hexdigest(), size)
+
+
+def _release(owned: _locks.OwnedDir, tmp_parent_fd: int, fds: list[int]) -> None:
+    try:
+        owned.release(tmp_parent_fd)
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+class LocalCAS:
+    """A local CAS directory; see the module docstring. Thread- and multi-process-safe."""
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.root = Path(path).absolute()
+        self._fsync = fsync
+        self._create_layout()
+        self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        fds = [self.root_fd]
+        try:
+            self._tmp_parent_fd = os.open("tmp", _DIR, dir_fd=self.root_fd)
+            fds.append(self._tmp_parent_fd)
+            self._locks_fd = os.open(
+                "locks", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd
+            )
+            fds.append(self._locks_fd)
+            self._owned = _locks.OwnedDir.create(self._tmp_parent_fd)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.tmp_dir = self.root / "tmp" / self._owned.name
+        self.tmp_fd = self._owned.fd
+        self._finalizer = weakref.finalize(self, _release, self._owned, self._tmp_parent_fd, fds)
+        self._locks = _locks.KeyedLock(self._locks_fd)
+        self._names = itertools.count()
+        self._mutex = threading.Lock()
+        self._counters = CASCounters()
+        self._reflink: bool | None = None  # probed on first put_file
+        self._no_reflink_devs: set[int] = set()
+        swept = _locks.sweep_dead(self._tmp_parent_fd, keep=self._owned.name)
+        self._count(temp_dirs_swept=swept)
+        if swept:
+            log.info("CAS %s: swept %d temp dirs of dead owners", self.root, swept)
+
+    def _create_layout(self) -> None:
+        if (self.root / "exec" / "ff").is_dir():  # created last: the layout is complete
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        for sub in ("tmp", "locks", "quarantine"):
+            (self.root / sub).mkdir(exist_ok=True)
+        for area in ("blobs", "exec"):
+            (self.root / area).mkdir(exist_ok=True)
+            for i in range(256):
+                (self.root / area / f"{i:02x}").mkdir(exist_ok=True)
+
+    # ---- lifetime ----
+
+    def close(self) -> None:
+        """Removes this instance's temp dir and releases its owner lock. Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> LocalCAS:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    @property
+    def counters(self) -> CASCounters:
+        with self._mutex:
+            return CASCounters(**vars(self._counters))
+
+    def _count(self, **deltas: int) -> None:
+        with self._mutex:
+            for name, delta in deltas.items():
+                setattr(self._counters, name, getattr(self._counters, name) + delta)
+
+    # ---- names ----
+
+    @staticmethod
+    def relpath(d: Digest) -> str:
+        """``blobs/<hh>/<hash>-<size>``, relative to ``root`` / ``root_fd`` (no check)."""
+        return f"blobs/{d.hash[:2]}/{d.key}"
+
+    @staticmethod
+    def exec_relpath(d: Digest) -> str:
+        """``exec/<hh>/<hash>-<size>``, relative to ``root`` / ``root_fd`` (no check)."""
+        return f"exec/{d.hash[:2]}/{d.key}"
+
+    def _is_file(self, rel: str) -> bool:
+        try:
+            st = os.stat(rel, dir_fd=self.root_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return stat.S_ISREG(st.st_mode)
+
+    def _tmp_name(self, what: str) -> str:
+        return f"{what}.{next(self._names)}"
+
+    def _unlink_tmp(self, name: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=self.tmp_fd)
+
+    def _publish(self, tmp: str, d: Digest, area: str) -> bool:
+        """Renames temp ``tmp`` to its final name; False (temp discarded) if it exists."""
+        try:
+            if self._fsync:  # the fsync is of the final directory: open it for that
+                dir_fd = os.open(f"{area}/{d.hash[:2]}", _DIR, dir_fd=self.root_fd)
+                try:
+                    _binding.publish(self.tmp_fd, tmp, dir_fd, d.key, noreplace=True, fsync=True)
+                finally:
+                    os.close(dir_fd)
+            else:
+                rel = f"{area}/{d.hash[:2]}/{d.key}"
+                _binding.publish(self.tmp_fd, tmp, self.root_fd, rel, noreplace=True)
+        except FileExistsError:  # lost the race: the winner's file is the same bytes
+            self._unlink_tmp(tmp)
+            return False
+        except BaseException:
+            self._unlink_tmp(tmp)
+            raise
+        return True
+
+    def _published(self, tmp: str, d: Digest, **counts: int) -> Digest:
+        if self._publish(tmp, d, "blobs"):
+            self._count(blobs_written=1, bytes_written=d.size_bytes, **counts)
+        else:
+            self._count(blobs_present=1, **counts)
+        return d
+
+    # ---- insertion ----
+
+    def put(self, data: bytes, *, expected: Digest | None = None) -> Digest:
+        """Stores ``data``; DigestMismatchError (nothing stored) if it is not ``expected``."""
+        d = Digest.of(data)
+        if expected is not None and d != expected:
+            raise DigestMismatchError(expected, d, "put")
+        if d.size_bytes == 0 or d in self:
+            self._count(blobs_present=1)
+            return d
+        tmp = self._tmp_name("put")
+        _binding.durable_write(
+            self.tmp_fd, tmp, bytes(data), _BLOB_MODE, fsync=self._fsync, noreplace=True
+        )
+        return self._published(tmp, d)
+
+    def put_file(self, path: str | os.PathLike[str], *, expected: Digest | None = None) -> Digest:
+        """Stores a copy of the file at ``path`` (never moved, never modified).
+
+        Reflinks it into the temp dir when the filesystem allows and hashes the copy,
+        not the source, so a concurrent writer cannot make a blob disagree with its
+        name; else streams it, hashing the bytes as they are written.
+        """
+        path = os.fspath(path)
+        src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            st = os.fstat(src_fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "put_file needs a regular file", path)
+            if expected is not None and expected in self:  # only check, copy nothing
+                return self._put_chunks(_read_chunks(src_fd), expected, "put_file")
+            tmp = self._tmp_name("file")
+            if not self._reflink_into(path, st.st_dev, tmp):
+                return self._put_chunks(_read_chunks(src_fd), expected, "put_file", copied_files=1)
+        finally:
+            os.close(src_fd)
+        fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
+        try:
+            d = _hash_fd(fd)
+            if self._fsync and (expected is None or d == expected):
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return self._check_and_publish(tmp, d, expected, "put_file", reflinked_files=1)
+
+    def _reflink_into(self, path: str, dev: int, tmp: str) -> bool:
+        if self._reflink is None:
+            self._reflink = _binding.probe_reflink(self.tmp_dir)
+        if not self._reflink or dev in self._no_reflink_devs:
+            return False
+        head, tail = os.path.split(os.path.abspath(path))
+        dir_fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _binding.private_copy(
+                dir_fd,
+                tail,
+                self.tmp_fd,
+                tmp,
+                _BLOB_MODE,
+                fsync=False,
+                noreplace=True,
+                reflink=True,
+            )
+        except OSError as e:
+            if e.errno not in _NO_REFLINK:
+                raise
+            if e.errno == errno.EXDEV:
+                self._no_reflink_devs.add(dev)
+            return False
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def put_stream(self, chunks: Iterable[bytes], expected: Digest | None) -> Digest:
+        """Stores the concatenated ``chunks``, hashing as it writes, and checks them
+        against ``expected`` before publishing (DigestMismatchError, temp removed)."""
+        return self._put_chunks(chunks, expected, "put_stream")
+
+    def _put_chunks(
+        self, chunks: Iterable[bytes], expected: Digest | None, where: str, **counts: int
+    ) -> Digest:
+        if expected is not None and expected in self:  # verify, never write
+            h = hashlib.sha256()
+            size = 0
+            for chunk in chunks:
+                h.update(chunk)
+                size += len(chunk)
+            d = Digest(h.hexdigest(), size)
+            if d != expected:
+                raise DigestMismatchError(expected, d, where)
+            self._count(blobs_present=1, **counts)
+            return d
+        tmp = self._tmp_name("stream")
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _BLOB_MODE, dir_fd=self.tmp_fd
+        )
+        try:
+            h = hashlib.sha256()
+            size = 0
+            for chunk in chunks:
+                h.update(chunk)
+                size += len(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            d = Digest(h.hexdigest(), size)
+            if expected is None or d == expected:
+                os.fchmod(fd, _BLOB_MODE)
+                if self._fsync:
+                    os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            self._unlink_tmp(tmp)
+            raise
+        os.close(fd)
+        return self._check_and_publish(tmp, d, expected, where, **counts)
+
+    def _check_and_publish(
+        self, tmp: str, d: Digest, expected: Digest | None, where: str, **counts: int
+    ) -> Digest:
+        if expected is not None and d != expected:
+            self._unlink_tmp(tmp)
+            raise DigestMismatchError(expected, d, where)
+        if d.size_bytes == 0:
+            self._unlink_tmp(tmp)
+            self._count(blobs_present=1, **counts)
+            return d
+        return self._published(tmp, d, **counts)
+
+    # ---- lookup ----
+
+    def __contains__(self, d: object) -> bool:
+        if not isinstance(d, Digest):
+            return False
+        return d.size_bytes == 0 or self._is_file(self.relpath(d))
+
+    def missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests not stored here, in first-seen order, without duplicates."""
+        return [d for d in dict.fromkeys(digests) if d not in self]
+
+    def path(self, d: Digest) -> Path:
+        """The blob's file (0444). BlobNotFoundError if absent; the empty blob always is."""
+        rel = self.relpath(d)
+        if d.size_bytes == 0:
+            self._ensure_empty(d, "blobs", _BLOB_MODE)
+        elif not self._is_file(rel):
+            raise BlobNotFoundError(d)
+        return self.root / rel
+
+    def read(self, d: Digest) -> bytes:
+        """The blob's bytes. BlobNotFoundError if absent."""
+        if d.size_bytes == 0:
+            return b""
+        try:
+            fd = os.open(self.relpath(d), _RDONLY, dir_fd=self.root_fd)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ELOOP):
+                raise BlobNotFoundError(d) from None
+            raise
+        with os.fdopen(fd, "rb") as f:
+            return f.read()
+
+    # ---- executable variants ----
+
+    def executable_path(self, d: Digest) -> Path:
+        """The 0555 variant of blob ``d`` (another inode), built once across threads and
+        processes and the same inode on every later call. BlobNotFoundError if absent."""
+        rel = self.exec_relpath(d)
+        if self._is_file(rel):
+            return self.root / rel
+        if d.size_bytes == 0:
+            self._ensure_empty(d, "exec", _EXEC_MODE)
+            return self.root / rel
+        with self._locks.hold(f"{d.key}.exec"):
+            if not self._is_file(rel):
+                self._build_variant(d)
+        return self.root / rel
+
+    def ensure_executables(self, digests: Iterable[Digest]) -> None:
+        """``executable_path`` for each digest, a few at a time."""
+        todo = [d for d in dict.fromkeys(digests) if not self._is_file(self.exec_relpath(d))]
+        if len(todo) <= 1:
+            for d in todo:
+                self.executable_path(d)
+            return
+        with ThreadPoolExecutor(min(len(todo), _MAX_PARALLEL_VARIANTS)) as pool:
+            list(pool.map(self.executable_path, todo))
+
+    def _build_variant(self, d: Digest) -> None:
+        tmp = self._tmp_name("exec")
+        try:
+            _binding.private_copy(
+                self.root_fd,
+                self.relpath(d),
+                self.tmp_fd,
+                tmp,
+                _EXEC_MODE,
+                fsync=self._fsync,
+                noreplace=True,
+            )
+        except FileNotFoundError:
+            raise BlobNotFoundError(d) from None
+        self._count(exec_variants_built=1)
+        try:
+            fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
+            try:
+                # A copy of the writable fd may live on in a child forked meanwhile by
+                # another thread; publishing before it is gone would risk ETXTBSY.
+                if not _locks.wait_no_writers(fd):
+                    log.debug("cannot prove %s has no writers (no leases)", d)
+                actual = _hash_fd(fd)
+            finally:
+                os.close(fd)
+            if actual != d:
+                raise DigestMismatchError(d, actual, f"blob {self.relpath(d)}; run verify()")
+        except BaseException:
+            self._unlink_tmp(tmp)
+            raise
+        self._publish(tmp, d, "exec")
+
+    def _ensure_empty(self, d: Digest, area: str, mode: int) -> None:
+        if self._is_file(f"{area}/{d.hash[:2]}/{d.key}"):
+            return
+        tmp = self._tmp_name("empty")
+        _binding.durable_write(self.tmp_fd, tmp, b"", mode, fsync=self._fsync, noreplace=True)
+        if mode & 0o111:
+            fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
+            try:
+                _locks.wait_no_writers(fd)
+            finally:
+                os.close(fd)
+        self._publish(tmp, d, area)
+
+    # ---- verification ----
+
+    def verify(self) -> VerifyReport:
+        """Checks every blob and variant (type, mode, size, hash); moves each damaged
+        one to ``quarantine/`` (it then reads as missing) and reports it."""
+        report = VerifyReport()
+        t0 = time.monotonic()
+        q_fd = os.open("quarantine", _DIR, dir_fd=self.root_fd)
+        try:
+            for area, kind in _AREAS:
+                for i in range(256):
+                    dir_fd = os.open(f"{area}/{i:02x}", _DIR, dir_fd=self.root_fd)
+                    try:
+                        self._verify_dir(dir_fd, f"{i:02x}", kind, q_fd=q_fd, report=report)
+                    finally:
+                        os.close(dir_fd)
+        finally:
+            os.close(q_fd)
+        report.duration_s = time.monotonic() - t0
+        log.info(
+            "CAS %s verified: %d blobs, %d exec variants, %d bytes, %d damaged%s, %d unexpected",
+            self.root,
+            report.blobs_checked,
+            report.exec_checked,
+            report.bytes_checked,
+            len(report.damaged),
+            "".join(f" [{b.kind} {b.digest}: {b.reason}]" for b in report.damaged),
+            len(report.unexpected),
+        )
+        return report
+
+    def _verify_dir(
+        self, dir_fd: int, hh: str, kind: str, *, q_fd: int, report: VerifyReport
+    ) -> None:
+        mode = _BLOB_MODE if kind == "blob" else _EXEC_MODE
+        with os.scandir(dir_fd) as it:
+            names = [e.name for e in it]
+        for name in names:
+            try:
+                h, _, size = name.rpartition("-")
+                d = Digest(h, int(size)) if size.isdigit() and h[:2] == hh else None
+            except InvalidDigestError:
+                d = None
+            reason, ino = _check_file(dir_fd, name, d, mode)
+            if ino is None:
+                continue  # vanished meanwhile
+            if d is None:
+                report.unexpected.append(f"{kind}/{hh}/{name}")
+            else:
+                if kind == "blob":
+                    report.blobs_checked += 1
+                else:
+                    report.exec_checked += 1
+                report.bytes_checked += d.size_bytes
+                if reason is None:
+                    continue
+                report.damaged.append(DamagedBlob(d, reason, kind))
+            qname = f"{kind}.{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            try:
+                os.rename(name, qname, src_dir_fd=dir_fd, dst_dir_fd=q_fd)
+            except FileNotFoundError:
+                continue  # another verifier quarantined it first
+            report.quarantined.append(self.root / "quarantine" / qname)
+            moved = os.stat(qname, dir_fd=q_fd, follow_symlinks=False)
+            # A good copy may have replaced the damaged one between check and rename.
+            replaced = d is not None and (moved.st_dev, moved.st_ino) != ino
+            if replaced and _check_file(q_fd, qname, d, mode)[0] is None:
+                with contextlib.suppress(FileExistsError):
+                    _binding.publish(q_fd, qname, dir_fd, name, noreplace=True)
+                    report.quarantined.pop()
+
+
+def _read_chunks(fd: int) -> Iterable[bytes]:
+    while chunk := os.read(fd, _CHUNK_BYTES):
+        yield chunk
+
+
+def _check_file(
+    dir_fd: int, name: str, d: Digest | None, mode: int
+) -> tuple[str | None, tuple[int, int] | None]:
+    """(reason it is damaged or None, (dev, ino) checked or None if it vanished)."""
+    try:
+        fd = os.open(name, _RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None, None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        return "a symlink, not a regular file", (st.st_dev, st.st_ino)
+    try:
+        st = os.fstat(fd)
+        ino = (st.st_dev, st.st_ino)
+        if not stat.S_ISREG(st.st_mode):
+            return "not a regular file", ino
+        if d is None:
+            return None, ino
+        reasons = []
+        if stat.S_IMODE(st.st_mode) != mode:
+            reasons.append(f"mode {stat.S_IMODE(st.st_mode):#o}, expected {mode:#o}")
+        if st.st_size != d.size_bytes:
+            reasons.append(f"size {st.st_size}, expected {d.size_bytes} (truncated or grown)")
+        elif _hash_fd(fd) != d:
+            reasons.append("content does not hash to its name (written or replaced)")
+        return ("; ".join(reasons) or None), ino
+    finally:
+        os.close(fd)
