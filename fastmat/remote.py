@@ -1,0 +1,414 @@
+"""A REAPI v2 CAS client over gRPC: the remote side of fetching.
+
+``RemoteCAS`` speaks ``FindMissingBlobs``, ``BatchReadBlobs``, ``GetTree``,
+``GetCapabilities`` and ``ByteStream.Read`` through generic gRPC calls on the
+message classes of :mod:`fastmat.proto` (no generated stubs). Every call has a
+deadline; ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED`` are retried with
+exponential backoff and jitter, then reported as :class:`RemoteError`.
+
+Bytes are returned as received: the caller verifies them (``LocalCAS.put`` /
+``put_stream`` hash before publishing), so every byte is hashed exactly once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+
+from fastmat import proto
+from fastmat.digest import Digest
+from fastmat.errors import BlobNotFoundError, RemoteError
+
+_CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
+_CAPS = "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"
+_READ = "/google.bytestream.ByteStream/Read"
+_RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+_DEFAULT_BATCH_BYTES = 4 * 1024 * 1024
+_ENTRY_OVERHEAD = 100  # digest + status + tags around each blob in a batch response
+_FIND_MISSING_CHUNK = 10_000  # ~80 bytes per digest: stays far below 4 MiB requests
+_STREAM_FLOOR_BPS = 1 << 20  # ByteStream deadline grows by 1 s per MiB of blob
+
+T = TypeVar("T")
+
+
+@dataclass
+class RemoteStats:
+    """Counters of one client (thread-safe through ``RemoteCAS``)."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    retries: int = 0
+    bytes_received: int = 0
+    inflight: int = 0
+    peak_inflight: int = 0
+
+
+def _parse_target(target: str) -> tuple[str, bool]:
+    """``grpc://h:p`` / ``h:p`` -> insecure, ``grpcs://h:p`` -> TLS."""
+    for scheme, tls in (("grpcs://", True), ("grpc://", False)):
+        if target.startswith(scheme):
+            rest = target[len(scheme) :].rstrip("/")
+            if not rest:
+                raise ValueError(f"no address in remote target {target!r}")
+            return rest, tls
+    if "://" in target:
+        raise ValueError(f"unsupported remote target {target!r}: use grpc:// or grpcs://")
+    return target, False
+
+
+def _read_file(path: str | os.PathLike[str] | None) -> bytes | None:
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    shift = value = 0
+    while True:
+        if i >= len(buf):
+            raise RemoteError("truncated GetTree response")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def split_get_tree_response(buf: bytes) -> tuple[list[bytes], str]:
+    """The raw bytes of each ``directories`` entry (field 1) and ``next_page_token``.
+
+    Decoded by hand so that every Directory keeps the exact bytes the server
+    stored: re-serializing a parsed message is not guaranteed to reproduce them.
+    """
+    dirs: list[bytes] = []
+    token = ""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 2:
+            length, i = _varint(buf, i)
+            if i + length > n:
+                raise RemoteError("truncated GetTree response")
+            if number == 1:
+                dirs.append(buf[i : i + length])
+            elif number == 2:
+                token = buf[i : i + length].decode("utf-8", "replace")
+            i += length
+        elif wire == 0:
+            _, i = _varint(buf, i)
+        elif wire in (1, 5):
+            i += 8 if wire == 1 else 4
+        else:
+            raise RemoteError(f"unexpected wire type {wire} in GetTree response")
+    return dirs, token
+
+
+def _pb(d: Digest) -> Any:
+    return proto.Digest(hash=d.hash, size_bytes=d.size_bytes)
+
+
+class RemoteCAS:
+    """A REAPI v2 content-addressable store reached over gRPC.
+
+    ``target`` is ``grpc://host:port``, ``grpcs://host:port`` or ``host:port``.
+    TLS files (PEM) apply to ``grpcs://`` only. ``timeout_s`` is the deadline
+    of each call (ByteStream reads get one more second per MiB); ``retries`` is
+    how many times an ``UNAVAILABLE`` / ``RESOURCE_EXHAUSTED`` call is repeated,
+    after ``backoff_s``, doubling each time.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        instance_name: str = "",
+        *,
+        tls_ca_cert: str | os.PathLike[str] | None = None,
+        tls_client_cert: str | os.PathLike[str] | None = None,
+        tls_client_key: str | os.PathLike[str] | None = None,
+        timeout_s: float = 60.0,
+        retries: int = 4,
+        backoff_s: float = 0.1,
+        max_message_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        address, tls = _parse_target(target)
+        if not tls and (tls_ca_cert or tls_client_cert or tls_client_key):
+            raise ValueError("TLS files given for a plaintext target: use grpcs://")
+        self.target = target
+        self.instance_name = instance_name
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.max_message_bytes = max_message_bytes
+        self.stats = RemoteStats()
+        self._lock = threading.Lock()
+        self._batch_limit: int | None = None
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        ]
+        if tls:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=_read_file(tls_ca_cert),
+                private_key=_read_file(tls_client_key),
+                certificate_chain=_read_file(tls_client_cert),
+            )
+            self._channel: Any = grpc.secure_channel(address, creds, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        ch = self._channel
+        self._find_missing = ch.unary_unary(
+            _CAS + "FindMissingBlobs",
+            request_serializer=proto.FindMissingBlobsRequest.SerializeToString,
+            response_deserializer=proto.FindMissingBlobsResponse.FromString,
+        )
+        self._batch_read = ch.unary_unary(
+            _CAS + "BatchReadBlobs",
+            request_serializer=proto.BatchReadBlobsRequest.SerializeToString,
+            response_deserializer=proto.BatchReadBlobsResponse.FromString,
+        )
+        self._get_tree = ch.unary_stream(
+            _CAS + "GetTree",
+            request_serializer=proto.GetTreeRequest.SerializeToString,
+            response_deserializer=None,  # raw bytes: see split_get_tree_response
+        )
+        self._caps = ch.unary_unary(
+            _CAPS,
+            request_serializer=proto.GetCapabilitiesRequest.SerializeToString,
+            response_deserializer=proto.ServerCapabilities.FromString,
+        )
+        self._read = ch.unary_stream(
+            _READ,
+            request_serializer=proto.ReadRequest.SerializeToString,
+            response_deserializer=proto.ReadResponse.FromString,
+        )
+
+    # -- plumbing ---------------------------------------------------------
+
+    def __enter__(self) -> RemoteCAS:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteCAS({self.target!r}, {self.instance_name!r})"
+
+    def _enter(self, method: str) -> None:
+        with self._lock:
+            s = self.stats
+            s.calls[method] = s.calls.get(method, 0) + 1
+            s.inflight += 1
+            s.peak_inflight = max(s.peak_inflight, s.inflight)
+
+    def _leave(self, nbytes: int = 0) -> None:
+        with self._lock:
+            self.stats.inflight -= 1
+            self.stats.bytes_received += nbytes
+
+    def _fail(self, method: str, err: grpc.RpcError, attempts: int) -> RemoteError:
+        code = err.code()
+        name = code.name if code is not None else "UNKNOWN"
+        return RemoteError(
+            f"{method} on {self.target} failed after {attempts} attempt(s): {name}: {err.details()}"
+        )
+
+    def _backoff(self, attempt: int) -> None:
+        with self._lock:
+            self.stats.retries += 1
+        delay = self.backoff_s * (2**attempt)
+        time.sleep(delay * (0.5 + random.random() / 2))  # noqa: S311 - jitter, not crypto
+
+    def _call(self, method: str, fn: Callable[[], T]) -> T:
+        """Runs one unary call with retries; non-retryable RpcErrors propagate."""
+        for attempt in range(self.retries + 1):
+            self._enter(method)
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                if e.code() not in _RETRYABLE:
+                    raise
+                if attempt == self.retries:
+                    raise self._fail(method, e, attempt + 1) from e
+            finally:
+                self._leave()
+            self._backoff(attempt)
+        raise AssertionError("unreachable")
+
+    # -- API --------------------------------------------------------------
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """``max_batch_total_size_bytes`` from GetCapabilities (4 MiB when unset)."""
+        if self._batch_limit is None:
+            limit = _DEFAULT_BATCH_BYTES
+            try:
+                caps = self._call(
+                    "GetCapabilities",
+                    lambda: self._caps(
+                        proto.GetCapabilitiesRequest(instance_name=self.instance_name),
+                        timeout=self.timeout_s,
+                    ),
+                )
+                limit = int(caps.cache_capabilities.max_batch_total_size_bytes) or limit
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise self._fail("GetCapabilities", e, 1) from e
+            self._batch_limit = min(limit, self.max_message_bytes - 65536)
+        return self._batch_limit
+
+    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The subset of ``digests`` the server does not have."""
+        todo = list(dict.fromkeys(digests))
+        missing: list[Digest] = []
+        for i in range(0, len(todo), _FIND_MISSING_CHUNK):
+            req = proto.FindMissingBlobsRequest(
+                instance_name=self.instance_name,
+                blob_digests=[_pb(d) for d in todo[i : i + _FIND_MISSING_CHUNK]],
+            )
+            call = functools.partial(self._find_missing, req, timeout=self.timeout_s)
+            try:
+                resp = self._call("FindMissingBlobs", call)
+            except grpc.RpcError as e:
+                raise self._fail("FindMissingBlobs", e, 1) from e
+            missing.extend(Digest(m.hash, m.size_bytes) for m in resp.missing_blob_digests)
+        return missing
+
+    def batches(self, digests: Iterable[Digest]) -> Iterator[list[Digest]]:
+        """Groups ``digests`` into BatchReadBlobs requests within the server's limit."""
+        limit = self.max_batch_bytes
+        batch: list[Digest] = []
+        total = 0
+        for d in digests:
+            cost = d.size_bytes + _ENTRY_OVERHEAD
+            if batch and total + cost > limit:
+                yield batch
+                batch, total = [], 0
+            batch.append(d)
+            total += cost
+        if batch:
+            yield batch
+
+    def read_batch(self, digests: list[Digest]) -> list[tuple[Digest, bytes]]:
+        """One BatchReadBlobs call. ``BlobNotFoundError`` for the first absent blob."""
+        req = proto.BatchReadBlobsRequest(
+            instance_name=self.instance_name, digests=[_pb(d) for d in digests]
+        )
+        try:
+            resp = self._call(
+                "BatchReadBlobs", functools.partial(self._batch_read, req, timeout=self.timeout_s)
+            )
+        except grpc.RpcError as e:
+            raise self._fail("BatchReadBlobs", e, 1) from e
+        wanted = set(digests)
+        out: list[tuple[Digest, bytes]] = []
+        nbytes = 0
+        for r in resp.responses:
+            d = Digest(r.digest.hash, r.digest.size_bytes)
+            if r.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
+                raise BlobNotFoundError(d)
+            if r.status.code != 0:
+                raise RemoteError(
+                    f"BatchReadBlobs on {self.target}: {d}: status {r.status.code}: "
+                    f"{r.status.message}"
+                )
+            if d not in wanted:
+                raise RemoteError(f"BatchReadBlobs on {self.target}: unrequested blob {d}")
+            data = r.data
+            nbytes += len(data)
+            out.append((d, data))
+        got = {d for d, _ in out}
+        for d in digests:
+            if d not in got:
+                raise RemoteError(f"BatchReadBlobs on {self.target}: no response for {d}")
+        with self._lock:
+            self.stats.bytes_received += nbytes
+        return out
+
+    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
+        """``(digest, bytes)`` for each blob, batch by batch (large blobs too, streamed)."""
+        small: list[Digest] = []
+        for d in dict.fromkeys(digests):
+            if d.size_bytes + _ENTRY_OVERHEAD > self.max_batch_bytes:
+                yield d, b"".join(self.read_stream(d))
+            else:
+                small.append(d)
+        for batch in self.batches(small):
+            yield from self.read_batch(batch)
+
+    def resource_name(self, d: Digest) -> str:
+        prefix = f"{self.instance_name}/" if self.instance_name else ""
+        return f"{prefix}blobs/{d.hash}/{d.size_bytes}"
+
+    def read_stream(self, d: Digest) -> Iterator[bytes]:
+        """ByteStream.Read of one blob, resumed at the received offset on retries."""
+        offset = 0
+        timeout = self.timeout_s + d.size_bytes / _STREAM_FLOOR_BPS
+        for attempt in range(self.retries + 1):
+            req = proto.ReadRequest(resource_name=self.resource_name(d), read_offset=offset)
+            self._enter("Read")
+            received = 0
+            try:
+                for resp in self._read(req, timeout=timeout):
+                    chunk = resp.data
+                    received += len(chunk)
+                    offset += len(chunk)
+                    if offset > d.size_bytes:
+                        raise RemoteError(f"Read on {self.target}: {d} longer than its size")
+                    yield chunk
+                return
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise BlobNotFoundError(d) from e
+                if code not in _RETRYABLE or attempt == self.retries:
+                    raise self._fail("Read", e, attempt + 1) from e
+            finally:
+                self._leave(received)
+            self._backoff(attempt)
+
+    def get_tree(self, root: Digest) -> list[bytes] | None:
+        """Every Directory under ``root`` (raw bytes), or ``None`` if the server does
+        not implement GetTree. Pages arrive on one stream; an interrupted stream is
+        resumed from the last page token. Callers hash each message: GetTree does
+        not say which digest a message belongs to, and may omit missing parts."""
+        out: list[bytes] = []
+        token = ""
+        for attempt in range(self.retries + 1):
+            req = proto.GetTreeRequest(
+                instance_name=self.instance_name, root_digest=_pb(root), page_token=token
+            )
+            self._enter("GetTree")
+            received = 0
+            try:
+                for raw in self._get_tree(req, timeout=self.timeout_s):
+                    received += len(raw)
+                    dirs, token = split_get_tree_response(raw)
+                    out.extend(dirs)
+                return out
+            except grpc.RpcError as e:
+                code = e.code()
+                if code == grpc.StatusCode.UNIMPLEMENTED:
+                    return None
+                if code == grpc.StatusCode.NOT_FOUND:
+                    raise BlobNotFoundError(root) from e
+                if code not in _RETRYABLE or attempt == self.retries:
+                    raise self._fail("GetTree", e, attempt + 1) from e
+                if not token:
+                    out.clear()  # restart from the beginning
+            finally:
+                self._leave(received)
+            self._backoff(attempt)
+        raise AssertionError("unreachable")
