@@ -1,0 +1,364 @@
+"""DirectoryCache: whole materialized trees kept by root digest, shared by processes.
+
+Layout under the cache directory (names private, properties not):
+``entries/<hash>-<size>/`` a complete tree (dirs 0755, files the CAS inodes / 0555
+variants, read-only) with its sidecar ``entries/<hash>-<size>.plan`` (cache_entry);
+``tmp/<pid>.<rand>/`` each open instance's scratch (constructions, overlay upper layers),
+``trash/`` evicted trees awaiting the background deleter, ``locks/`` one flock file per
+digest (see cache_disk for the cross-process protocol).
+
+A miss builds the tree with ``fastmat.materialize`` in the instance's scratch, writes the
+sidecar, renames the sidecar then the tree into ``entries/`` (the tree's rename is the
+commit point: nothing half-built is ever under a final name) and inserts it pinned. A hit
+replays the sidecar's plan into ``dest`` with the C executor, hardlinking from the entry
+(no readdir, no stat walk), or clones it whole where ``clonefile(2)`` exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fastmat import _binding, cache_entry, workspace
+from fastmat.cache_disk import Trasher, make_instance_tmp, open_lock, sweep, try_lock
+from fastmat.cache_index import CacheIndex, Entry, Limits
+from fastmat.cache_ops import (
+    Builder,
+    CacheResult,
+    CacheStats,
+    Damaged,
+    Flight,
+    adopt_all,
+    discard,
+    load_replay,
+)
+from fastmat.digest import Digest
+from fastmat.errors import FastmatError
+
+__all__ = ["CacheResult", "CacheStats", "DirectoryCache"]
+
+log = logging.getLogger("fastmat")
+GiB = 1 << 30
+_O_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_RETRIES = 3
+
+
+class DirectoryCache:
+    """A directory cache over ``cas`` at ``path``; see the module docstring."""
+
+    def __init__(
+        self,
+        cas: Any,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = 10 * GiB,
+        max_entries: int = 10_000,
+        fetcher: Any = None,
+        subtrees: bool = False,
+        threads: int = 0,
+        max_inflight: int = 64,
+        limits: Any = None,
+        policy: str = "least-recently-used",
+        fsync: bool = True,
+        overlay: bool | None = None,
+    ) -> None:
+        self.cas = cas
+        self.path = Path(path)
+        self.limits = Limits(max_bytes, max_entries, policy)
+        self.subtrees = subtrees  # accepted; see the report: whole trees only for now
+        for d in ("entries", "tmp", "trash", "locks"):
+            (self.path / d).mkdir(parents=True, exist_ok=True)
+        self._entries = self.path / "entries"
+        self._trash_dir = self.path / "trash"
+        self._entries_fd = os.open(self._entries, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._locks_fd = os.open(self.path / "locks", _O_DIR)
+        self._tmp, self._owner_fd = make_instance_tmp(self.path / "tmp")
+        self._mu = threading.Lock()
+        self._index = CacheIndex(self.limits)
+        self._flights: dict[str, Flight] = {}
+        self._n: Counter[str] = Counter()
+        self._trasher = Trasher()
+        self._builder = Builder(
+            cas,
+            fetcher=fetcher,
+            threads=threads,
+            max_inflight=max_inflight,
+            limits=limits,
+            fsync=fsync,
+            entries_fd=self._entries_fd,
+            locks_fd=self._locks_fd,
+            trash=self._trash_dir,
+            trasher=self._trasher,
+            tmp=self._tmp,
+        )
+        self.overlay = overlay  # None: probed at the first workspace; False: never mount
+        self._closed = False
+        sweep(self.path / "tmp", self._trash_dir, self._tmp, self._trasher)
+        for e in adopt_all(self._entries_fd, self._locks_fd, self._trash_dir, self._trasher):
+            self._index.insert(e)
+        with self._mu:
+            self._evict_locked()
+
+    # -- public API ---------------------------------------------------------------
+
+    def __enter__(self) -> DirectoryCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finishes pending background deletions and releases the cache's fds."""
+        if self._closed:
+            return
+        self._closed = True
+        self._trasher.drain()
+        self._trasher.close()
+        with self._mu:
+            for e in self._index:
+                if e.lock_fd >= 0:
+                    os.close(e.lock_fd)
+                    e.lock_fd = -1
+        with contextlib.suppress(OSError):
+            _binding.remove_tree(self._tmp)
+        self._builder.close()
+        for fd in (self._entries_fd, self._locks_fd, self._owner_fd):
+            os.close(fd)
+
+    def stats(self) -> CacheStats:
+        with self._mu:
+            n = self._n
+            return CacheStats(
+                entries=len(self._index),
+                bytes=self._index.bytes,
+                pinned=self._index.pinned,
+                hits=n["hits"],
+                misses=n["misses"],
+                constructions=n["constructions"],
+                adopted=n["adopted"],
+                clonefile_hits=n["clonefile"],
+                hardlink_hits=n["hardlink"],
+                overlay_hits=n["overlay"],
+                evictions=n["evictions"],
+                fallbacks=n["fallbacks"],
+                damaged=n["damaged"],
+            )
+
+    def entry_path(self, root: Digest) -> Path | None:
+        """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
+        with self._mu:
+            return self._entries / root.key if self._index.get(root.key) else None
+
+    def drain(self) -> None:
+        """Waits for the background deleter (tests and benchmarks)."""
+        self._trasher.drain()
+
+    def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
+        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+        t0 = time.perf_counter()
+        dest = Path(dest)
+        if self.limits.max_entries == 0:
+            st = self._builder.direct(root, dest)
+            self._count("misses")
+            dt = time.perf_counter() - t0
+            return CacheResult(False, "materialize", st.bytes, st.files, dt, 0.0, dt)
+        damaged: tuple[int, int] | None = None
+        for _ in range(_RETRIES):
+            e, hit = self._acquire(root, damaged)
+            t1 = time.perf_counter()
+            try:
+                method = self._clone(e, dest)
+            except Damaged as d:
+                damaged = self._invalidate(e, d)
+                continue
+            finally:
+                self._release(e)
+            if hit:
+                self._count(method)
+            t2 = time.perf_counter()
+            rebuilt = damaged is not None
+            return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
+        raise FastmatError(f"cache entry for {root} keeps failing its checks")
+
+    @contextlib.contextmanager
+    def workspace(
+        self, root: Digest, dest: str | os.PathLike[str]
+    ) -> Iterator[workspace.Workspace]:
+        """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
+
+        An overlay mount of the (pinned) entry where this process can mount, else a
+        hardlinked copy; the yielded ``Workspace.method`` says which.
+        """
+        dest = Path(dest)
+        if self.limits.max_entries == 0 or not self._can_overlay():
+            r = self.materialize(root, dest)
+            if self.limits.max_entries:
+                self._count("fallbacks")
+            try:
+                yield workspace.Workspace(dest, r.method, root, r.hit)
+            finally:
+                _binding.remove_tree(dest)
+            return
+        e, hit, ws = self._mount(root, dest)
+        try:
+            yield workspace.Workspace(dest, "overlay", root, hit, ws / "upper")
+        finally:
+            try:
+                workspace.unmount(dest, ws)
+            finally:
+                self._release(e)
+
+    # -- pinning, single-flight, eviction ----------------------------------------
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._mu:
+            self._n[what] += n
+
+    def _acquire(self, root: Digest, damaged: tuple[int, int] | None) -> tuple[Entry, bool]:
+        """A pinned entry for ``root`` and whether it was a hit (else constructed)."""
+        key = root.key
+        while True:
+            with self._mu:
+                e = self._index.get(key)
+                if e is not None and damaged != e.ident:
+                    if self._pin_locked(e):
+                        self._index.touch(e)
+                        self._n["hits"] += 1
+                        return e, True
+                    self._index.remove(e)  # another process is evicting or rebuilding it
+                flight = self._flights.get(key)
+                owner = flight is None
+                if flight is None:
+                    flight = self._flights[key] = Flight()
+            if not owner:
+                flight.wait()
+                continue
+            try:
+                e, built = self._builder.acquire(root, damaged)
+            except BaseException as exc:
+                with self._mu:
+                    del self._flights[key]
+                flight.fail(exc)
+                raise
+            with self._mu:
+                self._index.insert(e)
+                self._index.touch(e)
+                self._n["constructions" if built else "adopted"] += 1
+                self._n["misses" if built else "hits"] += 1
+                self._evict_locked()
+                del self._flights[key]
+            flight.done()
+            return e, not built
+
+    def _pin_locked(self, e: Entry) -> bool:
+        if e.pins == 0:
+            fd = open_lock(self._locks_fd, e.key)
+            if not try_lock(fd, fcntl.LOCK_SH):
+                os.close(fd)
+                return False
+            e.lock_fd = fd
+        e.pins += 1
+        return True
+
+    def _release(self, e: Entry) -> None:
+        with self._mu:
+            e.pins -= 1
+            if e.pins == 0 and e.lock_fd >= 0:
+                os.close(e.lock_fd)  # drops this process's LOCK_SH
+                e.lock_fd = -1
+            if self._index.over():
+                self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        """Takes unpinned victims out of the index, renames them to the trash (cheap) and
+        leaves the deletion to the background thread."""
+        for v in self._index.victims():
+            fd = open_lock(self._locks_fd, v.key)
+            try:
+                if not try_lock(fd, fcntl.LOCK_EX):
+                    continue  # pinned or being rebuilt by another process: keep it
+                self._index.remove(v)
+                discard(self._entries_fd, v.key, self._trash_dir, self._trasher)
+                self._n["evictions"] += 1
+            finally:
+                os.close(fd)
+
+    def _invalidate(self, e: Entry, d: Damaged) -> tuple[int, int]:
+        log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)
+        with self._mu:
+            self._index.remove(e)
+            self._n["stale" if d.stale else "damaged"] += 1
+        return e.ident
+
+    # -- hits -------------------------------------------------------------------
+
+    def _open_entry(self, e: Entry) -> int:
+        try:
+            fd = os.open(e.key, _O_DIR, dir_fd=self._entries_fd)
+        except (FileNotFoundError, NotADirectoryError, OSError) as err:
+            raise Damaged(f"entry directory: {err}", stale=True) from None
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != e.ident:
+            os.close(fd)
+            raise Damaged("entry directory replaced", stale=True)
+        if e.replay is None:
+            try:
+                e.replay = load_replay(self._entries_fd, e.key)
+            except cache_entry.SidecarError as err:
+                os.close(fd)
+                raise Damaged(f"sidecar: {err}") from None
+        why = cache_entry.check_samples(e.replay, fd)
+        if why is not None:
+            os.close(fd)
+            raise Damaged(why)
+        return fd
+
+    def _clone(self, e: Entry, dest: Path) -> str:
+        efd = self._open_entry(e)
+        try:
+            if _binding.HAS_CLONEFILE:
+                try:
+                    _binding.clone_tree(self._entries_fd, e.key, -100, str(dest))
+                    return "clonefile"
+                except OSError as err:
+                    if err.errno not in (errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+                        raise
+                    self._count("fallbacks")
+            assert e.replay is not None
+            self._builder.replay(e.replay, efd, dest)
+            return "hardlink"
+        finally:
+            os.close(efd)
+
+    def _can_overlay(self) -> bool:
+        if self.overlay is None:
+            self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._entries)
+        return self.overlay
+
+    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path]:
+        damaged: tuple[int, int] | None = None
+        for _ in range(_RETRIES):
+            e, hit = self._acquire(root, damaged)
+            try:
+                os.close(self._open_entry(e))
+                ws = workspace.mount(self._entries / e.key, self._tmp, dest)
+            except Damaged as d:
+                self._release(e)
+                damaged = self._invalidate(e, d)
+                continue
+            except BaseException:
+                self._release(e)
+                raise
+            if hit:
+                self._count("overlay")
+            return e, hit, ws
+        raise FastmatError(f"cache entry for {root} keeps failing its checks")

@@ -1,0 +1,117 @@
+"""The in-memory index of a DirectoryCache: entries, pins, sizes and the eviction policy.
+
+Everything here is plain data guarded by the cache's lock; nothing touches the disk.
+The policy is data too (a table, as in python-diskcache): it names the order in which
+unpinned entries are offered as eviction victims.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from fastmat.cache_entry import Replay
+from fastmat.digest import Digest
+
+_clock = itertools.count(1)  # a logical clock: strictly increasing, never equal
+
+
+@dataclass(eq=False)
+class Entry:
+    """One complete entry on disk, as this process knows it."""
+
+    root: Digest
+    bytes: int  # sum of the file digests' sizes (from the plan, never a stat walk)
+    files: int
+    ident: tuple[int, int]  # (st_dev, st_ino) of the entry directory: tells rebuilds apart
+    replay: Replay | None = None  # loaded lazily from the sidecar
+    pins: int = 0  # clones, constructions and workspaces running on it in this process
+    lock_fd: int = -1  # held LOCK_SH on locks/<key>.lock while pins > 0 (other processes)
+    stored: int = field(default_factory=lambda: next(_clock))
+    used: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.root.key
+
+
+# name -> the sort key offering victims first (smallest first)
+EVICTION_POLICIES: dict[str, Callable[[Entry], int]] = {
+    "least-recently-used": lambda e: max(e.used, e.stored),
+    "least-recently-stored": lambda e: e.stored,
+}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Capacity of a cache: ``max_entries`` 0 keeps nothing (materialize straight to dest)."""
+
+    max_bytes: int
+    max_entries: int
+    policy: str = "least-recently-used"
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 0 or self.max_entries < 0:
+            raise ValueError("max_bytes and max_entries must be >= 0")
+        if self.policy not in EVICTION_POLICIES:
+            raise ValueError(f"unknown eviction policy {self.policy!r}")
+
+
+class CacheIndex:
+    """Entries by key with running totals; callers hold the cache lock."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._entries: dict[str, Entry] = {}
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __iter__(self) -> Iterator[Entry]:
+        return iter(list(self._entries.values()))
+
+    def get(self, key: str) -> Entry | None:
+        return self._entries.get(key)
+
+    def insert(self, e: Entry) -> None:
+        old = self._entries.pop(e.key, None)
+        if old is not None:
+            self.bytes -= old.bytes
+        self._entries[e.key] = e
+        self.bytes += e.bytes
+
+    def remove(self, e: Entry) -> bool:
+        """Takes ``e`` out if it is still the indexed entry for its key."""
+        if self._entries.get(e.key) is not e:
+            return False
+        del self._entries[e.key]
+        self.bytes -= e.bytes
+        return True
+
+    def touch(self, e: Entry) -> None:
+        e.used = next(_clock)
+
+    @property
+    def pinned(self) -> int:
+        return sum(1 for e in self._entries.values() if e.pins)
+
+    def over(self) -> bool:
+        lim = self.limits
+        return len(self._entries) > lim.max_entries or self.bytes > lim.max_bytes
+
+    def victims(self) -> Iterator[Entry]:
+        """Unpinned entries in policy order, offered while the index is over its limits.
+
+        The caller removes (or skips) each one before asking for the next.
+        """
+        order = sorted(
+            (e for e in self._entries.values() if not e.pins),
+            key=EVICTION_POLICIES[self.limits.policy],
+        )
+        for e in order:
+            if not self.over():
+                return
+            if self._entries.get(e.key) is e and not e.pins:
+                yield e

@@ -1,0 +1,332 @@
+"""The disk work of a DirectoryCache: constructing, adopting and replaying entries.
+
+Nothing here takes the cache's in-memory lock; every function runs on the caller's thread.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import os
+import stat
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fastmat import _binding, cache_entry
+from fastmat.cache_disk import Trasher, open_lock, to_trash, try_lock, unique
+from fastmat.cache_index import Entry
+from fastmat.digest import Digest
+from fastmat.errors import FastmatError, InvalidDigestError
+
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+def _hook(stage: str) -> None:
+    """Tests replace this to stop a construction at ``stage`` ("built", "published")."""
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """What ``DirectoryCache.materialize`` did: ``method`` is "hardlink" (replay from the
+    entry), "clonefile" (macOS) or "materialize" (no cache kept, max_entries=0)."""
+
+    hit: bool
+    method: str
+    bytes: int
+    files: int
+    acquire_s: float  # lookup, waiting for another constructor, or constructing
+    clone_s: float
+    duration_s: float
+    rebuilt: bool = False  # a damaged entry was found, invalidated and rebuilt
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since open (hits/misses/...) and the index now (entries/bytes/pinned)."""
+
+    entries: int
+    bytes: int
+    pinned: int
+    hits: int
+    misses: int
+    constructions: int
+    adopted: int  # hits served by an entry another process (or a past run) built
+    clonefile_hits: int
+    hardlink_hits: int
+    overlay_hits: int
+    evictions: int
+    fallbacks: int  # clonefile -> replay, overlay -> hardlink
+    damaged: int  # entries found damaged, invalidated and rebuilt
+
+
+class Damaged(Exception):
+    """An entry failed a hit-time check; ``stale`` if it is merely gone (evicted by
+    another process) rather than damaged."""
+
+    def __init__(self, why: str, *, stale: bool = False) -> None:
+        super().__init__(why)
+        self.stale = stale
+
+
+class Flight:
+    """One in-process construction others wait for."""
+
+    def __init__(self) -> None:
+        self._ev = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._ev.wait()
+        if self._error is not None:
+            raise self._error
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ev.set()
+
+    def done(self) -> None:
+        self._ev.set()
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _stat(dirfd: int, name: str) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def load_replay(entries_fd: int, key: str) -> cache_entry.Replay:
+    try:
+        fd = os.open(f"{key}.plan", os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=entries_fd)
+    except FileNotFoundError:
+        raise cache_entry.SidecarError("missing") from None
+    with os.fdopen(fd, "rb") as f:
+        return cache_entry.decode(f.read())
+
+
+def discard(entries_fd: int, key: str, trash: Path, trasher: Trasher) -> None:
+    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key."""
+    gone = to_trash(entries_fd, key, trash)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{key}.plan", dir_fd=entries_fd)
+    if gone is not None:
+        trasher.put(gone)
+
+
+class Builder:
+    """Constructs or adopts entries under the per-digest file lock."""
+
+    def __init__(
+        self,
+        cas: Any,
+        *,
+        fetcher: Any,
+        threads: int,
+        max_inflight: int,
+        limits: Any,
+        fsync: bool,
+        entries_fd: int,
+        locks_fd: int,
+        trash: Path,
+        trasher: Trasher,
+        tmp: Path,
+    ) -> None:
+        self.cas, self.fetcher, self.limits, self.fsync = cas, fetcher, limits, fsync
+        self.threads, self.max_inflight = threads, max_inflight
+        self.entries_fd, self.locks_fd = entries_fd, locks_fd
+        self.trash, self.trasher, self.tmp = trash, trasher, tmp
+        self.tmp_fd = os.open(tmp, _O_DIR)
+
+    def close(self) -> None:
+        os.close(self.tmp_fd)
+
+    def direct(self, root: Digest, dest: Path) -> Any:
+        from fastmat.materialize import materialize
+
+        return materialize(
+            self.cas,
+            root,
+            dest,
+            fetcher=self.fetcher,
+            threads=self.threads,
+            max_inflight=self.max_inflight,
+            limits=self.limits,
+        )
+
+    def acquire(self, root: Digest, damaged: tuple[int, int] | None) -> tuple[Entry, bool]:
+        """A pinned (LOCK_SH held) entry: adopted if complete on disk, else built.
+
+        Waits (LOCK_SH, blocking) while another process holds LOCK_EX building it.
+        """
+        key = root.key
+        fd = open_lock(self.locks_fd, key)
+        try:
+            for _ in range(3):
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                e = self._from_disk(root, damaged, exclusive=False)
+                if e is None:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    e = self._from_disk(root, damaged, exclusive=True)
+                    built = e is None
+                    if e is None:
+                        e = self._build(root)
+                    fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
+                    st = _stat(self.entries_fd, key)
+                    if st is None or _ident(st) != e.ident:
+                        fcntl.flock(fd, fcntl.LOCK_UN)
+                        continue
+                else:
+                    built = False
+                e.pins, e.lock_fd = 1, fd
+                return e, built
+            raise FastmatError(f"cache entry for {root} vanished three times while adopting")
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _from_disk(
+        self, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
+    ) -> Entry | None:
+        key = root.key
+        st = _stat(self.entries_fd, key)
+        if st is not None and stat.S_ISDIR(st.st_mode) and _ident(st) != damaged:
+            try:
+                r = load_replay(self.entries_fd, key)
+                if r.root == root:
+                    return Entry(root, r.bytes, r.files, _ident(st), replay=r)
+            except cache_entry.SidecarError:
+                pass
+        if exclusive:
+            discard(self.entries_fd, key, self.trash, self.trasher)
+        return None
+
+    def _build(self, root: Digest) -> Entry:
+        from fastmat.materialize import check_blobs, run_plan
+        from fastmat.tree import load_plan
+
+        key = root.key
+        plan = load_plan(self.cas, root, fetcher=self.fetcher, limits=self.limits)
+        check_blobs(self.cas, plan, self.fetcher)
+        modes = plan.arrays.mode
+        if any(m & 0o222 for m in modes):  # NodeProperties modes: entries stay read-only
+            plan.arrays.mode = array.array("I", (m & ~0o222 for m in modes))
+        work = self.tmp / unique("b-")
+        os.mkdir(work, 0o700)
+        try:
+            tree = work / "t"
+            run_plan(self.cas, plan, tree, threads=self.threads, max_inflight=self.max_inflight)
+            _hook("built")
+            tfd = os.open(tree, _O_DIR)
+            try:
+                replay = cache_entry.from_plan(plan, root, tfd)
+                ident = _ident(os.fstat(tfd))
+            finally:
+                os.close(tfd)
+            side = work / "p"
+            with open(side, "xb") as f:
+                f.write(cache_entry.encode(replay))
+                if self.fsync:
+                    os.fsync(f.fileno())
+            os.chmod(side, 0o444)
+            os.rename(side, f"{key}.plan", dst_dir_fd=self.entries_fd)
+            try:
+                os.rename(tree, key, dst_dir_fd=self.entries_fd)  # the commit point
+            except BaseException:
+                os.unlink(f"{key}.plan", dir_fd=self.entries_fd)
+                raise
+            if self.fsync:
+                os.fsync(self.entries_fd)
+            _hook("published")
+            return Entry(root, replay.bytes, replay.files, ident, replay=replay)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                _binding.remove_tree(work)
+
+    def replay(self, replay: cache_entry.Replay, entry_fd: int, dest: Path) -> None:
+        """Hardlinks the entry into ``dest`` (created here) with the C executor."""
+        os.mkdir(dest, 0o755)
+        try:
+            os.chmod(dest, 0o755)  # noqa: S103 - input dirs are 0755 whatever the umask
+            dfd = os.open(dest, _O_DIR)
+            try:
+                res = _binding.exec_plan(
+                    dfd,
+                    entry_fd,
+                    replay.arrays,
+                    threads=self.threads,
+                    max_inflight=self.max_inflight,
+                )
+            finally:
+                os.close(dfd)
+            if res.rc != 0:
+                bad = [i for i, s in enumerate(res.status) if s == -errno.ENOENT]
+                if bad:
+                    raise Damaged(f"entry file missing: {_src(replay, bad[0])}")
+                raise OSError(-res.rc, os.strerror(-res.rc), str(dest))
+        except BaseException:
+            with contextlib.suppress(OSError):
+                _binding.remove_tree(dest)
+            raise
+
+
+def _src(replay: cache_entry.Replay, i: int) -> str:
+    return os.fsdecode(replay.arrays.srcs.split(b"\0")[i])
+
+
+def adopt_all(entries_fd: int, locks_fd: int, trash: Path, trasher: Trasher) -> list[Entry]:
+    """Complete entries found on disk at open (oldest sidecar first); orphans (a tree
+    without sidecar or the reverse) are discarded when nobody holds their lock."""
+    names = os.listdir(entries_fd)
+    plans = {n[: -len(".plan")] for n in names if n.endswith(".plan")}
+    dirs = {n for n in names if not n.endswith(".plan")}
+    found: list[tuple[int, Entry]] = []
+    orphans = {k for k in plans ^ dirs if parse_key(k) is not None}
+    bad: set[str] = set()
+    for key in sorted(plans & dirs):
+        root = parse_key(key)
+        st = _stat(entries_fd, key)
+        if root is None or st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            fd = os.open(f"{key}.plan", os.O_RDONLY | os.O_CLOEXEC, dir_fd=entries_fd)
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(1 << 16)
+                if b"\n" not in head[len(cache_entry.MAGIC) :]:
+                    head += f.read()
+                mtime = os.fstat(f.fileno()).st_mtime_ns
+            got, size, files = cache_entry.read_totals(head)
+        except (OSError, cache_entry.SidecarError):
+            got = None
+        if got != root:
+            bad.add(key)
+            continue
+        found.append((mtime, Entry(root, size, files, _ident(st))))
+    for key in orphans | bad:
+        fd = open_lock(locks_fd, key)
+        try:
+            if not try_lock(fd, fcntl.LOCK_EX):
+                continue  # somebody builds, adopts or pins it right now
+            complete = _stat(entries_fd, key) and _stat(entries_fd, f"{key}.plan")
+            if key in bad or not complete:  # else finished since we listed: keep it
+                discard(entries_fd, key, trash, trasher)
+        finally:
+            os.close(fd)
+    found.sort(key=lambda t: t[0])
+    return [e for _, e in found]
+
+
+def parse_key(key: str) -> Digest | None:
+    h, _, size = key.partition("-")
+    try:
+        return Digest(h, int(size)) if size.isdigit() else None
+    except InvalidDigestError:
+        return None
