@@ -27,6 +27,51 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "pip install -e . in a checkout) to rebuild it"
     ) from exc
 
+__all__ = [
+    "ABI_VERSION",
+    "AT_FDCWD",
+    "CAPS",
+    "FM_HOW_COPY",
+    "FM_HOW_CREATE",
+    "FM_HOW_LINK",
+    "FM_HOW_METHOD_MASK",
+    "FM_HOW_NONE",
+    "FM_HOW_REFLINK",
+    "FM_HOW_ROTATED",
+    "FM_HOW_SYMLINK",
+    "FM_HOW_XDEV",
+    "FM_OP_COPY",
+    "FM_OP_EMPTY",
+    "FM_OP_LINK",
+    "FM_OP_SYMLINK",
+    "HAS_CLONEFILE",
+    "HAS_COPY_FILE_RANGE",
+    "HAS_FICLONE",
+    "HAS_OPENAT2",
+    "HAS_OVERLAY",
+    "ExecResult",
+    "PlanArrays",
+    "check",
+    "clone_tree",
+    "copy",
+    "durable_write",
+    "exec_plan",
+    "ffi",
+    "floor_exec",
+    "inject",
+    "injected",
+    "lib",
+    "link",
+    "mount_overlay",
+    "private_copy",
+    "probe_reflink",
+    "publish",
+    "reflink",
+    "remove_tree",
+    "umount",
+    "walk_chmod",
+]
+
 #: The ABI of csrc/fastmat.h this module was written against.
 ABI_VERSION = 2
 

@@ -34,6 +34,14 @@ def as_nobody(fn: Callable[..., T], *args: object) -> T:
     An exception raised by fn is re-raised here (same type and message; OSError
     keeps errno and filename). The result must be picklable.
     """
+    return in_child(fn, *args, as_uid=NOBODY)
+
+
+def in_child(fn: Callable[..., T], *args: object, as_uid: int | None = None) -> T:
+    """Runs ``fn(*args)`` in a forked child (optionally as uid/gid `as_uid`), like as_nobody.
+
+    For tests that change process-wide state (umask, rlimits) or drop privileges.
+    """
     rfd, wfd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into pytest
@@ -41,9 +49,10 @@ def as_nobody(fn: Callable[..., T], *args: object) -> T:
         try:
             os.close(rfd)
             try:
-                os.setgroups([])
-                os.setgid(NOBODY)
-                os.setuid(NOBODY)
+                if as_uid is not None:
+                    os.setgroups([])
+                    os.setgid(as_uid)
+                    os.setuid(as_uid)
                 payload = pickle.dumps((True, fn(*args)))
             except BaseException as exc:  # everything goes back to the parent
                 try:
@@ -61,7 +70,7 @@ def as_nobody(fn: Callable[..., T], *args: object) -> T:
         data = r.read()
     _, status = os.waitpid(pid, 0)
     if not data:
-        raise ChildError(f"as_nobody child died without a result (wait status {status})")
+        raise ChildError(f"child died without a result (wait status {status})")
     ok, value = pickle.loads(data)  # noqa: S301 - our own child's bytes
     if not ok:
         raise value
