@@ -10,7 +10,10 @@
  * errno); every fd it opens is O_CLOEXEC; paths are interpreted relative to
  * the given directory fd and never follow a symlink in the last component
  * unless a comment says otherwise. Nothing here touches Python objects;
- * every function is safe to call from several threads at once.
+ * every function is safe to call from several threads at once. A file that
+ * may be executed (a mode with an x bit, every fm_plan_exec entry) is written
+ * only by a thread with a private fd table, so a child forked meanwhile by
+ * another thread never inherits a writable fd to it (exec: ETXTBSY).
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */

@@ -424,24 +424,73 @@ static uint32_t clamp_threads(uint32_t threads)
     return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
 }
 
-/* Runs fn on `n` threads (the caller being one of them); worker threads
- * block every signal so that Python's handlers run on the main thread. */
+struct pool_arg {
+    void *(*fn)(void *);
+    void *arg;
+};
+
+/* Every pool thread first takes a private fd table (see fm__isolated): the
+ * writable fds of copies never reach a child forked by another thread. */
+static void *pool_main(void *p)
+{
+    struct pool_arg *a = p;
+    fm__unshare_files();
+    return a->fn(a->arg);
+}
+
+/* Runs fn on `n` new threads and waits for them; when not even one can be
+ * created, the caller does the work. Pool threads block every signal so that
+ * Python's handlers run on its own threads. */
 static void run_pool(void *(*fn)(void *), void *arg, uint32_t n)
 {
     pthread_t tid[MAX_THREADS];
+    struct pool_arg a = {fn, arg};
     uint32_t started = 0;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    for (uint32_t t = 1; t < n; t++) {
-        if (pthread_create(&tid[started], NULL, fn, arg) != 0)
+    for (uint32_t t = 0; t < n; t++) {
+        if (pthread_create(&tid[started], NULL, pool_main, &a) != 0)
             break; /* fewer threads, same work */
         started++;
     }
     pthread_sigmask(SIG_SETMASK, &old, NULL);
-    fn(arg);
+    if (started == 0)
+        fn(arg);
     for (uint32_t t = 0; t < started; t++)
         pthread_join(tid[t], NULL);
+}
+
+struct isolated {
+    int (*fn)(void *);
+    void *arg;
+    int rc;
+};
+
+static void *isolated_main(void *p)
+{
+    struct isolated *i = p;
+    i->rc = i->fn(i->arg);
+    return NULL;
+}
+
+int fm__isolated(int (*fn)(void *), void *arg)
+{
+#ifdef __linux__
+    struct isolated i = {fn, arg, 0};
+    struct pool_arg a = {isolated_main, &i};
+    pthread_t tid;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    int rc = pthread_create(&tid, NULL, pool_main, &a);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc == 0) {
+        pthread_join(tid, NULL);
+        return i.rc;
+    }
+#endif /* __linux__ */
+    return fn(arg);
 }
 
 static void free_ctx(struct ctx *c)

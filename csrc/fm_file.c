@@ -213,16 +213,66 @@ static int32_t make_private(int32_t src_dirfd, const char *src, int32_t dst_dirf
     return fm__close(fd);
 }
 
+/* The arguments of the functions below, for running them via fm__isolated. */
+struct file_call {
+    enum { CALL_REFLINK, CALL_COPY, CALL_PRIVATE_COPY, CALL_DURABLE_WRITE } kind;
+    int32_t src_dirfd, dst_dirfd;
+    const char *src, *dst;
+    uint32_t mode, flags;
+    uint8_t *how;
+    const uint8_t *buf;
+    uint64_t len;
+};
+
+static int private_copy(const struct file_call *a);
+static int durable_write(const struct file_call *a);
+
+static int file_call(void *p)
+{
+    const struct file_call *a = p;
+    switch (a->kind) {
+    case CALL_REFLINK:
+    case CALL_COPY:
+        return make_private(a->src_dirfd, a->src, a->dst_dirfd, a->dst, a->mode,
+                            a->kind == CALL_REFLINK);
+    case CALL_PRIVATE_COPY:
+        return private_copy(a);
+    default:
+        return durable_write(a);
+    }
+}
+
+/* A file that may be executed is written on a thread with a private fd
+ * table (ETXTBSY, see fm__isolated); others right here. */
+static int32_t run_file_call(struct file_call *a)
+{
+    if (a->mode & 0111)
+        return fm__isolated(file_call, a);
+    return file_call(a);
+}
+
 int32_t fm_reflink(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                    uint32_t mode)
 {
-    return make_private(src_dirfd, src, dst_dirfd, dst, mode, 1);
+    struct file_call a = {.kind = CALL_REFLINK,
+                          .src_dirfd = src_dirfd,
+                          .src = src,
+                          .dst_dirfd = dst_dirfd,
+                          .dst = dst,
+                          .mode = mode};
+    return run_file_call(&a);
 }
 
 int32_t fm_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                 uint32_t mode)
 {
-    return make_private(src_dirfd, src, dst_dirfd, dst, mode, 0);
+    struct file_call a = {.kind = CALL_COPY,
+                          .src_dirfd = src_dirfd,
+                          .src = src,
+                          .dst_dirfd = dst_dirfd,
+                          .dst = dst,
+                          .mode = mode};
+    return run_file_call(&a);
 }
 
 /* The rename step of the durable recipe (fault-injection site RENAME). */
@@ -279,6 +329,23 @@ static int finish_temp(int fd, int dst_dirfd, const char *tmp, const char *dst, 
 int32_t fm_private_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                         uint32_t mode, uint32_t flags, uint8_t *how)
 {
+    struct file_call a = {.kind = CALL_PRIVATE_COPY,
+                          .src_dirfd = src_dirfd,
+                          .src = src,
+                          .dst_dirfd = dst_dirfd,
+                          .dst = dst,
+                          .mode = mode,
+                          .flags = flags,
+                          .how = how};
+    return run_file_call(&a);
+}
+
+static int private_copy(const struct file_call *a)
+{
+    int32_t src_dirfd = a->src_dirfd, dst_dirfd = a->dst_dirfd;
+    const char *src = a->src, *dst = a->dst;
+    uint32_t mode = a->mode, flags = a->flags;
+    uint8_t *how = a->how;
     char tmp[PATH_MAX];
     struct stat st;
     int rc = fm__tmp_beside(dst, tmp, sizeof(tmp));
@@ -307,6 +374,23 @@ int32_t fm_private_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, c
 int32_t fm_durable_write(int32_t dst_dirfd, const char *dst, const uint8_t *buf, uint64_t len,
                          uint32_t mode, uint32_t flags)
 {
+    struct file_call a = {.kind = CALL_DURABLE_WRITE,
+                          .dst_dirfd = dst_dirfd,
+                          .dst = dst,
+                          .mode = mode,
+                          .flags = flags,
+                          .buf = buf,
+                          .len = len};
+    return run_file_call(&a);
+}
+
+static int durable_write(const struct file_call *a)
+{
+    int32_t dst_dirfd = a->dst_dirfd;
+    const char *dst = a->dst;
+    const uint8_t *buf = a->buf;
+    uint64_t len = a->len;
+    uint32_t mode = a->mode, flags = a->flags;
     char tmp[PATH_MAX];
     int rc = fm__tmp_beside(dst, tmp, sizeof(tmp));
     if (rc < 0)

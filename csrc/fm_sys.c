@@ -12,6 +12,7 @@
 #include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/syscall.h>
+#include <sched.h>
 #include <sys/time.h>
 #include <stdio.h> /* RENAME_NOREPLACE */
 #ifdef __linux__
@@ -226,6 +227,15 @@ int fm__clonefileat(int src_dirfd, const char *src, int dst_dirfd, const char *d
     (void)dst;
     return -ENOTSUP;
 #endif /* __APPLE__ */
+}
+
+int fm__unshare_files(void)
+{
+#ifdef __linux__
+    RETRY(unshare(CLONE_FILES));
+#else
+    return -ENOTSUP;
+#endif /* __linux__ */
 }
 
 int fm__dup(int fd)

@@ -1142,3 +1142,58 @@ def test_clone_tree_is_macos_only(tmp_path: Path) -> None:
         pytest.skip("macOS: clone_tree really clones")
     with raises_errno(errno.ENOTSUP):
         nb.clone_tree(nb.AT_FDCWD, tmp_path / "src", nb.AT_FDCWD, tmp_path / "dst")
+
+
+# ---------------------------------------------------------------- ETXTBSY
+
+
+def _child_holds_writable_fd_under(prefix: str) -> bool:
+    """In a just-forked child: does any inherited fd open for writing point under prefix?"""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+            with open(f"/proc/self/fdinfo/{name}") as f:
+                flags = int(next(ln for ln in f if ln.startswith("flags:")).split()[1], 8)
+        except (OSError, StopIteration):
+            continue
+        if target.startswith(prefix) and flags & os.O_ACCMODE != os.O_RDONLY:
+            return True
+    return False
+
+
+def test_children_forked_meanwhile_never_inherit_writable_fds(cas: Path, dest: Path) -> None:
+    """Executables are written by threads with a private fd table: a child forked by
+    another thread at any moment holds no writable fd to them (exec would be ETXTBSY)."""
+    import threading
+
+    big = cas / "big"
+    big.write_bytes(os.urandom(4 * MiB))
+    stop = threading.Event()
+    leaks: list[int] = []
+    forks = [0]
+
+    def forker() -> None:
+        while not stop.is_set():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(1 if _child_holds_writable_fd_under(str(dest)) else 0)
+            _, status = os.waitpid(pid, 0)
+            forks[0] += 1
+            if os.waitstatus_to_exitcode(status) != 0:
+                leaks.append(status)
+
+    t = threading.Thread(target=forker)
+    t.start()
+    try:
+        for i in range(15):
+            with nb.injected("copy", -errno.ENOSYS):  # the slow read/write loop
+                nb.private_copy(nb.AT_FDCWD, big, nb.AT_FDCWD, dest / f"x{i}", 0o555)
+            nb.durable_write(nb.AT_FDCWD, dest / f"w{i}", b"#!/bin/sh\n" * 100_000, 0o755)
+            plan = make_plan([], [(nb.FM_OP_COPY, 0, f"c{i}", "big", 0o555)])
+            with nb.injected("copy", -errno.ENOSYS):
+                assert run_plan(dest, cas, plan).rc == 0
+    finally:
+        stop.set()
+        t.join()
+    assert forks[0] > 0
+    assert leaks == []
