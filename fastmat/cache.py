@@ -17,7 +17,6 @@ replays the sidecar's plan into ``dest`` with the C executor, hardlinking from t
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -28,19 +27,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fastmat import _binding, cache_entry, workspace
+from fastmat import _binding, workspace
 from fastmat.cache_disk import Trasher, make_instance_tmp, open_lock, sweep, try_lock
 from fastmat.cache_index import CacheIndex, Entry, Limits
-from fastmat.cache_ops import (
-    Builder,
-    CacheResult,
-    CacheStats,
-    Damaged,
-    Flight,
-    adopt_all,
-    discard,
-    load_replay,
-)
+from fastmat.cache_ops import Builder, adopt_all, discard
+from fastmat.cache_types import CacheResult, CacheStats, Damaged, Flight
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 
@@ -176,7 +167,7 @@ class DirectoryCache:
             e, hit = self._acquire(root, damaged)
             t1 = time.perf_counter()
             try:
-                method = self._clone(e, dest)
+                method, fell_back = self._builder.clone(e, dest)
             except Damaged as d:
                 damaged = self._invalidate(e, d)
                 continue
@@ -184,6 +175,8 @@ class DirectoryCache:
                 self._release(e)
             if hit:
                 self._count(method)
+            if fell_back:
+                self._count("fallbacks")
             t2 = time.perf_counter()
             rebuilt = damaged is not None
             return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
@@ -199,7 +192,7 @@ class DirectoryCache:
         hardlinked copy; the yielded ``Workspace.method`` says which.
         """
         dest = Path(dest)
-        if self.limits.max_entries == 0 or not self._can_overlay():
+        if self.limits.max_entries == 0 or not self.can_overlay():
             r = self.materialize(root, dest)
             if self.limits.max_entries:
                 self._count("fallbacks")
@@ -213,7 +206,9 @@ class DirectoryCache:
             yield workspace.Workspace(dest, "overlay", root, hit, ws / "upper")
         finally:
             try:
-                workspace.unmount(dest, ws)
+                gone = workspace.unmount(dest, ws, self._trash_dir)
+                if gone is not None:
+                    self._trasher.put(gone)
             finally:
                 self._release(e)
 
@@ -299,47 +294,8 @@ class DirectoryCache:
             self._n["stale" if d.stale else "damaged"] += 1
         return e.ident
 
-    # -- hits -------------------------------------------------------------------
-
-    def _open_entry(self, e: Entry) -> int:
-        try:
-            fd = os.open(e.key, _O_DIR, dir_fd=self._entries_fd)
-        except (FileNotFoundError, NotADirectoryError, OSError) as err:
-            raise Damaged(f"entry directory: {err}", stale=True) from None
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) != e.ident:
-            os.close(fd)
-            raise Damaged("entry directory replaced", stale=True)
-        if e.replay is None:
-            try:
-                e.replay = load_replay(self._entries_fd, e.key)
-            except cache_entry.SidecarError as err:
-                os.close(fd)
-                raise Damaged(f"sidecar: {err}") from None
-        why = cache_entry.check_samples(e.replay, fd)
-        if why is not None:
-            os.close(fd)
-            raise Damaged(why)
-        return fd
-
-    def _clone(self, e: Entry, dest: Path) -> str:
-        efd = self._open_entry(e)
-        try:
-            if _binding.HAS_CLONEFILE:
-                try:
-                    _binding.clone_tree(self._entries_fd, e.key, -100, str(dest))
-                    return "clonefile"
-                except OSError as err:
-                    if err.errno not in (errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
-                        raise
-                    self._count("fallbacks")
-            assert e.replay is not None
-            self._builder.replay(e.replay, efd, dest)
-            return "hardlink"
-        finally:
-            os.close(efd)
-
-    def _can_overlay(self) -> bool:
+    def can_overlay(self) -> bool:
+        """Whether workspaces mount overlays here (probed once, for real)."""
         if self.overlay is None:
             self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._entries)
         return self.overlay
@@ -349,7 +305,7 @@ class DirectoryCache:
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
             try:
-                os.close(self._open_entry(e))
+                os.close(self._builder.open_entry(e))
                 ws = workspace.mount(self._entries / e.key, self._tmp, dest)
             except Damaged as d:
                 self._release(e)

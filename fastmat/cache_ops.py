@@ -11,14 +11,13 @@ import errno
 import fcntl
 import os
 import stat
-import threading
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastmat import _binding, cache_entry
 from fastmat.cache_disk import Trasher, open_lock, to_trash, try_lock, unique
 from fastmat.cache_index import Entry
+from fastmat.cache_types import Damaged
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError, InvalidDigestError
 
@@ -27,69 +26,6 @@ _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 def _hook(stage: str) -> None:
     """Tests replace this to stop a construction at ``stage`` ("built", "published")."""
-
-
-@dataclass(frozen=True)
-class CacheResult:
-    """What ``DirectoryCache.materialize`` did: ``method`` is "hardlink" (replay from the
-    entry), "clonefile" (macOS) or "materialize" (no cache kept, max_entries=0)."""
-
-    hit: bool
-    method: str
-    bytes: int
-    files: int
-    acquire_s: float  # lookup, waiting for another constructor, or constructing
-    clone_s: float
-    duration_s: float
-    rebuilt: bool = False  # a damaged entry was found, invalidated and rebuilt
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """Counters since open (hits/misses/...) and the index now (entries/bytes/pinned)."""
-
-    entries: int
-    bytes: int
-    pinned: int
-    hits: int
-    misses: int
-    constructions: int
-    adopted: int  # hits served by an entry another process (or a past run) built
-    clonefile_hits: int
-    hardlink_hits: int
-    overlay_hits: int
-    evictions: int
-    fallbacks: int  # clonefile -> replay, overlay -> hardlink
-    damaged: int  # entries found damaged, invalidated and rebuilt
-
-
-class Damaged(Exception):
-    """An entry failed a hit-time check; ``stale`` if it is merely gone (evicted by
-    another process) rather than damaged."""
-
-    def __init__(self, why: str, *, stale: bool = False) -> None:
-        super().__init__(why)
-        self.stale = stale
-
-
-class Flight:
-    """One in-process construction others wait for."""
-
-    def __init__(self) -> None:
-        self._ev = threading.Event()
-        self._error: BaseException | None = None
-
-    def wait(self) -> None:
-        self._ev.wait()
-        if self._error is not None:
-            raise self._error
-
-    def fail(self, exc: BaseException) -> None:
-        self._error = exc
-        self._ev.set()
-
-    def done(self) -> None:
-        self._ev.set()
 
 
 def _ident(st: os.stat_result) -> tuple[int, int]:
@@ -250,6 +186,50 @@ class Builder:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 _binding.remove_tree(work)
+
+    def open_entry(self, e: Entry) -> int:
+        """An fd on ``e``'s directory once it passed the hit-time checks (the same
+        directory as indexed, an intact sidecar, the sampled files as built); else
+        raises ``Damaged``."""
+        try:
+            fd = os.open(e.key, _O_DIR, dir_fd=self.entries_fd)
+        except OSError as err:
+            raise Damaged(f"entry directory: {err}", stale=True) from None
+        try:
+            if _ident(os.fstat(fd)) != e.ident:
+                raise Damaged("entry directory replaced", stale=True)
+            if e.replay is None:
+                try:
+                    e.replay = load_replay(self.entries_fd, e.key)
+                except cache_entry.SidecarError as err:
+                    raise Damaged(f"sidecar: {err}") from None
+            why = cache_entry.check_samples(e.replay, fd)
+            if why is not None:
+                raise Damaged(why)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def clone(self, e: Entry, dest: Path) -> tuple[str, bool]:
+        """Copies entry ``e`` to ``dest``: (method, whether clonefile fell back)."""
+        efd = self.open_entry(e)
+        fell_back = False
+        try:
+            if _binding.HAS_CLONEFILE:
+                try:
+                    _binding.clone_tree(self.entries_fd, e.key, _binding.AT_FDCWD, str(dest))
+                    return "clonefile", False
+                except OSError as err:
+                    if err.errno not in (errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
+                        raise
+                    fell_back = True  # another filesystem: the per-file replay below
+            if e.replay is None:  # pragma: no cover - open_entry loaded it
+                raise Damaged("no replay")
+            self.replay(e.replay, efd, dest)
+            return "hardlink", fell_back
+        finally:
+            os.close(efd)
 
     def replay(self, replay: cache_entry.Replay, entry_fd: int, dest: Path) -> None:
         """Hardlinks the entry into ``dest`` (created here) with the C executor."""

@@ -11,7 +11,6 @@ all of it, ``dest`` included.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -90,14 +89,22 @@ def mount(lower: Path, scratch: Path, dest: Path) -> Path:
     return ws
 
 
-def unmount(dest: Path, ws: Path) -> None:
-    """Unmounts ``dest`` (lazily if something still uses it), removes ``ws`` and ``dest``."""
-    try:
-        _binding.umount(str(dest))
-    except OSError as e:
-        if e.errno != errno.EBUSY:
-            raise
-        log.warning("workspace %s busy at exit: detaching the mount", dest)
-        _binding.umount(str(dest), detach=True)
-    _binding.remove_tree(ws)
+def unmount(dest: Path, ws: Path, trash: Path) -> Path | None:
+    """Unmounts ``dest``, removes it, and moves ``ws`` (the upper layer: whatever the
+    action wrote, possibly large) into ``trash``; returns its new name for the caller's
+    background deleter, or None if it had to be deleted here.
+
+    The unmount is MNT_DETACH: the overlay leaves the mount table at once even if a
+    straggler process of the action still has a file open or its cwd inside (it keeps
+    its private view until it lets go), so leaving a workspace cannot fail on EBUSY.
+    """
+    _binding.umount(str(dest), detach=True)
     os.rmdir(dest)
+    gone = trash / unique(f"{ws.name}.")
+    try:
+        os.rename(ws, gone)
+    except OSError as e:
+        log.warning("workspace scratch %s: cannot move to the trash (%s)", ws, e)
+        _binding.remove_tree(ws)
+        return None
+    return gone

@@ -1,0 +1,69 @@
+"""The DirectoryCache's result and counter types, and its two internal signals."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class CacheResult:
+    """What ``DirectoryCache.materialize`` did: ``method`` is "hardlink" (replay from the
+    entry), "clonefile" (macOS) or "materialize" (no cache kept, max_entries=0)."""
+
+    hit: bool
+    method: str
+    bytes: int
+    files: int
+    acquire_s: float  # lookup, waiting for another constructor, or constructing
+    clone_s: float
+    duration_s: float
+    rebuilt: bool = False  # a damaged entry was found, invalidated and rebuilt
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """Counters since open (hits/misses/...) and the index now (entries/bytes/pinned)."""
+
+    entries: int
+    bytes: int
+    pinned: int
+    hits: int
+    misses: int
+    constructions: int
+    adopted: int  # hits served by an entry another process (or a past run) built
+    clonefile_hits: int
+    hardlink_hits: int
+    overlay_hits: int
+    evictions: int
+    fallbacks: int  # clonefile -> replay, overlay -> hardlink
+    damaged: int  # entries found damaged, invalidated and rebuilt
+
+
+class Damaged(Exception):
+    """An entry failed a hit-time check; ``stale`` if it is merely gone (evicted by
+    another process) rather than damaged."""
+
+    def __init__(self, why: str, *, stale: bool = False) -> None:
+        super().__init__(why)
+        self.stale = stale
+
+
+class Flight:
+    """One in-process construction others wait for."""
+
+    def __init__(self) -> None:
+        self._ev = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._ev.wait()
+        if self._error is not None:
+            raise self._error
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ev.set()
+
+    def done(self) -> None:
+        self._ev.set()
