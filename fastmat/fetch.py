@@ -33,11 +33,13 @@ import fcntl
 import logging
 import os
 import queue
+import struct
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import proto
@@ -63,6 +65,8 @@ log = logging.getLogger("fastmat")
 
 DEFAULT_MAX_INFLIGHT = 128
 _LOCK_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+_OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # Linux >= 3.15; 0: absent
+_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
 _MAX_DIRECTORIES = 10_000_000  # a hostile tree cannot make the BFS run forever
 
 OnReady = Callable[[list[Digest]], None]
@@ -93,6 +97,100 @@ class _Cancelled(Exception):
     pass
 
 
+class _FetchLocks:
+    """Exclusive per-digest fetch locks shared by threads and processes.
+
+    Linux: open-file-description byte-range locks on one file,
+    ``<cas>/locks/fetch.ofd``, one byte per digest (offset from its hash; a
+    collision only serializes two fetches). Each thread locks through its own
+    fd, so threads exclude each other too. Two syscalls per blob, no files
+    created. Elsewhere: one flock'ed file per digest, unlinked by its holder
+    (the ``fastmat._locks.KeyedLock`` recipe).
+    """
+
+    def __init__(self, locks_dir: Path) -> None:
+        self._dir_fd = os.open(locks_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._ofd = _OFD_SETLK != 0
+        self._local = threading.local()
+        self._fds: list[int] = []
+        self._mutex = threading.Lock()
+
+    def close(self) -> None:
+        with self._mutex:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds.clear()
+            if self._dir_fd >= 0:
+                os.close(self._dir_fd)
+                self._dir_fd = -1
+
+    def _thread_fd(self) -> int:
+        fd: int | None = getattr(self._local, "fd", None)
+        if fd is None:
+            fd = os.open("fetch.ofd", _LOCK_OPEN, 0o644, dir_fd=self._dir_fd)
+            with self._mutex:
+                self._fds.append(fd)
+            self._local.fd = fd
+        return fd
+
+    @staticmethod
+    def _range(d: Digest, kind: int) -> bytes:
+        # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
+        return struct.pack("hhqqi4x", kind, os.SEEK_SET, int(d.hash[:15], 16), 1, 0)
+
+    def try_lock(self, d: Digest) -> int | None:
+        """A token for ``unlock``, or None when another thread or process holds it."""
+        if self._ofd:
+            fd = self._thread_fd()
+            try:
+                fcntl.fcntl(fd, _OFD_SETLK, self._range(d, fcntl.F_WRLCK))
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    return None
+                raise
+            return fd
+        return self._flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def wait_lock(self, d: Digest) -> int:
+        if self._ofd:
+            fd = self._thread_fd()
+            fcntl.fcntl(fd, _OFD_SETLKW, self._range(d, fcntl.F_WRLCK))
+            return fd
+        got = self._flock(d, fcntl.LOCK_EX)
+        assert got is not None
+        return got
+
+    def unlock(self, d: Digest, token: int) -> None:
+        if self._ofd:
+            fcntl.fcntl(token, _OFD_SETLK, self._range(d, fcntl.F_UNLCK))
+            return
+        # Unlink while holding: a process that opened this inode meanwhile sees
+        # the mismatch after locking and retries, so lock files never pile up.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"{d.key}.fetch", dir_fd=self._dir_fd)
+        os.close(token)
+
+    def _flock(self, d: Digest, how: int) -> int | None:
+        key = f"{d.key}.fetch"
+        while True:
+            fd = os.open(key, _LOCK_OPEN, 0o644, dir_fd=self._dir_fd)
+            try:
+                fcntl.flock(fd, how)
+                st = os.fstat(fd)
+                now = os.stat(key, dir_fd=self._dir_fd, follow_symlinks=False)
+                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                    return fd
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except FileNotFoundError:
+                pass  # its holder unlinked it after we opened it: lock a fresh one
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+
 class RemoteFetcher:
     """Fetches from ``remote`` into ``cas``; see the module docstring.
 
@@ -120,12 +218,10 @@ class RemoteFetcher:
         self.stats = FetchStats()
         self._mutex = threading.Lock()
         self._inflight = 0
-        self._locks_fd = os.open(cas.root / "locks", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._locks = _FetchLocks(cas.root / "locks")
 
     def close(self) -> None:
-        if self._locks_fd >= 0:
-            os.close(self._locks_fd)
-            self._locks_fd = -1
+        self._locks.close()
 
     def __enter__(self) -> RemoteFetcher:
         return self
@@ -200,50 +296,6 @@ class RemoteFetcher:
 
     # ---- file blobs ----
 
-    def _try_lock(self, d: Digest) -> int | None:
-        """The fd of the flocked per-digest fetch lock, or None if another holds it."""
-        key = f"{d.key}.fetch"
-        while True:
-            fd = os.open(key, _LOCK_OPEN, 0o644, dir_fd=self._locks_fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except BaseException:
-                os.close(fd)
-                raise
-            if self._same_file(fd, key):
-                return fd
-            os.close(fd)  # locked an inode its holder unlinked meanwhile: retry
-
-    def _same_file(self, fd: int, key: str) -> bool:
-        st = os.fstat(fd)
-        try:
-            now = os.stat(key, dir_fd=self._locks_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return False
-        return (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino)
-
-    def _wait_lock(self, d: Digest) -> int:
-        key = f"{d.key}.fetch"
-        while True:
-            fd = os.open(key, _LOCK_OPEN, 0o644, dir_fd=self._locks_fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except BaseException:
-                os.close(fd)
-                raise
-            if self._same_file(fd, key):
-                return fd
-            os.close(fd)
-
-    def _unlock(self, d: Digest, fd: int) -> None:
-        # Unlink while holding (see fastmat._locks.KeyedLock): lock files never pile up.
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(f"{d.key}.fetch", dir_fd=self._locks_fd)
-        os.close(fd)
-
     def _plan_items(self, digests: Iterable[Digest]) -> list[tuple[bool, list[Digest]]]:
         """(streamed?, digests) work items: large blobs alone, small ones in batches."""
         todo = [d for d in dict.fromkeys(digests) if d.size_bytes > 0]
@@ -280,11 +332,10 @@ class RemoteFetcher:
                 return
             first: BaseException | None = None
             for d, data in self.remote.read_batch(ds):
-                actual = Digest.of(data)
-                if actual != d:
-                    first = first or DigestMismatchError(d, actual, f"from {self.remote.target}")
-                    continue
-                self.cas.put(data, expected=d)
+                try:
+                    self.cas.put(data, expected=d)  # hashes, stores nothing on mismatch
+                except DigestMismatchError as e:
+                    first = first or DigestMismatchError(d, e.actual, f"from {self.remote.target}")
             self._count(blobs=len(ds), bytes=sum(d.size_bytes for d in ds), batches=1)
             if first is not None:
                 raise first
@@ -383,7 +434,7 @@ class _Job:
         ready: list[Digest] = []
         try:
             for d in ds:
-                fd = f._try_lock(d)
+                fd = f._locks.try_lock(d)
                 if fd is None:  # another process is fetching it: wait, do not fetch
                     self.add(1)
                     self.deferred.put(d)
@@ -394,7 +445,7 @@ class _Job:
                 f._fetch(streamed, mine)
         finally:
             for d, fd in held:
-                f._unlock(d, fd)
+                f._locks.unlock(d, fd)
         if self.on_ready is not None and (ready or mine):
             self.on_ready(ready + mine)
 
@@ -404,9 +455,9 @@ class _Job:
             try:
                 if self.cancel.is_set():
                     continue
-                fd = f._wait_lock(d)
+                fd = f._locks.wait_lock(d)
                 present = d in f.cas
-                f._unlock(d, fd)
+                f._locks.unlock(d, fd)
                 if present:
                     f._count(waited=1)
                     if self.on_ready is not None:

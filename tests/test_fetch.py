@@ -7,6 +7,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -372,3 +373,49 @@ def test_two_processes_fetch_each_blob_once(
     assert all(w <= len(files) for w in waited)
     for i in range(2):
         check_tree(tmp_path / f"out{i}", spec)
+
+
+_LOCK_CHILD = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from fastmat.digest import Digest
+    from fastmat.fetch import _FetchLocks
+    locks = _FetchLocks(Path(sys.argv[1]))
+    locks._ofd = sys.argv[2] == "1"
+    d = Digest.parse(sys.argv[3])
+    token = locks.try_lock(d)
+    print("held" if token is None else "free")
+    if token is not None:
+        locks.unlock(d, token)
+    """
+)
+
+
+@pytest.mark.parametrize("ofd", [True, False], ids=["ofd", "flock-files"])
+def test_fetch_locks_exclude_threads_and_processes(cas: LocalCAS, ofd: bool) -> None:
+    from fastmat.fetch import _FetchLocks
+
+    locks = _FetchLocks(cas.root / "locks")
+    locks._ofd = ofd and locks._ofd
+    d, other = Digest.of(b"a"), Digest.of(b"b")
+    token = locks.try_lock(d)
+    assert token is not None
+    results: list[int | None] = []
+    t = threading.Thread(target=lambda: results.append(locks.try_lock(d)))
+    t.start()
+    t.join()
+    assert results == [None]  # another thread of this process
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def child(x: Digest) -> str:
+        argv = [sys.executable, "-c", _LOCK_CHILD, str(cas.root / "locks"), str(int(ofd)), str(x)]
+        return subprocess.run(argv, env=env, capture_output=True, text=True, check=True).stdout
+
+    assert child(d).strip() == "held"  # another process
+    assert child(other).strip() == "free"  # other digests are not blocked
+    locks.unlock(d, token)
+    assert child(d).strip() == "free"
+    if not ofd:
+        assert not any((cas.root / "locks").glob("*.fetch"))  # lock files never pile up
+    locks.close()
