@@ -122,7 +122,8 @@ static int visit(struct walk *w, int fd, unsigned char type, const char *name, s
     }
     if (w->kind == WALK_REMOVE && st->st_dev != w->stack[w->depth - 1].dev)
         return -EBUSY; /* a mount point: never delete another filesystem's files */
-    return enter(w, fd, name, st);
+    rc = enter(w, fd, name, st);
+    return rc == -ENOENT ? 0 : rc; /* removed meanwhile (a concurrent remover) */
 }
 
 /* Leaves the directory fd (the top frame): post-order chmod, then reopens
@@ -143,8 +144,11 @@ static int leave(struct walk *w, int fd)
     rc = fm__fstat(pfd, &st);
     if (rc == 0 && (st.st_dev != parent->dev || st.st_ino != parent->ino))
         rc = -ESTALE;
-    if (rc == 0 && w->kind == WALK_REMOVE)
+    if (rc == 0 && w->kind == WALK_REMOVE) {
         rc = fm__unlinkat(pfd, child->name, AT_REMOVEDIR);
+        if (rc == -ENOENT)
+            rc = 0;
+    }
     pop(w);
     if (rc < 0) {
         fm__close(pfd);
@@ -213,8 +217,11 @@ static int walk_tree(int dirfd, const char *path, enum walk_kind kind, mode_t mo
     while (w.depth > 0)
         pop(&w);
     free(w.stack);
-    if (rc == 0 && kind == WALK_REMOVE)
+    if (rc == 0 && kind == WALK_REMOVE) {
         rc = fm__unlinkat(dirfd, path, AT_REMOVEDIR);
+        if (rc == -ENOENT)
+            rc = 0; /* it existed when we started: a concurrent remover won */
+    }
     return rc;
 }
 

@@ -1027,7 +1027,9 @@ def test_exec_plan_many_entries_many_threads(cas: Path, dest: Path) -> None:
         entries.append((nb.FM_OP_SYMLINK, d, "s", "f0", 0))
         entries.append((nb.FM_OP_EMPTY, d, "e", "", 0o444))
     plan = make_plan(dirs, entries)
+    fds = open_fds()
     res = run_plan(dest, cas, plan, threads=8, max_inflight=32)
+    assert open_fds() == fds
     assert res.rc == 0
     assert set(res.status) == {0}
     assert (cas / "blobs/b").stat().st_nlink == 1 + 80 * 30
@@ -1197,3 +1199,34 @@ def test_children_forked_meanwhile_never_inherit_writable_fds(cas: Path, dest: P
         t.join()
     assert forks[0] > 0
     assert leaks == []
+
+
+def test_concurrent_removers_of_one_tree(tmp_path: Path) -> None:
+    import threading
+
+    root = tmp_path / "big"
+    for i in range(40):
+        d = root / f"d{i}" / "sub"
+        d.mkdir(parents=True)
+        for j in range(40):
+            (d / f"f{j}").write_text("x")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(3)
+
+    def remove() -> None:
+        barrier.wait()
+        try:
+            nb.remove_tree(root)
+        except OSError as e:
+            outcomes.append(errno.errorcode.get(e.errno or 0, str(e.errno)))
+        else:
+            outcomes.append("ok")
+
+    threads = [threading.Thread(target=remove) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not root.exists()
+    assert "ok" in outcomes
+    assert set(outcomes) <= {"ok", "ENOENT"}
