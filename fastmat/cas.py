@@ -92,9 +92,13 @@ def _hash_fd(fd: int) -> Digest:
     return Digest(h.hexdigest(), size)
 
 
-def _release(owned: _locks.OwnedDir, tmp_parent_fd: int, fds: list[int]) -> None:
+def _release(owned: _locks.OwnedDir, tmp_parent_fd: int, fds: list[int], pid: int) -> None:
     try:
-        owned.release(tmp_parent_fd)
+        if os.getpid() == pid:
+            owned.release(tmp_parent_fd)
+        else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
+            os.close(owned.fd)
+            os.close(owned.lock_fd)
     finally:
         for fd in fds:
             os.close(fd)
@@ -123,7 +127,9 @@ class LocalCAS:
             raise
         self.tmp_dir = self.root / "tmp" / self._owned.name
         self.tmp_fd = self._owned.fd
-        self._finalizer = weakref.finalize(self, _release, self._owned, self._tmp_parent_fd, fds)
+        self._finalizer = weakref.finalize(
+            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
+        )
         self._locks = _locks.KeyedLock(self._locks_fd)
         self._names = itertools.count()
         self._mutex = threading.Lock()
@@ -270,7 +276,11 @@ class LocalCAS:
 
     def _reflink_into(self, path: str, dev: int, tmp: str) -> bool:
         if self._reflink is None:
-            self._reflink = _binding.probe_reflink(self.tmp_dir)
+            try:
+                self._reflink = _binding.probe_reflink(self.tmp_dir)
+            except OSError as e:
+                log.debug("reflink probe failed in %s: %s", self.tmp_dir, e)
+                self._reflink = False
         if not self._reflink or dev in self._no_reflink_devs:
             return False
         head, tail = os.path.split(os.path.abspath(path))

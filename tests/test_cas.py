@@ -440,3 +440,20 @@ def test_read_checks_nothing_but_returns_bytes(cas: LocalCAS) -> None:
     data = os.urandom(3 << 20)
     d = cas.put(data)
     assert hashlib.sha256(cas.read(d)).hexdigest() == d.hash
+
+
+def test_close_in_a_forked_child_leaves_the_parents_temp_dir(cas: LocalCAS) -> None:
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            cas.close()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (cas.tmp_dir / "owner.lock").is_file()
+    with LocalCAS(cas.root) as other:
+        assert other.counters.temp_dirs_swept == 0
+    assert cas.put(b"still usable") in cas

@@ -9,6 +9,7 @@ publishes a variant only once no process holds it open for writing.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import subprocess
 import threading
@@ -16,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from fastmat import _locks
 from fastmat.cas import LocalCAS
 
 CREATORS = 4
@@ -83,3 +85,25 @@ def test_exec_fresh_variants_while_other_threads_fork(tmp_path: Path) -> None:
     assert counts["etxtbsy"] == 0, counts
     assert set(counts) == {"execs"}, counts
     assert counts["execs"] >= 2000
+
+
+def test_wait_no_writers_sees_a_forked_childs_copy_of_the_fd(tmp_path: Path) -> None:
+    path = tmp_path / "tool"
+    w = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
+    r = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child: holds its copy of w until told to exit
+        os.read(go_r, 1)
+        os._exit(0)
+    try:
+        assert not _locks.wait_no_writers(r, timeout_s=0.05)
+        os.close(w)
+        assert not _locks.wait_no_writers(r, timeout_s=0.05)  # the child still has it
+        os.write(go_w, b"x")
+        os.waitpid(pid, 0)
+        assert _locks.wait_no_writers(r)
+    finally:
+        os.close(r)
+        os.close(go_r)
+        os.close(go_w)
