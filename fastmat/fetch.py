@@ -40,7 +40,7 @@ from array import array
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastmat import proto
 from fastmat.digest import Digest
@@ -57,6 +57,7 @@ __all__ = [
     "DEFAULT_MAX_INFLIGHT",
     "FetchStats",
     "RemoteFetcher",
+    "bind",
     "materialize_remote",
     "run_pipelined",
 ]
@@ -474,10 +475,13 @@ class _Job:
 class _Linker:
     """Links the entries of a plan group by group as their blobs arrive."""
 
-    def __init__(self, cas: LocalCAS, plan: Plan, dest_fd: int, threads: int, inflight: int):
+    def __init__(
+        self, cas: LocalCAS, plan: Plan, dest: str, dest_fd: int, *, threads: int, inflight: int
+    ) -> None:
         from fastmat import _binding
 
         self.b = _binding
+        self.dest = dest
         self.cas = cas
         self.plan = plan
         self.dest_fd = dest_fd
@@ -559,7 +563,8 @@ class _Linker:
                     rel = self.plan.path_of_entry(i)
                     break
         err = -res.rc
-        return OSError(err, f"{os.strerror(err)} (materializing {rel or '.'!r})", rel or ".")
+        full = os.path.join(self.dest, rel) if rel else self.dest
+        return OSError(err, f"{os.strerror(err)} (materializing {rel or '.'!r})", full)
 
     def result(self) -> _binding.ExecResult:
         return self.b.ExecResult(
@@ -595,7 +600,7 @@ def run_pipelined(
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fchmod(fd, 0o755)
-            linker = _Linker(cas, plan, fd, threads, max_inflight)
+            linker = _Linker(cas, plan, path, fd, threads=threads, inflight=max_inflight)
             missing = set(cas.missing(linker.by_digest))
             ready_q: queue.SimpleQueue[list[Digest] | None] = queue.SimpleQueue()
             errors: list[BaseException] = []
@@ -642,6 +647,12 @@ def run_pipelined(
             fetch_thread.join()
             if errors:
                 raise _with_path(errors[0], plan, linker) from errors[0]
+            log.debug(
+                "pipelined %s: %d blobs fetched, %d link calls",
+                plan.root,
+                len(missing),
+                fetcher.stats.link_calls,
+            )
         finally:
             os.close(fd)
     except BaseException:
@@ -651,6 +662,15 @@ def run_pipelined(
         _binding.remove_tree(path)
         raise
     return linker.result()
+
+
+def bind(fetcher: Any, cas: LocalCAS) -> Any:
+    """What ``materialize`` / ``DirectoryCache`` should use for ``fetcher``: a
+    ``RemoteCAS`` becomes a ``RemoteFetcher`` into ``cas``; anything else is
+    returned unchanged (a ``RemoteFetcher``, another ``Fetcher``, None)."""
+    from fastmat.remote import RemoteCAS
+
+    return RemoteFetcher(fetcher, cas) if isinstance(fetcher, RemoteCAS) else fetcher
 
 
 def materialize_remote(

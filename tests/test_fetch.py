@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import subprocess
@@ -419,3 +420,38 @@ def test_fetch_locks_exclude_threads_and_processes(cas: LocalCAS, ofd: bool) -> 
     if not ofd:
         assert not any((cas.root / "locks").glob("*.fetch"))  # lock files never pile up
     locks.close()
+
+
+def test_link_failure_cancels_fetches_and_removes_dest(
+    uploader: Uploader, proxy: GrpcProxy, cas: LocalCAS, tmp_path: Path
+) -> None:
+    from fastmat import _binding
+
+    spec = make_spec("link-fails", n_small=20, n_large=1)
+    root, blobs = build_tree(spec)
+    uploader.upload(blobs)
+    dest = tmp_path / "out"
+    with (
+        RemoteCAS(proxy.url) as remote,
+        RemoteFetcher(remote, cas) as f,
+        _binding.injected("link", errno.ENOSPC),
+        pytest.raises(OSError, match="materializing") as e,
+    ):
+        materialize_remote(cas, root, dest, f)
+    assert e.value.errno == errno.ENOSPC
+    assert str(e.value.filename).startswith(str(dest) + "/")
+    assert not os.path.lexists(dest)
+    assert cas.verify().ok  # what was fetched is intact
+
+
+def test_bind_wraps_a_remote_cas(cas: LocalCAS) -> None:
+    from fastmat.fetch import bind
+
+    with RemoteCAS("127.0.0.1:1") as remote:
+        f = bind(remote, cas)
+        assert isinstance(f, RemoteFetcher)
+        assert f.remote is remote
+        assert f.cas is cas
+        assert bind(f, cas) is f
+        f.close()
+    assert bind(None, cas) is None
