@@ -253,7 +253,7 @@ class LocalCAS:
         name; else streams it, hashing the bytes as they are written.
         """
         path = os.fspath(path)
-        src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
         try:
             st = os.fstat(src_fd)
             if not stat.S_ISREG(st.st_mode):

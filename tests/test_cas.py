@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import random
 import shutil
 import stat
 import tempfile
@@ -189,8 +190,10 @@ def test_put_file_expected_mismatch_stores_nothing(cas: LocalCAS, tmp_path: Path
 
 
 def test_put_file_refuses_non_regular(cas: LocalCAS, tmp_path: Path) -> None:
-    with pytest.raises(OSError, match="regular file"):
-        cas.put_file(tmp_path)
+    os.mkfifo(tmp_path / "fifo")
+    for p in (tmp_path, tmp_path / "fifo"):
+        with pytest.raises(OSError, match="regular file"):
+            cas.put_file(p)
 
 
 def test_put_stream(cas: LocalCAS) -> None:
@@ -457,3 +460,38 @@ def test_close_in_a_forked_child_leaves_the_parents_temp_dir(cas: LocalCAS) -> N
     with LocalCAS(cas.root) as other:
         assert other.counters.temp_dirs_swept == 0
     assert cas.put(b"still usable") in cas
+
+
+def _put_file_while_source_changes(root: Path, method: str) -> None:
+    src = root / "changing.bin"
+    src.write_bytes(os.urandom(1 << 20))
+    stop = threading.Event()
+
+    def scribble() -> None:
+        fd = os.open(src, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            while not stop.is_set():
+                os.pwrite(fd, os.urandom(4096), random.randrange(0, (1 << 20) - 4096))
+        finally:
+            os.close(fd)
+
+    writer = threading.Thread(target=scribble)
+    with LocalCAS(root / "cas") as cas:
+        writer.start()
+        try:
+            got = [cas.put_file(src) for _ in range(40)]
+        finally:
+            stop.set()
+            writer.join()
+        for d in got:  # whatever bytes were caught, the blob matches its name
+            assert Digest.of(cas.read(d)) == d
+        assert cas.verify().ok
+        assert getattr(cas.counters, f"{method}_files") == 40
+
+
+def test_put_file_of_a_changing_source_copy(tmp_path: Path) -> None:
+    _put_file_while_source_changes(tmp_path, "copied")
+
+
+def test_put_file_of_a_changing_source_reflink(xfs_dir: Path) -> None:
+    _put_file_while_source_changes(xfs_dir, "reflinked")
