@@ -256,14 +256,15 @@ class RemoteFetcher:
     def fetch_directories(self, root: Digest) -> None:
         """Stores every ``Directory`` of the tree under ``root`` that ``cas`` lacks.
 
-        Undecodable messages and bad child digests are left for ``load_plan`` to
-        report; ``BlobNotFoundError`` / ``DigestMismatchError`` / ``RemoteError``
-        propagate (``BlobNotFoundError`` without a path: the tree loader knows it).
+        Absent and undecodable messages and bad child digests are left for
+        ``load_plan`` to report, with their path; ``DigestMismatchError`` and
+        ``RemoteError`` propagate.
         """
         known: dict[Digest, bytes] = {}
         if root not in self.cas:
-            for raw in self.remote.get_tree(root) or ():
-                known[Digest.of(raw)] = raw
+            with contextlib.suppress(BlobNotFoundError):  # load_plan names it
+                for raw in self.remote.get_tree(root) or ():
+                    known[Digest.of(raw)] = raw
             if known:
                 self._count(get_tree=1)
         seen = {root}
@@ -279,7 +280,7 @@ class RemoteFetcher:
                     data[d] = known[d]
                 else:
                     absent.append(d)
-            for d, blob in self.remote.read_blobs(absent):
+            for d, blob in self.remote.read_blobs(absent, missing_ok=True):
                 self._verified(d, blob)
                 data[d] = blob
             nxt: list[Digest] = []

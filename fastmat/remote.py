@@ -301,8 +301,11 @@ class RemoteCAS:
         if batch:
             yield batch
 
-    def read_batch(self, digests: list[Digest]) -> list[tuple[Digest, bytes]]:
-        """One BatchReadBlobs call. ``BlobNotFoundError`` for the first absent blob."""
+    def read_batch(
+        self, digests: list[Digest], *, missing_ok: bool = False
+    ) -> list[tuple[Digest, bytes]]:
+        """One BatchReadBlobs call. ``BlobNotFoundError`` for the first absent blob,
+        unless ``missing_ok``: then absent blobs are left out of the result."""
         req = proto.BatchReadBlobsRequest(
             instance_name=self.instance_name, digests=[_pb(d) for d in digests]
         )
@@ -314,11 +317,15 @@ class RemoteCAS:
             raise self._fail("BatchReadBlobs", e, 1) from e
         wanted = set(digests)
         out: list[tuple[Digest, bytes]] = []
+        absent: set[Digest] = set()
         nbytes = 0
         for r in resp.responses:
             d = Digest(r.digest.hash, r.digest.size_bytes)
             if r.status.code == grpc.StatusCode.NOT_FOUND.value[0]:
-                raise BlobNotFoundError(d)
+                if not missing_ok:
+                    raise BlobNotFoundError(d)
+                absent.add(d)
+                continue
             if r.status.code != 0:
                 raise RemoteError(
                     f"BatchReadBlobs on {self.target}: {d}: status {r.status.code}: "
@@ -329,7 +336,7 @@ class RemoteCAS:
             data = r.data
             nbytes += len(data)
             out.append((d, data))
-        got = {d for d, _ in out}
+        got = {d for d, _ in out} | absent
         for d in digests:
             if d not in got:
                 raise RemoteError(f"BatchReadBlobs on {self.target}: no response for {d}")
@@ -337,16 +344,25 @@ class RemoteCAS:
             self.stats.bytes_received += nbytes
         return out
 
-    def read_blobs(self, digests: Iterable[Digest]) -> Iterator[tuple[Digest, bytes]]:
-        """``(digest, bytes)`` for each blob, batch by batch (large blobs too, streamed)."""
+    def read_blobs(
+        self, digests: Iterable[Digest], *, missing_ok: bool = False
+    ) -> Iterator[tuple[Digest, bytes]]:
+        """``(digest, bytes)`` for each blob, batch by batch (large blobs too, streamed).
+        ``BlobNotFoundError`` for an absent blob, unless ``missing_ok`` (then skipped)."""
         small: list[Digest] = []
         for d in dict.fromkeys(digests):
             if d.size_bytes + _ENTRY_OVERHEAD > self.max_batch_bytes:
-                yield d, b"".join(self.read_stream(d))
+                try:
+                    data = b"".join(self.read_stream(d))
+                except BlobNotFoundError:
+                    if not missing_ok:
+                        raise
+                    continue
+                yield d, data
             else:
                 small.append(d)
         for batch in self.batches(small):
-            yield from self.read_batch(batch)
+            yield from self.read_batch(batch, missing_ok=missing_ok)
 
     def resource_name(self, d: Digest) -> str:
         prefix = f"{self.instance_name}/" if self.instance_name else ""

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from fastmat import proto
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.errors import BlobNotFoundError, DigestMismatchError, RemoteError
@@ -318,7 +319,8 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from fastmat.cas import LocalCAS
+    from fastmat import proto
+from fastmat.cas import LocalCAS
     from fastmat.digest import Digest
     from fastmat.fetch import RemoteFetcher, materialize_remote
     from fastmat.remote import RemoteCAS
@@ -455,3 +457,31 @@ def test_bind_wraps_a_remote_cas(cas: LocalCAS) -> None:
         assert bind(f, cas) is f
         f.close()
     assert bind(None, cas) is None
+
+
+@pytest.mark.parametrize("get_tree", [True, False], ids=["get-tree", "level-by-level"])
+def test_absent_directory_names_its_path(
+    buildgrid: BuildGrid, uploader: Uploader, cas: LocalCAS, tmp_path: Path, get_tree: bool
+) -> None:
+    spec = {"a/keep/f": b"kept", "b/lost/g": b"lost dir's file", "top": b"t"}
+    root, blobs = build_tree(spec)
+    lost = next(
+        d
+        for d in directory_digests(root, blobs)
+        if [f.name for f in proto.Directory.FromString(blobs[d]).files] == ["g"]
+    )
+    uploader.upload({d: b for d, b in blobs.items() if d != lost})
+    off = frozenset() if get_tree else frozenset({"GetTree"})
+    p = GrpcProxy(buildgrid.address, unimplemented=off)
+    try:
+        with (
+            RemoteCAS(p.url) as remote,
+            RemoteFetcher(remote, cas) as f,
+            pytest.raises(BlobNotFoundError) as e,
+        ):
+            materialize_remote(cas, root, tmp_path / "out", f)
+    finally:
+        p.stop()
+    assert e.value.digest == lost
+    assert e.value.path == "b/lost"
+    assert not os.path.lexists(tmp_path / "out")
