@@ -65,7 +65,9 @@ class DirectoryCache:
         self.cas = cas
         self.path = Path(path)
         self.limits = Limits(max_bytes, max_entries, policy)
-        self.subtrees = subtrees  # accepted; see the report: whole trees only for now
+        if subtrees:  # accepted for API stability; whole trees are what is cached today
+            log.warning("DirectoryCache(subtrees=True) is not implemented: whole trees only")
+        self.subtrees = False
         for d in ("entries", "tmp", "trash", "locks"):
             (self.path / d).mkdir(parents=True, exist_ok=True)
         self._entries = self.path / "entries"
@@ -270,6 +272,7 @@ class DirectoryCache:
             if e.pins == 0 and e.lock_fd >= 0:
                 os.close(e.lock_fd)  # drops this process's LOCK_SH
                 e.lock_fd = -1
+            self._index.retain_replay(e)
             if self._index.over():
                 self._evict_locked()
 

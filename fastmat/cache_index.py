@@ -8,6 +8,7 @@ unpinned entries are offered as eviction victims.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from fastmat.cache_entry import Replay
 from fastmat.digest import Digest
 
 _clock = itertools.count(1)  # a logical clock: strictly increasing, never equal
+REPLAY_BUDGET_FILES = 2_000_000  # replay plans kept in memory (~100 B per file)
 
 
 @dataclass(eq=False)
@@ -65,6 +67,8 @@ class CacheIndex:
         self.limits = limits
         self._entries: dict[str, Entry] = {}
         self.bytes = 0
+        self._replays: OrderedDict[int, Entry] = OrderedDict()  # loaded, least recent first
+        self._replay_files = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -76,9 +80,9 @@ class CacheIndex:
         return self._entries.get(key)
 
     def insert(self, e: Entry) -> None:
-        old = self._entries.pop(e.key, None)
+        old = self._entries.get(e.key)
         if old is not None:
-            self.bytes -= old.bytes
+            self.remove(old)
         self._entries[e.key] = e
         self.bytes += e.bytes
 
@@ -88,7 +92,26 @@ class CacheIndex:
             return False
         del self._entries[e.key]
         self.bytes -= e.bytes
+        if self._replays.pop(id(e), None) is not None:
+            self._replay_files -= e.files
         return True
+
+    def retain_replay(self, e: Entry) -> None:
+        """Keeps ``e``'s loaded replay plan as the most recent; drops the least recently
+        used unpinned ones beyond REPLAY_BUDGET_FILES (they reload from the sidecar)."""
+        if e.replay is None:
+            return
+        if id(e) not in self._replays:
+            self._replay_files += e.files
+        self._replays[id(e)] = e
+        self._replays.move_to_end(id(e))
+        for k, old in list(self._replays.items()):
+            if self._replay_files <= REPLAY_BUDGET_FILES or old is e:
+                break
+            if not old.pins:
+                old.replay = None
+                self._replay_files -= old.files
+                del self._replays[k]
 
     def touch(self, e: Entry) -> None:
         e.used = next(_clock)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmat import _binding, cache_ops
+from fastmat import _binding, cache_index, cache_ops
 from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
@@ -160,6 +160,21 @@ def test_max_bytes_evicts_least_recently_used(cas: LocalCAS, tmp_path: Path) -> 
         assert cache.entry_path(roots[1]) is None
         assert cache.entry_path(roots[0]) is not None
         assert cache.stats().bytes == 2000
+
+
+def test_replay_plans_beyond_the_memory_budget_reload(
+    cas: LocalCAS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache_index, "REPLAY_BUDGET_FILES", 50)
+    roots = [ingest(cas, tmp_path / f"s{i}", shape(30, 20 + i)) for i in range(3)]
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        for k in range(2):
+            for i, root in enumerate(roots):
+                res = cache.materialize(root, tmp_path / f"d{i}-{k}")
+                assert res.hit == (k == 1)
+                assert snapshot(tmp_path / f"d{i}-{k}") == snapshot(tmp_path / f"s{i}")
+        loaded = [e for e in cache._index if e.replay is not None]
+        assert len(loaded) == 1  # 30 files each: only the latest fits in 50
 
 
 def _run_threads(n: int, fn: object) -> list[BaseException]:
