@@ -322,6 +322,7 @@ class GrpcProxy:
         self.upstream = _channel(upstream)
         self.delay_s = delay_s
         self.unimplemented = unimplemented  # method names answered UNIMPLEMENTED
+        self.fail_next: list[grpc.StatusCode] = []  # the next calls fail with these codes
         self.tamper: set[Digest] = set()
         self.calls: Counter[str] = Counter()
         self.fetches: Counter[Digest] = Counter()
@@ -384,6 +385,17 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
     def service(self, details: Any) -> Any:
         method: str = details.method
         p = self.proxy
+        with p._lock:
+            code = p.fail_next.pop(0) if p.fail_next else None
+        if code is not None:
+
+            def failing(request: bytes, context: Any) -> Any:
+                p.calls[method.rsplit("/", 1)[-1]] += 1
+                context.abort(code, "injected by the test proxy")
+
+            if method.endswith(("/GetTree", "/Read")):
+                return grpc.unary_stream_rpc_method_handler(failing)
+            return grpc.unary_unary_rpc_method_handler(failing)
         if method.rsplit("/", 1)[-1] in p.unimplemented:
 
             def refuse(request: bytes, context: Any) -> Any:

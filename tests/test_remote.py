@@ -8,6 +8,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from fastmat import proto
@@ -205,3 +206,32 @@ def test_grpcs_with_a_private_ca(buildgrid: BuildGrid, uploader: Uploader, tmp_p
     finally:
         proxy.stop()
     assert os.path.exists(cert)
+
+
+def test_retries_unavailable_and_resource_exhausted(
+    buildgrid: BuildGrid, uploader: Uploader
+) -> None:
+    blobs = blobs_of("retry", [100, 200])
+    uploader.upload(blobs)
+    proxy = GrpcProxy(buildgrid.address)
+    try:
+        with RemoteCAS(proxy.url, retries=3, backoff_s=0.01) as r:
+            assert r.max_batch_bytes > 0
+            proxy.fail_next = [
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                grpc.StatusCode.UNAVAILABLE,
+            ]
+            assert dict(r.read_blobs(blobs)) == blobs
+            assert r.stats.retries == 2
+            assert proxy.calls["BatchReadBlobs"] == 3
+            (d,) = blobs_of("retry-stream", [300])
+            proxy.fail_next = [grpc.StatusCode.UNAVAILABLE]
+            with pytest.raises(BlobNotFoundError):  # retried, then the real answer
+                list(r.read_stream(d))
+            assert r.stats.retries == 3
+            proxy.fail_next = [grpc.StatusCode.INTERNAL]  # not retryable
+            with pytest.raises(RemoteError, match="INTERNAL"):
+                r.find_missing(blobs)
+            assert r.stats.retries == 3
+    finally:
+        proxy.stop()
