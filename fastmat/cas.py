@@ -414,12 +414,16 @@ class LocalCAS:
     def ensure_executables(self, digests: Iterable[Digest]) -> None:
         """``executable_path`` for each digest, a few at a time."""
         todo = [d for d in dict.fromkeys(digests) if not self._is_file(self.exec_relpath(d))]
-        if len(todo) <= 1:
-            for d in todo:
-                self.executable_path(d)
+        if not todo:
             return
-        with ThreadPoolExecutor(min(len(todo), _MAX_PARALLEL_VARIANTS)) as pool:
-            list(pool.map(self.executable_path, todo))
+        built = self.counters.exec_variants_built
+        if len(todo) == 1:
+            self.executable_path(todo[0])
+        else:
+            with ThreadPoolExecutor(min(len(todo), _MAX_PARALLEL_VARIANTS)) as pool:
+                list(pool.map(self.executable_path, todo))
+        built = self.counters.exec_variants_built - built
+        log.debug("executable variants: %d missing, %d built here", len(todo), built)
 
     def _build_variant(self, d: Digest) -> None:
         tmp = self._tmp_name("exec")
