@@ -427,6 +427,7 @@ static uint32_t clamp_threads(uint32_t threads)
 struct pool_arg {
     void *(*fn)(void *);
     void *arg;
+    int keep[3]; /* the only fds a pool thread keeps in its table */
 };
 
 /* Every pool thread first takes a private fd table (see fm__isolated): the
@@ -434,17 +435,17 @@ struct pool_arg {
 static void *pool_main(void *p)
 {
     struct pool_arg *a = p;
-    fm__unshare_files();
+    fm__private_fd_table(a->keep, 3);
     return a->fn(a->arg);
 }
 
-/* Runs fn on `n` new threads and waits for them; when not even one can be
- * created, the caller does the work. Pool threads block every signal so that
- * Python's handlers run on its own threads. */
-static void run_pool(void *(*fn)(void *), void *arg, uint32_t n)
+/* Runs fn on `n` new threads keeping fds keep0..2 and waits for them; when
+ * not even one can be created, the caller does the work. Pool threads block
+ * every signal so that Python's handlers run on its own threads. */
+static void run_pool(void *(*fn)(void *), void *arg, uint32_t n, int keep0, int keep1, int keep2)
 {
     pthread_t tid[MAX_THREADS];
-    struct pool_arg a = {fn, arg};
+    struct pool_arg a = {fn, arg, {keep0, keep1, keep2}};
     uint32_t started = 0;
     sigset_t all, old;
     sigfillset(&all);
@@ -464,31 +465,36 @@ static void run_pool(void *(*fn)(void *), void *arg, uint32_t n)
 struct isolated {
     int (*fn)(void *);
     void *arg;
+    const int *keep;
+    int nkeep;
     int rc;
 };
 
 static void *isolated_main(void *p)
 {
     struct isolated *i = p;
+    fm__private_fd_table(i->keep, i->nkeep);
     i->rc = i->fn(i->arg);
     return NULL;
 }
 
-int fm__isolated(int (*fn)(void *), void *arg)
+int fm__isolated(int (*fn)(void *), void *arg, const int *keep, int nkeep)
 {
 #ifdef __linux__
-    struct isolated i = {fn, arg, 0};
-    struct pool_arg a = {isolated_main, &i};
+    struct isolated i = {fn, arg, keep, nkeep, 0};
     pthread_t tid;
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&tid, NULL, pool_main, &a);
+    int rc = pthread_create(&tid, NULL, isolated_main, &i);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc == 0) {
         pthread_join(tid, NULL);
         return i.rc;
     }
+#else
+    (void)keep;
+    (void)nkeep;
 #endif /* __linux__ */
     return fn(arg);
 }
@@ -576,7 +582,8 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     if (!exist)
         make_dirs(&c);
     if (!stopped(&c) && c.n_chunks > 0)
-        run_pool(worker, &c, threads < c.n_chunks ? threads : c.n_chunks);
+        run_pool(worker, &c, threads < c.n_chunks ? threads : c.n_chunks, dest_dirfd, src_dirfd,
+                 c.tmp_dirfd);
 
     rc = 0;
     for (uint32_t d = 0; d < plan->n_dirs && rc == 0; d++)
@@ -672,7 +679,7 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
         rc = fm__mkdirat(dest_dirfd, c.dir_path[d], plan->dir_mode);
     if (rc == 0 && f.n > 0) {
         uint32_t chunks = (f.n + MAX_CHUNK - 1) / MAX_CHUNK;
-        run_pool(floor_worker, &f, threads < chunks ? threads : chunks);
+        run_pool(floor_worker, &f, threads < chunks ? threads : chunks, dest_dirfd, src_dirfd, -1);
         rc = atomic_load(&f.err);
     }
     uint64_t t1 = now_ns();

@@ -246,8 +246,9 @@ static int file_call(void *p)
  * table (ETXTBSY, see fm__isolated); others right here. */
 static int32_t run_file_call(struct file_call *a)
 {
+    int keep[2] = {a->src_dirfd, a->dst_dirfd};
     if (a->mode & 0111)
-        return fm__isolated(file_call, a);
+        return fm__isolated(file_call, a, keep, 2);
     return file_call(a);
 }
 

@@ -52,7 +52,10 @@ int fm__ficlone(int dst_fd, int src_fd);
 int fm__fclonefileat(int src_fd, int dst_dirfd, const char *dst);
 int fm__clonefileat(int src_dirfd, const char *src, int dst_dirfd, const char *dst);
 int fm__dup(int fd);
-int fm__unshare_files(void); /* this thread gets its own fd table (Linux) */
+/* This thread gets its own fd table (unshare(CLONE_FILES), Linux) holding
+ * only the fds in keep (at most 8; negative ones ignored): the copies of the
+ * process's other fds are closed in it at once (close_range). */
+int fm__private_fd_table(const int *keep, int nkeep);
 /* Reads every entry of the directory fd (not closed) into a packed buffer of
  * records "<d_type byte><name>\0"; *out is malloc'ed (caller frees). */
 int fm__read_dir(int fd, char **out, size_t *out_len);
@@ -62,12 +65,14 @@ int fm__umount2(const char *target, int flags);
 
 /* ---- fm_exec.c ---- */
 /* Runs fn(arg) on a short-lived thread with a private file-descriptor table
- * (unshare(CLONE_FILES)) and returns its result: a child forked meanwhile by
- * another thread cannot inherit the writable fds fn opens, so exec of the
- * file fn wrote never fails with ETXTBSY. POSIX locks are owned per table:
- * the copies the thread drops at exit release none of the process's locks.
- * Runs fn directly where that is impossible. */
-int fm__isolated(int (*fn)(void *), void *arg);
+ * holding only the fds in keep (fm__private_fd_table) and returns its
+ * result: a child forked meanwhile by another thread cannot inherit the
+ * writable fds fn opens, so exec of the file fn wrote never fails with
+ * ETXTBSY; and the thread holds no copy of the process's other fds (a copy
+ * would keep another thread's writable file open after its close). POSIX
+ * locks are owned per table: closing copies releases none of the
+ * process's locks. Runs fn directly where that is impossible. */
+int fm__isolated(int (*fn)(void *), void *arg, const int *keep, int nkeep);
 
 /* ---- fm_probe.c ---- */
 /* 0, or the injected negative errno when a pending injection at `site` fires. */

@@ -229,11 +229,44 @@ int fm__clonefileat(int src_dirfd, const char *src, int dst_dirfd, const char *d
 #endif /* __APPLE__ */
 }
 
-int fm__unshare_files(void)
+static int cmp_int(const void *a, const void *b)
+{
+    int x = *(const int *)a, y = *(const int *)b;
+    return (x > y) - (x < y);
+}
+
+int fm__private_fd_table(const int *keep, int nkeep)
 {
 #ifdef __linux__
-    RETRY(unshare(CLONE_FILES));
+    int rc;
+    do {
+        rc = unshare(CLONE_FILES);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0)
+        return -errno;
+#if defined(SYS_close_range)
+    int k[8], n = 0;
+    for (int i = 0; i < nkeep && n < 8; i++)
+        if (keep[i] >= 0)
+            k[n++] = keep[i];
+    qsort(k, (size_t)n, sizeof(int), cmp_int);
+    unsigned lo = 0;
+    for (int i = 0; i <= n; i++) {
+        unsigned hi = i < n ? (unsigned)k[i] : ~0u;
+        if (hi > lo && syscall(SYS_close_range, lo, hi - 1, 0) < 0 && errno == ENOSYS)
+            return 0; /* pre-5.9 kernel: the copies stay open until the thread ends */
+        lo = hi + 1;
+    }
 #else
+    (void)keep;
+    (void)nkeep;
+    (void)cmp_int;
+#endif /* SYS_close_range */
+    return 0;
+#else
+    (void)keep;
+    (void)nkeep;
+    (void)cmp_int;
     return -ENOTSUP;
 #endif /* __linux__ */
 }

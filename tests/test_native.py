@@ -1230,3 +1230,49 @@ def test_concurrent_removers_of_one_tree(tmp_path: Path) -> None:
     assert not root.exists()
     assert "ok" in outcomes
     assert set(outcomes) <= {"ok", "ENOENT"}
+
+
+def _threads_blocked_opening_a_fifo(before: set[str]) -> bool:
+    for tid in set(os.listdir("/proc/self/task")) - before:
+        try:
+            wchan = Path(f"/proc/self/task/{tid}/wchan").read_text()
+        except OSError:
+            continue
+        if "partner" in wchan or "fifo" in wchan:
+            return True
+    return False
+
+
+def test_pool_threads_hold_no_copies_of_other_fds(tmp_path: Path) -> None:
+    """A pool thread keeps only the plan's dirfds: a pipe this thread closes while a
+    plan runs is really closed (a copy would keep it, and a writable file, open)."""
+    import select
+    import threading
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "dst").mkdir()
+    os.mkfifo(tmp_path / "src" / "fifo")  # opening it blocks the worker until we write
+    plan = make_plan([], [(nb.FM_OP_COPY, 0, "c", "fifo", 0o444)])
+    r, w = os.pipe()
+    before = set(os.listdir("/proc/self/task"))
+    results: list[nb.ExecResult] = []
+    t = threading.Thread(
+        target=lambda: results.append(run_plan(tmp_path / "dst", tmp_path / "src", plan))
+    )
+    t.start()
+    try:
+        for _ in range(500):
+            if _threads_blocked_opening_a_fifo(before):
+                break
+            t.join(0.01)
+        else:
+            pytest.skip("cannot see the worker block (no /proc/*/wchan)")
+        os.close(w)
+        readable, _, _ = select.select([r], [], [], 5.0)
+        assert readable == [r], "a pool thread still holds the pipe's write end"
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(os.open(tmp_path / "src" / "fifo", os.O_WRONLY))  # release the worker
+        t.join()
+        os.close(r)
+    assert list(results[0].status) == [-errno.EINVAL]  # a FIFO is not a regular file
