@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmat import _binding, workspace
-from fastmat.cache_disk import Trasher, make_instance_tmp, open_lock, sweep, try_lock
+from fastmat.cache_disk import Trasher, lock_key, make_instance_tmp, sweep, unlink_lock
 from fastmat.cache_index import CacheIndex, Entry, Limits
 from fastmat.cache_ops import Builder, adopt_all, discard
 from fastmat.cache_types import CacheResult, CacheStats, Damaged, Flight
@@ -39,7 +39,6 @@ __all__ = ["CacheResult", "CacheStats", "DirectoryCache"]
 
 log = logging.getLogger("fastmat")
 GiB = 1 << 30
-_O_DIR = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 3
 
 
@@ -63,7 +62,7 @@ class DirectoryCache:
         overlay: bool | None = None,
     ) -> None:
         self.cas = cas
-        self.path = Path(path)
+        self.path = Path(path).absolute()
         self.limits = Limits(max_bytes, max_entries, policy)
         if subtrees:  # accepted for API stability; whole trees are what is cached today
             log.warning("DirectoryCache(subtrees=True) is not implemented: whole trees only")
@@ -73,7 +72,7 @@ class DirectoryCache:
         self._entries = self.path / "entries"
         self._trash_dir = self.path / "trash"
         self._entries_fd = os.open(self._entries, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._locks_fd = os.open(self.path / "locks", _O_DIR)
+        self._locks_fd = os.open(self.path / "locks", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._tmp, self._owner_fd = make_instance_tmp(self.path / "tmp")
         self._mu = threading.Lock()
         self._index = CacheIndex(self.limits)
@@ -258,9 +257,8 @@ class DirectoryCache:
 
     def _pin_locked(self, e: Entry) -> bool:
         if e.pins == 0:
-            fd = open_lock(self._locks_fd, e.key)
-            if not try_lock(fd, fcntl.LOCK_SH):
-                os.close(fd)
+            fd = lock_key(self._locks_fd, e.key, fcntl.LOCK_SH, block=False)
+            if fd is None:
                 return False
             e.lock_fd = fd
         e.pins += 1
@@ -280,12 +278,13 @@ class DirectoryCache:
         """Takes unpinned victims out of the index, renames them to the trash (cheap) and
         leaves the deletion to the background thread."""
         for v in self._index.victims():
-            fd = open_lock(self._locks_fd, v.key)
+            fd = lock_key(self._locks_fd, v.key, fcntl.LOCK_EX, block=False)
+            if fd is None:
+                continue  # pinned or being rebuilt by another process: keep it
             try:
-                if not try_lock(fd, fcntl.LOCK_EX):
-                    continue  # pinned or being rebuilt by another process: keep it
                 self._index.remove(v)
                 discard(self._entries_fd, v.key, self._trash_dir, self._trasher)
+                unlink_lock(self._locks_fd, v.key)
                 self._n["evictions"] += 1
             finally:
                 os.close(fd)

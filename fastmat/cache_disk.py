@@ -8,8 +8,11 @@ Cross-process protocol, one lock file ``locks/<hash>-<size>.lock`` per digest (f
 - LOCK_EX | LOCK_NB before an eviction or invalidation renames the entry to the trash:
   it fails while any other process pins or builds that digest, so nobody's clone source
   or mounted lower layer is ever taken away.
-Lock files are never unlinked (unlinking a lock file another process has open splits
-the lock in two); they are empty inodes.
+A lock file is unlinked when its entry is evicted or discarded, by the holder of
+LOCK_EX. That is safe because every acquirer (``lock_key``) checks, once it holds the
+flock, that the name still leads to the inode it locked, and starts over otherwise: a
+lock taken on an unlinked inode is never trusted. So ``locks/`` holds about one empty
+file per entry, not one per digest ever seen.
 """
 
 from __future__ import annotations
@@ -32,6 +35,45 @@ OWNER = "owner.lock"
 
 def open_lock(locks_fd: int, key: str) -> int:
     return os.open(f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644, dir_fd=locks_fd)
+
+
+def lock_key(locks_fd: int, key: str, how: int, *, block: bool) -> int | None:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``; None if ``block`` is False
+    and another process holds a conflicting lock."""
+    name = f"{key}.lock"
+    while True:
+        fd = open_lock(locks_fd, key)
+        if block:
+            fcntl.flock(fd, how)
+        elif not try_lock(fd, how):
+            os.close(fd)
+            return None
+        if still_linked(locks_fd, name, fd):
+            return fd
+        os.close(fd)  # unlinked by an evictor while we waited: lock the new file
+
+
+def wait_key(locks_fd: int, key: str, how: int) -> int:
+    """``lock_key`` blocking until the lock is held."""
+    fd = lock_key(locks_fd, key, how, block=True)
+    if fd is None:  # pragma: no cover - a blocking flock returns only once held
+        raise AssertionError("blocking flock returned without the lock")
+    return fd
+
+
+def still_linked(dirfd: int, name: str, fd: int) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def unlink_lock(locks_fd: int, key: str) -> None:
+    """Removes ``locks/<key>.lock``; the caller holds LOCK_EX on it."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{key}.lock", dir_fd=locks_fd)
 
 
 def try_lock(fd: int, how: int) -> bool:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from fastmat import _binding, cache_entry
-from fastmat.cache_disk import Trasher, open_lock, to_trash, try_lock, unique
+from fastmat.cache_disk import (
+    Trasher,
+    lock_key,
+    still_linked,
+    to_trash,
+    unique,
+    unlink_lock,
+    wait_key,
+)
 from fastmat.cache_index import Entry
 from fastmat.cache_types import Damaged
 from fastmat.digest import Digest
@@ -103,31 +111,33 @@ class Builder:
         Waits (LOCK_SH, blocking) while another process holds LOCK_EX building it.
         """
         key = root.key
-        fd = open_lock(self.locks_fd, key)
-        try:
-            for _ in range(3):
-                fcntl.flock(fd, fcntl.LOCK_SH)
+        for _ in range(3):
+            fd = wait_key(self.locks_fd, key, fcntl.LOCK_SH)
+            try:
                 e = self._from_disk(root, damaged, exclusive=False)
-                if e is None:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                    fcntl.flock(fd, fcntl.LOCK_EX)
-                    e = self._from_disk(root, damaged, exclusive=True)
-                    built = e is None
-                    if e is None:
-                        e = self._build(root)
-                    fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
-                    st = _stat(self.entries_fd, key)
-                    if st is None or _ident(st) != e.ident:
-                        fcntl.flock(fd, fcntl.LOCK_UN)
-                        continue
-                else:
-                    built = False
+            except BaseException:
+                os.close(fd)
+                raise
+            if e is not None:
                 e.pins, e.lock_fd = 1, fd
-                return e, built
-            raise FastmatError(f"cache entry for {root} vanished three times while adopting")
-        except BaseException:
+                return e, False
             os.close(fd)
-            raise
+            fd = wait_key(self.locks_fd, key, fcntl.LOCK_EX)
+            try:
+                e = self._from_disk(root, damaged, exclusive=True)
+                built = e is None
+                if e is None:
+                    e = self._build(root)
+                fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
+                st = _stat(self.entries_fd, key)
+                if still_linked(self.locks_fd, f"{key}.lock", fd) and st and _ident(st) == e.ident:
+                    e.pins, e.lock_fd = 1, fd
+                    return e, built
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+        raise FastmatError(f"cache entry for {root} vanished three times while adopting")
 
     def _from_disk(
         self, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
@@ -291,17 +301,36 @@ def adopt_all(entries_fd: int, locks_fd: int, trash: Path, trasher: Trasher) -> 
             continue
         found.append((mtime, Entry(root, size, files, _ident(st))))
     for key in orphans | bad:
-        fd = open_lock(locks_fd, key)
+        lfd = lock_key(locks_fd, key, fcntl.LOCK_EX, block=False)
+        if lfd is None:
+            continue  # somebody builds, adopts or pins it right now
         try:
-            if not try_lock(fd, fcntl.LOCK_EX):
-                continue  # somebody builds, adopts or pins it right now
             complete = _stat(entries_fd, key) and _stat(entries_fd, f"{key}.plan")
             if key in bad or not complete:  # else finished since we listed: keep it
                 discard(entries_fd, key, trash, trasher)
+                unlink_lock(locks_fd, key)
         finally:
-            os.close(fd)
+            os.close(lfd)
+    _sweep_locks(locks_fd, entries_fd, plans | dirs)
     found.sort(key=lambda t: t[0])
     return [e for _, e in found]
+
+
+def _sweep_locks(locks_fd: int, entries_fd: int, keys: set[str]) -> None:
+    """Unlinks the lock files of digests without an entry (a failed construction's),
+    each under its own LOCK_EX so nobody waiting on one is left holding a ghost."""
+    for name in os.listdir(locks_fd):
+        key = name[: -len(".lock")]
+        if not name.endswith(".lock") or key in keys or parse_key(key) is None:
+            continue
+        fd = lock_key(locks_fd, key, fcntl.LOCK_EX, block=False)
+        if fd is None:
+            continue
+        try:
+            if _stat(entries_fd, key) is None and _stat(entries_fd, f"{key}.plan") is None:
+                unlink_lock(locks_fd, key)
+        finally:
+            os.close(fd)
 
 
 def parse_key(key: str) -> Digest | None:

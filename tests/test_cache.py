@@ -376,6 +376,19 @@ def test_orphans_are_discarded_at_open(
     assert sorted(os.listdir(entries)) == [root.key, f"{root.key}.plan"]
 
 
+def test_lock_files_follow_the_entries(cas: LocalCAS, tmp_path: Path) -> None:
+    roots = [ingest(cas, tmp_path / f"s{i}", shape(10, 30 + i)) for i in range(4)]
+    locks = tmp_path / "cache" / "locks"
+    with DirectoryCache(cas, tmp_path / "cache", max_entries=2) as cache:
+        for i, root in enumerate(roots):
+            cache.materialize(root, tmp_path / f"d{i}")
+        assert sorted(os.listdir(locks)) == sorted(f"{r.key}.lock" for r in roots[2:])
+    (locks / f"{Digest.of(b'never built').key}.lock").write_bytes(b"")
+    with DirectoryCache(cas, tmp_path / "cache", max_entries=2) as cache:
+        assert sorted(os.listdir(locks)) == sorted(f"{r.key}.lock" for r in roots[2:])
+        assert cache.materialize(roots[3], tmp_path / "again").hit
+
+
 def test_dest_must_not_exist(cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path) -> None:
     root, _ = basic
     write_tree(tmp_path / "taken", {"keep": b"mine"})
