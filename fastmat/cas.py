@@ -40,6 +40,7 @@ _EXEC_MODE = 0o555
 _AREAS = (("blobs", "blob"), ("exec", "exec"))
 _RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+_DIR_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC  # macOS: no O_PATH
 _NO_REFLINK = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ELOOP})
 _MAX_PARALLEL_VARIANTS = 8
 
@@ -111,14 +112,12 @@ class LocalCAS:
         self.root = Path(path).absolute()
         self._fsync = fsync
         self._create_layout()
-        self.root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self.root_fd = os.open(self.root, _DIR_PATH)
         fds = [self.root_fd]
         try:
             self._tmp_parent_fd = os.open("tmp", _DIR, dir_fd=self.root_fd)
             fds.append(self._tmp_parent_fd)
-            self._locks_fd = os.open(
-                "locks", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.root_fd
-            )
+            self._locks_fd = os.open("locks", _DIR_PATH, dir_fd=self.root_fd)
             fds.append(self._locks_fd)
             self._owned = _locks.OwnedDir.create(self._tmp_parent_fd)
         except BaseException:
@@ -284,7 +283,7 @@ class LocalCAS:
         if not self._reflink or dev in self._no_reflink_devs:
             return False
         head, tail = os.path.split(os.path.abspath(path))
-        dir_fd = os.open(head, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        dir_fd = os.open(head, _DIR_PATH)
         try:
             _binding.private_copy(
                 dir_fd,
