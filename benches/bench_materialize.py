@@ -8,6 +8,8 @@ Ratios, all taken in one run (medians of >= 7):
 - 100,000 files: cost per file / the 1,978-file cost per file -- target <= 1.3;
   plan memory per file (tracemalloc, retained after ``load_plan``) -- <= 300 B.
 - The Python (load, validate, blob checks) vs system-call split of ``materialize``.
+- "cold": the in-process cache of validated Directory nodes cleared before each
+  run (every message read, hashed, decoded, validated); otherwise warm.
 
 ``python benches/bench_materialize.py [--runs N] [--bytes-scale F]`` prints them;
 ``pytest benches/bench_materialize.py`` runs the pytest-benchmark versions.
@@ -35,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import build_shape
 
 from fastmat import _binding, proto
+from fastmat._nodecache import node_cache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.materialize import materialize
@@ -95,19 +98,31 @@ class Bench:
         for p in self.work.glob("dest*"):
             _binding.remove_tree(p)
 
-    def median(self, fn: Callable[[str], float | None], runs: int) -> float:
-        times = []
+    def once(self, fn: Callable[[str], float | None], *, cold: bool = False) -> float:
+        dest = self.dest()
+        if cold:
+            node_cache.clear()
+        gc.collect()
+        t0 = time.perf_counter()
+        inner = fn(dest)
+        took = inner if inner is not None else time.perf_counter() - t0
+        self.clean()
+        return took
+
+    def medians(
+        self, methods: dict[str, Callable[[str], float | None]], runs: int
+    ) -> dict[str, float]:
+        """Round-robin over the methods (same load conditions for all), then medians."""
+        times: dict[str, list[float]] = {k: [] for k in methods}
         for _ in range(runs):
-            dest = self.dest()
-            gc.collect()
-            t0 = time.perf_counter()
-            inner = fn(dest)
-            times.append(inner if inner is not None else time.perf_counter() - t0)
-            self.clean()
-        return statistics.median(times)
+            for name, fn in methods.items():
+                times[name].append(self.once(fn, cold=name.endswith("cold")))
+        return {k: statistics.median(v) for k, v in times.items()}
 
 
 def plan_bytes_per_file(cas: LocalCAS, root: Digest) -> tuple[float, int]:
+    """Memory held by a Plan (node cache off: the cache is accounted separately)."""
+    saved, node_cache.max_bytes = node_cache.max_bytes, 0
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
@@ -115,6 +130,7 @@ def plan_bytes_per_file(cas: LocalCAS, root: Digest) -> tuple[float, int]:
     gc.collect()
     held = tracemalloc.get_traced_memory()[0] - base
     tracemalloc.stop()
+    node_cache.max_bytes = saved
     return held / plan.n_files, plan.n_files
 
 
@@ -129,38 +145,50 @@ def run(runs: int, bytes_scale: float, big_files_scale: float) -> dict[str, floa
             root = b.root(shape)
             plan = load_plan(cas, root)
             n = plan.n_files
-            stats: list[Any] = []
+            warm: list[Any] = []
+            cold: list[Any] = []
 
-            def mat(dest: str, root: Digest = root, stats: list[Any] = stats) -> None:
-                stats.append(materialize(cas, root, dest, threads=THREADS))
+            def mat(dest: str, root: Digest = root, log: list[Any] = warm) -> None:
+                log.append(materialize(cas, root, dest, threads=THREADS))
 
-            t_mat = b.median(mat, runs)
+            def mat_cold(dest: str, root: Digest = root, log: list[Any] = cold) -> None:
+                log.append(materialize(cas, root, dest, threads=THREADS))
 
             def floor(dest: str, plan: Plan = plan) -> float:
                 return floor_s(cas, plan, dest)
 
-            t_floor = b.median(floor, runs)
-            out[f"{shape}.files"] = n
-            out[f"{shape}.materialize_ms"] = t_mat * 1e3
-            out[f"{shape}.floor_ms"] = t_floor * 1e3
-            out[f"{shape}.ratio_vs_floor"] = t_mat / t_floor
-            out[f"{shape}.us_per_file"] = t_mat / n * 1e6
-            out[f"{shape}.python_ms"] = statistics.median(s.plan_s for s in stats) * 1e3
-            out[f"{shape}.exec_ms"] = statistics.median(s.exec_s for s in stats) * 1e3
+            def walk(dest: str, root: Digest = root) -> None:
+                python_link_walk(cas, root, dest)
+
+            methods: dict[str, Callable[[str], float | None]] = {
+                "materialize": mat,
+                "materialize_cold": mat_cold,
+                "floor": floor,
+            }
             if shape == "large_tree":
-
-                def walk(dest: str, root: Digest = root) -> None:
-                    python_link_walk(cas, root, dest)
-
-                t_py = b.median(walk, runs)
-                out[f"{shape}.python_walk_ms"] = t_py * 1e3
-                out[f"{shape}.speedup_vs_python_walk"] = t_py / t_mat
+                methods["python_walk"] = walk
+            t = b.medians(methods, runs)
+            out[f"{shape}.files"] = n
+            for k, v in t.items():
+                out[f"{shape}.{k}_ms"] = v * 1e3
+            out[f"{shape}.ratio_vs_floor"] = t["materialize"] / t["floor"]
+            out[f"{shape}.cold_ratio_vs_floor"] = t["materialize_cold"] / t["floor"]
+            out[f"{shape}.python_ms"] = statistics.median(s.plan_s for s in warm) * 1e3
+            out[f"{shape}.python_cold_ms"] = statistics.median(s.plan_s for s in cold) * 1e3
+            out[f"{shape}.exec_ms"] = statistics.median(s.exec_s for s in warm) * 1e3
+            out[f"{shape}.us_per_file"] = t["materialize"] / n * 1e6
+            out[f"{shape}.floor_us_per_file"] = t["floor"] / n * 1e6
+            if shape == "large_tree":
+                out[f"{shape}.speedup_vs_python_walk"] = t["python_walk"] / t["materialize"]
             else:
                 out[f"{shape}.plan_bytes_per_file"] = plan_bytes_per_file(cas, root)[0]
             del plan
         if "scale_100k.us_per_file" in out:
             out["per_file_100k_vs_1978"] = (
                 out["scale_100k.us_per_file"] / out["large_tree.us_per_file"]
+            )
+            out["floor_per_file_100k_vs_1978"] = (
+                out["scale_100k.floor_us_per_file"] / out["large_tree.floor_us_per_file"]
             )
         cas.close()
     return out

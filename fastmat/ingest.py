@@ -23,11 +23,13 @@ _KINDS = {
 }
 
 
-def _utf8(name: str, path: str) -> bytes:
+def _utf8(text: str, path: str) -> bytes:
     try:
-        return name.encode()
+        return text.encode()
     except UnicodeEncodeError:
-        raise InvalidTreeError("name is not valid UTF-8 (REAPI names are strings)", path) from None
+        raise InvalidTreeError(
+            f"name or link target {text!r} is not valid UTF-8 (REAPI uses strings)", path
+        ) from None
 
 
 def _set_digest(msg: Any, d: Digest) -> None:
@@ -61,7 +63,9 @@ def ingest_tree(cas: LocalCAS, src_dir: str | os.PathLike[str]) -> Digest:
         for _, e in entries:
             where = rel + e.name
             if e.is_symlink():
-                msg.symlinks.add(name=e.name, target=os.readlink(e.path))
+                target = os.readlink(e.path)
+                _utf8(target, where)
+                msg.symlinks.add(name=e.name, target=target)
                 continue
             st = e.stat(follow_symlinks=False)
             kind = stat.S_IFMT(st.st_mode)

@@ -76,13 +76,12 @@ def check_blobs(cas: LocalCAS, plan: Plan, fetcher: Fetcher | None = None) -> No
     makes the executable variants the plan links."""
 
     def missing() -> list[tuple[bytes, int]]:
-        out = []
-        for src, i in srcs.items():
-            try:
-                os.stat(src, dir_fd=cas.root_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                out.append((src, i))
-        return out
+        fd = cas.root_fd
+        return [
+            (src, i)
+            for src, i in srcs.items()
+            if not os.access(src, os.F_OK, dir_fd=fd, follow_symlinks=False)
+        ]
 
     srcs = plan.blob_srcs()
     absent = missing()

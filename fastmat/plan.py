@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fastmat.digest import EMPTY_DIGEST, Digest
-from fastmat.errors import InvalidDigestError
 
 if TYPE_CHECKING:
     from fastmat._binding import PlanArrays
@@ -29,6 +28,7 @@ OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
 _HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _RESERVED = ("", ".", "..")
+_MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
 
 
 class BadNode(Exception):
@@ -50,7 +50,7 @@ class Node:
     srcs: bytes  # NUL-terminated each: CAS relpath, symlink target, or b""
     modes: array[int]
     mtimes: array[int] | None
-    children: list[tuple[bytes, Digest]]
+    children: list[tuple[bytes, str]]  # (name, "hash-size" key)
     n_files: int
     n_bytes: int
     exec_digests: list[Digest]
@@ -118,24 +118,33 @@ def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
     return mode & 0o777, mtime  # setuid / setgid / sticky dropped (see fastmat.tree)
 
 
+def _check_hashes(hashes: list[str], names: list[str], what: str) -> None:
+    if hashes and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
+        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
+        raise BadNode(f"{what} digest hash {hashes[i]!r} is not 64 lowercase hex digits", names[i])
+
+
 def build_node(msg: Any, limits: TreeLimits) -> Node:
-    """Validates one decoded ``Directory`` and packs it; raises :class:`BadNode`."""
-    files, dirs, syms = msg.files, msg.directories, msg.symlinks
+    """Validates one decoded ``Directory`` and packs it; raises :class:`BadNode`.
+
+    This is the per-file hot path: a few list comprehensions over the upb
+    message, one join and one encode per directory, no per-file objects kept.
+    """
+    files, syms, dirs = list(msg.files), msg.symlinks, list(msg.directories)
     fnames = [f.name for f in files]
     snames = [s.name for s in syms]
-    _check_names((fnames, [x.name for x in dirs], snames), limits)
+    dnames = [x.name for x in dirs]
+    _check_names((fnames, dnames, snames), limits)
     digests = [f.digest for f in files]
     hashes = [x.hash for x in digests]
     sizes = [x.size_bytes for x in digests]
-    nf = len(fnames)
-    if nf and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
-        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
-        raise BadNode(f"file digest hash {hashes[i]!r} is not 64 lowercase hex digits", fnames[i])
+    _check_hashes(hashes, fnames, "file")
     execs = [f.is_executable for f in files]
     props = [f.HasField("node_properties") for f in files]
+    nf = len(fnames)
     exec_digests: list[Digest] = []
     mtimes: array[int] | None = None
-    if nf and (min(sizes) <= 0 or any(execs) or any(props)):
+    if nf and (min(sizes) <= 0 or True in execs or True in props):
         ops, modes, srcs, mt = bytearray(), array("I"), [], array("q")
         for i, (h, size) in enumerate(zip(hashes, sizes, strict=True)):
             if size < 0 or (size == 0 and h != _EMPTY_HASH):
@@ -169,7 +178,7 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
             mtimes = mt
     else:
         fops = b"\x01" * nf
-        modes = array("I", [0o444]) * nf
+        modes = array("I", _MODE_444) * nf
         srcs = [f"blobs/{h[:2]}/{h}-{s}" for h, s in zip(hashes, sizes, strict=True)]
     ns = len(snames)
     if ns:
@@ -178,19 +187,26 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
             if not t or "\0" in t or len(t.encode()) > limits.max_symlink_target_bytes:
                 raise BadNode(f"symlink target {t[:80]!r} is empty, has NUL or is too long", name)
         srcs += targets
-        modes.extend(array("I", [0o777]) * ns)
+        modes.extend(array("I", _MODE_777) * ns)
         if mtimes is not None:
-            mtimes.extend(array("q", [-1]) * ns)
-    children: list[tuple[bytes, Digest]] = []
-    for x in dirs:
-        try:
-            children.append((x.name.encode(), Digest(x.digest.hash, x.digest.size_bytes)))
-        except InvalidDigestError as e:
-            raise BadNode(f"directory digest: {e}", x.name) from None
+            mtimes.extend(array("q", _NO_MTIME) * ns)
+    children: list[tuple[bytes, str]] = []
+    if dirs:
+        ddigests = [x.digest for x in dirs]
+        dhashes = [x.hash for x in ddigests]
+        dsizes = [x.size_bytes for x in ddigests]
+        _check_hashes(dhashes, dnames, "directory")
+        if min(dsizes) < 0:
+            i = dsizes.index(min(dsizes))
+            raise BadNode(f"directory digest size {dsizes[i]} is negative", dnames[i])
+        children = [
+            (name.encode(), f"{h}-{size}")
+            for name, h, size in zip(dnames, dhashes, dsizes, strict=True)
+        ]
     n = nf + ns
     return Node(
         n=n,
-        ops=fops + b"\x02" * ns,
+        ops=fops + b"\x02" * ns if ns else fops,
         names=("\0".join(fnames + snames) + "\0").encode() if n else b"",
         srcs=("\0".join(srcs) + "\0").encode() if n else b"",
         modes=modes,
@@ -257,11 +273,11 @@ def blob_digest(src: bytes) -> Digest:
     return Digest(h, int(size))
 
 
-def expand(nodes: dict[Digest, Node], root: Digest) -> Plan:
+def expand(nodes: dict[str, Node], root: Digest) -> Plan:
     """Lays the (validated, bounded) nodes out breadth first into one ``PlanArrays``."""
     from fastmat._binding import PlanArrays
 
-    inst = [root]
+    inst = [root.key]
     parents = array("i", [-1])
     dir_names = [b""]
     ops: list[bytes] = []

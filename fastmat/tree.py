@@ -25,16 +25,21 @@ Decisions, all checked before anything is created:
 - The same ``Directory`` digest may appear in several places (a DAG); limits
   on depth and total entries apply to the tree after expansion, computed per
   distinct digest, so a "width bomb" is refused without being expanded.
+- Validated nodes are kept in a bounded in-process cache keyed by digest and
+  limits (:mod:`fastmat._nodecache`): content addressing makes them valid
+  forever, and a worker sees the same directories in action after action.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmat import proto
+from fastmat._nodecache import node_cache
 from fastmat.digest import Digest
 from fastmat.errors import BlobNotFoundError, DigestMismatchError, InvalidTreeError
 from fastmat.plan import BadNode, Node, Plan, build_node, expand
@@ -65,6 +70,7 @@ class TreeLimits:
 
 
 DEFAULT_LIMITS = TreeLimits()
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
 class Fetcher(Protocol):
@@ -85,90 +91,128 @@ def _join(parts: Sequence[str]) -> str:
     return "/".join(p for p in parts if p)
 
 
+def _digest(key: str) -> Digest:
+    h, _, size = key.partition("-")
+    return Digest(h, int(size))
+
+
 class _Loader:
-    """Reads, verifies, decodes and validates each distinct Directory once."""
+    """Reads, verifies, decodes and validates each distinct Directory once.
+
+    Directories are keyed by ``"hash-size"`` strings (their CAS file name), which
+    hash faster than ``Digest`` objects; hashes were validated by the parent.
+    """
 
     def __init__(self, cas: LocalCAS, fetcher: Fetcher | None, limits: TreeLimits) -> None:
-        self.cas = cas
+        self.root_fd = cas.root_fd
         self.fetcher = fetcher
         self.limits = limits
-        self.fetched = False
         self.root: Digest | None = None
-        # digest -> (parent digest, name) of the first place it was seen, for paths
-        self.seen: dict[Digest, tuple[Digest | None, str]] = {}
+        self.reused = False  # some digest appears in more than one place
+        # key -> (parent key, name) of the first place it was seen, for paths
+        self.seen: dict[str, tuple[str | None, str]] = {}
 
-    def path(self, d: Digest | None, name: str = "") -> str:
+    def path(self, key: str | None, name: str = "") -> str:
         parts = [name]
-        while d is not None:
-            parent, n = self.seen[d]
+        while key is not None:
+            parent, n = self.seen[key]
             parts.append(n)
-            d = parent
+            key = parent
         return _join(parts[::-1])
 
-    def read(self, d: Digest) -> bytes:
-        if d.size_bytes == 0:
-            return b""
-        if d.size_bytes > self.limits.max_directory_bytes:
-            raise InvalidTreeError(
-                f"Directory {d} is larger than max_directory_bytes "
-                f"({self.limits.max_directory_bytes})",
-                self.path(d),
-            )
-        if d not in self.cas and self.fetcher is not None and not self.fetched:
-            self.fetched = True
-            assert self.root is not None
-            self.fetcher.fetch_directories(self.root)
+    def _open(self, key: str) -> int:
+        rel = f"blobs/{key[:2]}/{key}"
         try:
-            return self.cas.read(d)
-        except (BlobNotFoundError, FileNotFoundError):
-            raise BlobNotFoundError(d, self.path(d) or ".") from None
+            return os.open(rel, _RDONLY, dir_fd=self.root_fd)
+        except FileNotFoundError:
+            if self.fetcher is None or self.root is None:
+                raise
+        root, self.root = self.root, None  # fetch once per load
+        self.fetcher.fetch_directories(root)
+        return os.open(rel, _RDONLY, dir_fd=self.root_fd)
 
-    def decode(self, d: Digest) -> Any:
-        data = self.read(d)
-        actual = Digest(hashlib.sha256(data).hexdigest(), len(data))
-        if actual != d:
-            raise DigestMismatchError(d, actual, f"Directory at {self.path(d) or '.'!r}")
+    def read(self, key: str, size: int) -> bytes:
+        if size > self.limits.max_directory_bytes:
+            raise InvalidTreeError(
+                f"Directory {_digest(key)} is larger than max_directory_bytes "
+                f"({self.limits.max_directory_bytes})",
+                self.path(key),
+            )
+        try:
+            fd = self._open(key)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BlobNotFoundError(_digest(key), self.path(key) or ".") from None
+        try:
+            chunks = [os.read(fd, size + 1)]
+            while chunks[-1] and sum(map(len, chunks)) <= size:
+                chunks.append(os.read(fd, size + 1))
+        finally:
+            os.close(fd)
+        return b"".join(chunks)
+
+    def decode(self, key: str) -> Any:
+        h, _, size_s = key.partition("-")
+        size = int(size_s)
+        data = self.read(key, size) if size else b""
+        if len(data) != size or hashlib.sha256(data).hexdigest() != h:
+            raise DigestMismatchError(
+                _digest(key), Digest.of(data), f"Directory at {self.path(key) or '.'!r}"
+            )
         try:
             return proto.Directory.FromString(data)
         except proto.DecodeError as e:
-            raise InvalidTreeError(f"undecodable Directory message {d}: {e}", self.path(d)) from e
+            raise InvalidTreeError(
+                f"undecodable Directory message {_digest(key)}: {e}", self.path(key)
+            ) from e
 
-    def load(self, root: Digest) -> dict[Digest, Node]:
+    def load(self, root: Digest) -> dict[str, Node]:
         """Breadth first over distinct digests; depth checked at the first sighting."""
         self.root = root
-        self.seen[root] = (None, "")
-        nodes: dict[Digest, Node] = {}
-        level = [root]
+        seen = self.seen
+        limits = self.limits
+        seen[root.key] = (None, "")
+        nodes: dict[str, Node] = {}
+        cache = node_cache if node_cache.max_bytes > 0 else None
+        level = [root.key]
         depth = 0
         loaded_entries = 0
         while level:
-            nxt: list[Digest] = []
-            for d in level:
-                try:
-                    node = build_node(self.decode(d), self.limits)
-                except BadNode as e:
-                    raise InvalidTreeError(e.message, self.path(d, e.name)) from None
-                nodes[d] = node
+            nxt: list[str] = []
+            for key in level:
+                node = cache.get(key, limits) if cache is not None else None
+                if node is None:
+                    try:
+                        node = build_node(self.decode(key), limits)
+                    except BadNode as e:
+                        raise InvalidTreeError(e.message, self.path(key, e.name)) from None
+                    if cache is not None:
+                        cache.put(key, limits, node)
+                nodes[key] = node
                 loaded_entries += node.n + len(node.children)
-                if loaded_entries > self.limits.max_total_entries:
-                    self.fail(d, f"more than max_total_entries ({self.limits.max_total_entries})")
+                if loaded_entries > limits.max_total_entries:
+                    self.fail(key, f"more than max_total_entries ({limits.max_total_entries})")
                 for name, child in node.children:
-                    if child not in self.seen:
-                        self.seen[child] = (d, name.decode())
+                    if child in seen:
+                        self.reused = True
+                    else:
+                        seen[child] = (key, name.decode())
                         nxt.append(child)
             depth += 1
-            if nxt and depth > self.limits.max_depth:
-                self.fail(nxt[0], f"deeper than max_depth ({self.limits.max_depth})")
+            if nxt and depth > limits.max_depth:
+                self.fail(nxt[0], f"deeper than max_depth ({limits.max_depth})")
             level = nxt
         return nodes
 
-    def fail(self, d: Digest, message: str, name: str = "") -> None:
-        raise InvalidTreeError(message, self.path(d, name))
+    def fail(self, key: str, message: str, name: str = "") -> None:
+        raise InvalidTreeError(message, self.path(key, name))
 
 
-def _check_shape(nodes: dict[Digest, Node], root: Digest, limits: TreeLimits) -> None:
-    """Depth and total entries after expansion, memoised per digest (post-order DFS)."""
-    memo: dict[Digest, tuple[int, int]] = {}  # digest -> (height, expanded entries)
+def _check_shape(nodes: dict[str, Node], root: str, limits: TreeLimits) -> None:
+    """Depth and total entries after expansion, memoised per digest (post-order DFS).
+
+    Only needed when a digest is reused: otherwise the tree is what was loaded.
+    """
+    memo: dict[str, tuple[int, int]] = {}  # key -> (height, expanded entries)
     stack: list[list[Any]] = [[root, 0]]
     names: list[str] = [""]
 
@@ -221,5 +265,6 @@ def load_plan(
     limits = limits or DEFAULT_LIMITS
     loader = _Loader(cas, fetcher, limits)
     nodes = loader.load(root)
-    _check_shape(nodes, root, limits)
+    if loader.reused:
+        _check_shape(nodes, root.key, limits)
     return expand(nodes, root)

@@ -130,8 +130,14 @@ def test_non_utf8_name_refused(cas: LocalCAS, tmp_path: Path) -> None:
     src.mkdir()
     with open(os.path.join(os.fsencode(src), b"bad\xff"), "wb") as f:
         f.write(b"x")
-    with pytest.raises(InvalidTreeError, match="not valid UTF-8"):
+    with pytest.raises(InvalidTreeError, match="not valid UTF-8") as info:
         ingest_tree(cas, src)
+    assert info.value.path == "bad\udcff"
+    os.unlink(os.path.join(os.fsencode(src), b"bad\xff"))
+    os.symlink(b"target\xfe", os.path.join(os.fsencode(src), b"link"))
+    with pytest.raises(InvalidTreeError, match="not valid UTF-8") as info:
+        ingest_tree(cas, src)
+    assert info.value.path == "link"
 
 
 def test_source_must_be_a_real_directory(cas: LocalCAS, tmp_path: Path) -> None:

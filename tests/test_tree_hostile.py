@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from fastmat import proto
+from fastmat._nodecache import node_cache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.errors import BlobNotFoundError, DigestMismatchError, InvalidTreeError
@@ -23,6 +24,12 @@ from fastmat.materialize import materialize
 from fastmat.tree import TreeLimits
 
 HEX = "ab" * 32
+
+
+@pytest.fixture(autouse=True)
+def _cold_node_cache() -> None:
+    """Validated nodes are cached by digest; every case here starts cold."""
+    node_cache.clear()
 
 
 @pytest.fixture
@@ -310,6 +317,14 @@ def test_hostile_tree_is_refused(name: str, cas: LocalCAS, tmp_path: Path) -> No
     assert not os.path.lexists(dest)
     assert os.listdir(out) == []
     assert _cas_listing(cas) == before
+
+
+def test_cached_nodes_are_revalidated_under_other_limits(cas: LocalCAS, tmp_path: Path) -> None:
+    root = node(cas, files=[(f"f{i:02d}", _file(cas), False) for i in range(11)])
+    materialize(cas, root, tmp_path / "ok")  # validated and cached under the defaults
+    with pytest.raises(InvalidTreeError, match="max_entries_per_dir"):
+        materialize(cas, root, tmp_path / "dest", limits=TreeLimits(max_entries_per_dir=10))
+    assert not os.path.lexists(tmp_path / "dest")
 
 
 def test_corpus_is_large_enough() -> None:
