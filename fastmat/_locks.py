@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import secrets
 import sys
@@ -25,6 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from fastmat import _binding
+
+log = logging.getLogger("fastmat")
 
 OWNER_LOCK = "owner.lock"
 _DIR_OPEN = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -151,39 +154,50 @@ def sweep_dead(parent_fd: int, keep: str) -> int:
 
     A dir whose ``owner.lock`` we can flock has a dead owner. A dir without one is
     either being created right now (live pid in its name: keep) or its creator died
-    before locking (dead pid: remove).
+    before locking (dead pid: remove). Best effort: a dir that cannot be removed
+    (another user's, say) is left for a later opener and logged.
     """
-    swept = 0
     with os.scandir(parent_fd) as it:
         names = [e.name for e in it if e.name != keep and e.is_dir(follow_symlinks=False)]
+    swept = 0
+    failed: list[str] = []
     for name in names:
         try:
-            dfd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        try:
-            try:
-                lfd = os.open(OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
-            except FileNotFoundError:
-                pid = name.split(".", 1)[0]
-                if pid.isdigit() and _pid_alive(int(pid)):
-                    continue
-                lfd = -1
-            try:
-                if lfd >= 0:
-                    try:
-                        fcntl.flock(lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    except BlockingIOError:
-                        continue  # a live owner holds it
-                with contextlib.suppress(FileNotFoundError):  # another sweeper was first
-                    _binding.remove_tree(name, parent_fd)
-                    swept += 1
-            finally:
-                if lfd >= 0:
-                    os.close(lfd)
-        finally:
-            os.close(dfd)
+            swept += _sweep_one(parent_fd, name)
+        except OSError as e:
+            failed.append(f"{name}: {e}")
+    if failed:
+        log.info("could not sweep %d dead temp dirs: %s", len(failed), "; ".join(failed))
     return swept
+
+
+def _sweep_one(parent_fd: int, name: str) -> bool:
+    try:
+        dfd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    lfd = -1
+    try:
+        try:
+            lfd = os.open(OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
+        except FileNotFoundError:
+            pid = name.split(".", 1)[0]
+            if pid.isdigit() and _pid_alive(int(pid)):
+                return False  # its creator is between mkdir and locking
+        if lfd >= 0:
+            try:
+                fcntl.flock(lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live owner holds it
+        try:
+            _binding.remove_tree(name, parent_fd)
+        except FileNotFoundError:
+            return False  # another sweeper was first
+        return True
+    finally:
+        if lfd >= 0:
+            os.close(lfd)
+        os.close(dfd)
 
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux: F_LINUX_SPECIFIC_BASE + 0

@@ -5,9 +5,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from multiprocessing.queues import Queue
@@ -17,6 +19,7 @@ from typing import TypeVar
 
 from fastmat import Digest
 from fastmat.cas import LocalCAS
+from tests.helpers import as_nobody
 
 T = TypeVar("T")
 SPAWN = mp.get_context("spawn")
@@ -124,6 +127,7 @@ def test_six_processes_race_for_the_same_variants(tmp_path: Path) -> None:
 _PUT_FOREVER = """
 import os, sys
 from fastmat.cas import LocalCAS
+from tests.helpers import as_nobody
 cas = LocalCAS(sys.argv[1])
 print(cas.tmp_dir.name, flush=True)
 i = 0
@@ -137,6 +141,7 @@ while True:
 _HOLD_OPEN = """
 import sys
 from fastmat.cas import LocalCAS
+from tests.helpers import as_nobody
 cas = LocalCAS(sys.argv[1])
 print(cas.tmp_dir.name, flush=True)
 sys.stdin.read()
@@ -217,3 +222,28 @@ def test_dir_without_lock_of_a_dead_pid_is_swept(tmp_path: Path) -> None:
         assert sorted(os.listdir(cas_dir / "tmp")) == sorted(
             [cas.tmp_dir.name, f"{os.getpid()}.creating"]
         )
+
+
+def _open_and_count_swept(cas_dir: str) -> int:
+    with LocalCAS(cas_dir) as cas:
+        return cas.counters.temp_dirs_swept
+
+
+def test_a_dead_dir_that_cannot_be_removed_does_not_break_open() -> None:
+    top = Path(tempfile.mkdtemp(prefix="fastmat-sweep-"))  # pytest's tmp_path is 0700
+    try:
+        top.chmod(0o755)
+        cas_dir = top / "cas"
+        LocalCAS(cas_dir).close()
+        for p in [cas_dir, *cas_dir.rglob("*")]:
+            os.chown(p, 65534, 65534)
+        dead = cas_dir / "tmp" / "1.rootowned"  # root's, unlocked: its owner is dead
+        (dead / "sub").mkdir(parents=True)
+        (dead / "owner.lock").touch()
+        (dead / "sub" / "f").touch()
+        assert as_nobody(_open_and_count_swept, str(cas_dir)) == 0  # EACCES: left, logged
+        assert (dead / "sub" / "f").exists()
+        assert _open_and_count_swept(str(cas_dir)) == 1  # root can
+        assert os.listdir(cas_dir / "tmp") == []
+    finally:
+        shutil.rmtree(top)
