@@ -111,6 +111,7 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
                         _measure(env, subj, methods, runs=runs, budget_s=budget_s, bar=bar)
                     )
                     shape_info[-1]["measure_s"] = _since(t0)
+                    bar.set_label(f"bench: cleaning up {shape.name}")
                     _binding.remove_tree(str(subj.src))
         finally:
             cache.close()

@@ -81,7 +81,8 @@ def plot(res: dict[str, Any], out: Path) -> None:
             if r and r["median_ms"]:
                 xs.append(i + (j - (len(methods) - 1) / 2) * width)
                 ys.append(r["median_ms"])
-        left.bar(xs, ys, width=width, label=m["label"])
+        style = {"color": "black"} if m["name"] == "floor" else {}
+        left.bar(xs, ys, width=width, label=m["label"], **style)
     left.set_yscale("log")
     left.set_xticks(range(len(shapes)))
     left.set_xticklabels(
@@ -100,7 +101,9 @@ def plot(res: dict[str, Any], out: Path) -> None:
             if (s["name"], m["name"]) in cell and cell[(s["name"], m["name"])]["us_per_file"]
         )
         if pts:
-            right.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=m["label"])
+            style = {"color": "black", "linestyle": "--"} if m["name"] == "floor" else {}
+            xs_, ys_ = [p[0] for p in pts], [p[1] for p in pts]
+            right.plot(xs_, ys_, marker="o", label=m["label"], **style)
     right.set_xscale("log")
     right.set_yscale("log")
     right.set_xlabel("files in the tree (log scale)")

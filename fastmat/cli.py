@@ -172,7 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Materialize the seed shapes (64 files / 64 KB ... 1,978 files / 466 MB)\n"
         "and a 100,000-file tree with fastmat and the alternatives, side by side, on a\n"
         "temporary CAS; print median ms and the ratio to the floor (bare mkdirat+linkat).\n"
-        "--quick: smaller files and a 10,000-file scaling tree (about a minute).",
+        "--quick: smaller files and a 10,000-file scaling tree (about a minute).\n"
+        "Each method runs once untimed, then --runs times interleaved with the others.",
+        epilog="shapes: small_flat pcm_cluster medium_flat large_tree, and scale_100k\n"
+        "  (scale_10k with --quick)\n"
+        "methods: floor (C mkdirat+linkat loop), fastmat_cold (materialize), cache_hit\n"
+        "  (DirectoryCache hit), overlay (workspace mount; skipped where this process\n"
+        "  cannot mount), os_link_walk, copytree, cp_al, and remote (with --remote:\n"
+        "  the fetch pipeline into an empty CAS)\n"
+        "--json prints the --out object: machine, config, shapes, every sample.",
     )
     s.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     s.add_argument(

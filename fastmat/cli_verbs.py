@@ -258,7 +258,7 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
     from fastmat.cas import LocalCAS
 
     if args.cache is None:
-        raise FastmatError("gc needs --cache DIR: the CAS itself is not garbage-collected")
+        raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
     with LocalCAS(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
         with _open_cache_readonly(cas, args.cache) as cache:
             before = cache.stats()

@@ -15,6 +15,9 @@ import pytest
 from fastmat.bench_report import format_table
 from fastmat.bench_shapes import SEED_SHAPES, Shape, file_sizes, generate, shapes_for
 from fastmat.cli import main
+from tests.reapi_server import BuildGrid, buildgrid
+
+_ = buildgrid  # the fixture, imported for pytest
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
@@ -110,3 +113,21 @@ def test_plot_without_matplotlib_is_a_clear_error(
     assert "matplotlib" in err
     assert "fastmat[bench]" in err
     assert list(tmp_path.iterdir()) == []  # refused before any work
+
+
+@pytest.mark.remote
+def test_bench_remote_fetch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], buildgrid: BuildGrid
+) -> None:
+    argv = ["bench", "--quick", "--scale", "0.02", "--runs", "1", "--budget", "600"]
+    argv += ["--dir", str(tmp_path), "--remote", buildgrid.url, "--methods", "remote", "--json"]
+    argv += ["--shapes", "pcm_cluster", "large_tree"]
+    rc = main(argv)
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    res = json.loads(stdout)
+    assert [m["name"] for m in res["methods"]] == ["floor", "remote"]
+    assert res["config"]["remote"] == buildgrid.url
+    for r in res["results"]:
+        assert r["skipped"] is None, r
+        assert len(r["samples_ms"]) == 1

@@ -13,7 +13,14 @@ import pytest
 
 from fastmat import Digest
 from fastmat._progress import Progress
+from fastmat.bench_methods import METHODS
+from fastmat.bench_remote import tree_digests, upload_tree
+from fastmat.cas import LocalCAS
 from fastmat.cli import main, parse_size
+from fastmat.remote import RemoteCAS
+from tests.reapi_server import BuildGrid, buildgrid
+
+_ = buildgrid  # the fixture, imported for pytest
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -79,6 +86,9 @@ def test_help_and_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     rc, out, _ = run(capsys, "materialize", "--help")
     assert "--workspace" in out
     assert "-- " in out
+    rc, out, _ = run(capsys, "bench", "--help")
+    for m in METHODS:
+        assert m.name in out  # every method is listed
     assert run(capsys)[0] == 2  # no verb
     rc, _, err = run(capsys, "materialize", "nothex/1", "/nonexistent", "--cas", "/tmp")
     assert rc == 2
@@ -197,7 +207,7 @@ def test_cache_stats_and_gc(
     assert rc == 0, err
     assert json.loads(out)["after"]["entries"] == 0
     rc, out, err = run(capsys, "gc", "--cas", str(cas), "--max-bytes", "0")
-    assert rc == 1
+    assert rc == 2
     assert "--cache" in err
 
 
@@ -241,3 +251,31 @@ def test_progress_draws_only_when_enabled() -> None:
     with Progress("work", 10, stream=quiet) as bar:  # pytest's stdout is not a terminal
         bar.advance(10)
     assert quiet.getvalue() == ""
+
+
+@pytest.mark.remote
+def test_materialize_from_remote(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    ingested: tuple[Path, Path, Digest],
+    buildgrid: BuildGrid,
+) -> None:
+    src, cas, root = ingested
+    with LocalCAS(cas) as local, RemoteCAS(buildgrid.url) as remote:
+        upload_tree(local, remote, root)
+        assert remote.find_missing(tree_digests(local, root)) == []
+    empty = tmp_path / "empty-cas"
+    dest = tmp_path / "fetched"
+    rc, out, err = run(
+        capsys, "materialize", str(root), str(dest), "--cas", str(empty),
+        "--remote", buildgrid.url, "--json",
+    )  # fmt: skip
+    assert rc == 0, err
+    assert json.loads(out)["stats"]["files"] == 5
+    assert_same_tree(src, dest)
+    rc, _, err = run(
+        capsys, "materialize", str(root), str(tmp_path / "x"), "--cas", str(empty),
+        "--remote", "ftp://nowhere",
+    )  # fmt: skip
+    assert rc == 2
+    assert "ftp://nowhere" in err
