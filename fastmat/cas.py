@@ -84,7 +84,7 @@ class VerifyReport:
 
 def _hash_fd(fd: int) -> Digest:
     h = hashlib.sha256()
-    buf = bytearray(_CHUNK_BYTES)
+    buf = bytearray(min(_CHUNK_BYTES, max(os.fstat(fd).st_size + 1, 4096)))
     view = memoryview(buf)
     size = 0
     while n := os.readv(fd, [buf]):
