@@ -12,6 +12,7 @@ import errno
 import os
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -19,6 +20,7 @@ from pathlib import Path
 
 from fastmat import _locks
 from fastmat.cas import LocalCAS
+from tests.helpers import as_nobody
 
 CREATORS = 4
 VARIANTS_PER_CREATOR = 60
@@ -107,3 +109,24 @@ def test_wait_no_writers_sees_a_forked_childs_copy_of_the_fd(tmp_path: Path) -> 
         os.close(r)
         os.close(go_r)
         os.close(go_w)
+
+
+def _lease_check_as_creator(path: str) -> bool:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
+    os.write(fd, b"#!/bin/sh\n")
+    os.close(fd)
+    r = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _locks.wait_no_writers(r, timeout_s=1.0)
+    finally:
+        os.close(r)
+
+
+def test_wait_no_writers_works_unprivileged() -> None:
+    # leases need the file's owner or CAP_LEASE: the creator of a variant is its owner
+    top = Path(tempfile.mkdtemp(prefix="fastmat-lease-"))  # pytest's tmp_path is 0700
+    try:
+        top.chmod(0o777)
+        assert as_nobody(_lease_check_as_creator, str(top / "tool")) is True
+    finally:
+        shutil.rmtree(top)
