@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastmat import _binding, workspace
 from fastmat.cache_disk import Trasher, lock_key, make_instance_tmp, sweep, unlink_lock
@@ -35,6 +35,10 @@ from fastmat.cache_types import CacheResult, CacheStats, Damaged, Flight
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 
+if TYPE_CHECKING:
+    from fastmat.cas import LocalCAS
+    from fastmat.tree import Fetcher, TreeLimits
+
 __all__ = ["CacheResult", "CacheStats", "DirectoryCache"]
 
 log = logging.getLogger("fastmat")
@@ -43,20 +47,38 @@ _RETRIES = 3
 
 
 class DirectoryCache:
-    """A directory cache over ``cas`` at ``path``; see the module docstring."""
+    """Whole input trees cached by root digest under ``path``, over the local ``cas``.
+
+    ``max_bytes`` / ``max_entries`` bound the entries this instance knows (bytes are the
+    sum of the trees' file digests' sizes); ``max_entries=0`` keeps nothing and
+    materializes straight into ``dest``. Eviction is least recently used first
+    (``policy``), only of unpinned entries, the deletion on a background thread.
+    ``fetcher`` fetches missing Directory messages and blobs on a miss; ``threads`` /
+    ``max_inflight`` / ``limits`` are passed to the executor and the tree loader.
+    ``fsync`` makes sidecars and entry renames durable. ``overlay``: None probes once
+    whether workspaces can mount overlays, False never mounts.
+
+    Thread-safe; several processes may share ``path`` (construction single-flight and
+    pins are flock-based). Not fork-safe: open the cache after forking.
+
+    A hit re-checks a sample of the entry's files (``cache_entry.check_samples``: type,
+    inode, size, mode, mtime of up to 9 files) and treats a replay failing with ENOENT
+    as damage too; a damaged entry is invalidated and rebuilt, never served. A file
+    outside the sample rewritten in place keeping size and mtime is not detected.
+    """
 
     def __init__(
         self,
-        cas: Any,
+        cas: LocalCAS,
         path: str | os.PathLike[str],
         *,
         max_bytes: int = 10 * GiB,
         max_entries: int = 10_000,
-        fetcher: Any = None,
+        fetcher: Fetcher | None = None,
         subtrees: bool = False,
         threads: int = 0,
         max_inflight: int = 64,
-        limits: Any = None,
+        limits: TreeLimits | None = None,
         policy: str = "least-recently-used",
         fsync: bool = True,
         overlay: bool | None = None,

@@ -12,7 +12,7 @@ import fcntl
 import os
 import stat
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from fastmat import _binding, cache_entry
 from fastmat.cache_disk import (
@@ -28,6 +28,12 @@ from fastmat.cache_index import Entry
 from fastmat.cache_types import Damaged
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError, InvalidDigestError
+from fastmat.materialize import MaterializeStats, check_blobs, materialize, run_plan
+from fastmat.tree import load_plan
+
+if TYPE_CHECKING:
+    from fastmat.cas import LocalCAS
+    from fastmat.tree import Fetcher, TreeLimits
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -70,12 +76,12 @@ class Builder:
 
     def __init__(
         self,
-        cas: Any,
+        cas: LocalCAS,
         *,
-        fetcher: Any,
+        fetcher: Fetcher | None,
         threads: int,
         max_inflight: int,
-        limits: Any,
+        limits: TreeLimits | None,
         fsync: bool,
         entries_fd: int,
         locks_fd: int,
@@ -92,9 +98,7 @@ class Builder:
     def close(self) -> None:
         os.close(self.tmp_fd)
 
-    def direct(self, root: Digest, dest: Path) -> Any:
-        from fastmat.materialize import materialize
-
+    def direct(self, root: Digest, dest: Path) -> MaterializeStats:
         return materialize(
             self.cas,
             root,
@@ -156,9 +160,6 @@ class Builder:
         return None
 
     def _build(self, root: Digest) -> Entry:
-        from fastmat.materialize import check_blobs, run_plan
-        from fastmat.tree import load_plan
-
         key = root.key
         plan = load_plan(self.cas, root, fetcher=self.fetcher, limits=self.limits)
         check_blobs(self.cas, plan, self.fetcher)

@@ -6,15 +6,17 @@ import errno
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from fastmat import _binding, cache_index, cache_ops
+from fastmat import _binding, cache_index, cache_ops, proto
 from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
+from fastmat.errors import RemoteError
 from tests.cache_helpers import (
     BASIC,
     ingest,
@@ -284,6 +286,42 @@ def test_waiters_see_the_constructors_exception(
         assert len(errors) == 4
         assert all(isinstance(e, RuntimeError) for e in errors)
         assert cache.stats().pinned == 0
+
+
+class _BlobsUnavailable:
+    """Serves Directory messages from another CAS; every blob fetch fails (slowly)."""
+
+    def __init__(self, src: LocalCAS, dst: LocalCAS) -> None:
+        self.src, self.dst, self.blob_calls = src, dst, 0
+
+    def fetch_directories(self, root: Digest) -> None:
+        stack = [root]
+        while stack:
+            data = self.src.read(stack.pop())
+            self.dst.put(data)
+            msg = proto.Directory.FromString(data)
+            stack += [Digest(c.digest.hash, c.digest.size_bytes) for c in msg.directories]
+
+    def fetch_blobs(self, digests: object) -> None:
+        self.blob_calls += 1
+        time.sleep(0.3)
+        raise RemoteError("remote CAS unavailable")
+
+
+def test_fetcher_failure_is_single_flight_and_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
+    with LocalCAS(tmp_path / "remote") as remote:
+        root = ingest(remote, tmp_path / "src", shape(20, 5))
+        fetcher = _BlobsUnavailable(remote, cas)
+        with DirectoryCache(cas, tmp_path / "cache", fetcher=fetcher) as cache:
+            errors = _run_threads(4, lambda i: cache.materialize(root, tmp_path / f"d{i}"))
+            st = cache.stats()
+            assert len(errors) == 4
+            assert all(isinstance(e, RemoteError) for e in errors)
+            assert fetcher.blob_calls == 1  # the waiters shared the one failed construction
+            assert (st.entries, st.pinned, st.constructions) == (0, 0, 0)
+            assert os.listdir(tmp_path / "cache" / "entries") == []
+            assert leftovers(tmp_path / "cache") == []
+            assert not any((tmp_path / f"d{i}").exists() for i in range(4))
 
 
 @pytest.mark.parametrize("damage", ["missing", "replaced", "chmod"])
