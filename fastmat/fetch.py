@@ -134,6 +134,17 @@ class _FetchLocks:
             self._local.fd = fd
         return fd
 
+    def release_thread(self) -> None:
+        """Closes the calling thread's lock fd (it must hold no lock): worker threads
+        call it when they end, so a long-lived fetcher does not pile up fds."""
+        fd: int | None = getattr(self._local, "fd", None)
+        if fd is not None:
+            self._local.fd = None
+            with self._mutex:
+                if fd in self._fds:
+                    self._fds.remove(fd)
+                    os.close(fd)
+
     @staticmethod
     def _range(d: Digest, kind: int) -> bytes:
         # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD locks)
@@ -428,6 +439,7 @@ class _Job:
                 self.fail(e)
             finally:
                 self.add(-1)
+        self.f._locks.release_thread()
 
     def fetch(self, streamed: bool, ds: list[Digest]) -> None:
         f = self.f
@@ -471,6 +483,7 @@ class _Job:
                 self.fail(e)
             finally:
                 self.add(-1)
+        f._locks.release_thread()
 
 
 class _Linker:

@@ -117,6 +117,7 @@ def test_materialize_from_empty_cas(
         # the link of a fetched file shares the CAS inode
         d = Digest.of(spec["big/blob0.bin"])
         assert (dest / "big/blob0.bin").stat().st_ino == cas.path(d).stat().st_ino
+        assert f._locks._fds == []  # worker threads closed their lock fds
         # second run: everything local, nothing fetched
         before = sum(proxy.calls.values())
         materialize_remote(cas, root, tmp_path / "again", f)
@@ -319,8 +320,7 @@ _CHILD = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
-    from fastmat import proto
-from fastmat.cas import LocalCAS
+    from fastmat.cas import LocalCAS
     from fastmat.digest import Digest
     from fastmat.fetch import RemoteFetcher, materialize_remote
     from fastmat.remote import RemoteCAS
@@ -347,24 +347,31 @@ def test_two_processes_fetch_each_blob_once(
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     child = [sys.executable, "-c", _CHILD, slow.url, str(tmp_path / "cas"), str(root)]
+    procs: list[subprocess.Popen[str]] = []
     try:
-        procs = [
-            subprocess.Popen(
-                [*child, str(tmp_path / f"out{i}"), str(go)],
-                stdout=subprocess.PIPE,
-                env=env,
-                text=True,
+        for i in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [*child, str(tmp_path / f"out{i}"), str(go)],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    env=env,
+                    text=True,
+                )
             )
-            for i in range(2)
-        ]
         for p in procs:
             assert p.stdout is not None
-            assert p.stdout.readline().strip() == "ready"
+            assert p.stdout.readline().strip() == "ready", p.communicate()[1]
         slow.fetches.clear()
         go.touch()
-        outs = [p.communicate(timeout=120)[0].split() for p in procs]
-        assert all(p.returncode == 0 for p in procs)
+        results = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
+        outs = [out.split() for out, _ in results]
     finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
         slow.stop()
     files = {d for d in blobs if d not in directory_digests(root, blobs) and d.size_bytes}
     assert set(slow.fetches) == files
