@@ -1276,3 +1276,96 @@ def test_pool_threads_hold_no_copies_of_other_fds(tmp_path: Path) -> None:
         t.join()
         os.close(r)
     assert list(results[0].status) == [-errno.EINVAL]  # a FIFO is not a regular file
+
+
+def _deny_openat2() -> None:
+    """Installs a seccomp filter: openat2(2) fails with ENOSYS, like on a pre-5.6 kernel."""
+    import ctypes
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [
+            ("len", ctypes.c_uint16),
+            ("filter", ctypes.POINTER(SockFilter)),
+        ]
+
+    nr_openat2 = 437  # the same on every architecture (new syscalls are unified)
+    prog = (SockFilter * 4)(
+        SockFilter(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: A = seccomp_data.nr
+        SockFilter(0x15, 0, 1, nr_openat2),  # BPF_JMP|BPF_JEQ|BPF_K
+        SockFilter(0x06, 0, 0, 0x00050000 | errno.ENOSYS),  # SECCOMP_RET_ERRNO
+        SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    fprog = SockFprog(4, prog)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+@pytest.mark.skipif(not nb.HAS_OPENAT2, reason="openat2 missing: the fallback runs everywhere")
+def test_exec_plan_component_wise_fallback_without_openat2(
+    cas: Path, dest: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (dest / "evil").symlink_to(outside)
+    plan = make_plan(
+        [(0, "a"), (1, "b"), (2, "c")],
+        [
+            (nb.FM_OP_LINK, 3, "deep", "blobs/a", 0o444),
+            (nb.FM_OP_EMPTY, 2, "e", "", 0o444),
+        ],
+    )
+    hostile = make_plan([(0, "evil"), (1, "x")], [(nb.FM_OP_EMPTY, 1, "f", "", 0o444)])
+
+    def run() -> tuple[int, int, list[int], list[int]]:
+        _deny_openat2()
+        caps = nb.lib.fm_capabilities()
+        ok = run_plan(dest, cas, plan, threads=2)
+        bad = run_plan(dest, cas, hostile, dirs_exist=True)
+        return caps & nb.lib.FM_CAP_OPENAT2, ok.rc, list(ok.status), list(bad.status)
+
+    has_openat2, rc, status, hostile_status = in_child(run)
+    assert has_openat2 == 0  # the filter works: the executor had to fall back
+    assert rc == 0
+    assert status == [0, 0]
+    assert (dest / "a" / "b" / "c" / "deep").stat().st_ino == (cas / "blobs/a").stat().st_ino
+    assert hostile_status[0] in (-errno.ELOOP, -errno.ENOTDIR)
+    assert os.listdir(outside) == []
+
+
+def test_floor_exec_out_param_untouched_on_error(cas: Path, dest: Path) -> None:
+    plan = make_plan([], [(nb.FM_OP_LINK, 0, "m", "blobs/missing", 0o444)])
+    cplan = nb._CPlan(plan)
+    elapsed = nb.ffi.new("uint64_t *", 12345)
+    with dirfd(dest) as d, dirfd(cas) as s:
+        assert nb.lib.fm_floor_exec(d, s, cplan.c, 1, elapsed) == -errno.ENOENT
+    assert elapsed[0] == 12345
+
+
+def test_exec_plan_defaults_null_opts(cas: Path, dest: Path) -> None:
+    plan = make_plan([(0, "d")], [(nb.FM_OP_LINK, 1, "a", "blobs/a", 0o444)])
+    cplan = nb._CPlan(plan)
+    status = nb.ffi.new("int32_t[]", 1)
+    how = nb.ffi.new("uint8_t[]", 1)
+    dstat = nb.ffi.new("int32_t[]", 2)
+    with dirfd(dest) as d, dirfd(cas) as s:
+        rc = nb.lib.fm_plan_exec(d, s, cplan.c, nb.ffi.NULL, status, how, dstat)
+    assert (rc, status[0], how[0], dstat[0], dstat[1]) == (0, 0, nb.FM_HOW_LINK, 0, 0)
+    res = run_plan(
+        dest / "d",
+        cas,
+        make_plan([], [(nb.FM_OP_LINK, 0, "b", "blobs/b", 0o444)]),
+        threads=0,
+        max_inflight=0,
+    )
+    assert res.rc == 0
