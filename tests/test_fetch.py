@@ -267,8 +267,8 @@ def test_unreachable_server(cas: LocalCAS, tmp_path: Path) -> None:
     assert not os.path.lexists(tmp_path / "out")
 
 
-def test_server_dies_mid_fetch(tmp_path: Path, cas: LocalCAS) -> None:
-    server = BuildGrid(tmp_path / "bgd")
+def test_server_dies_mid_fetch(buildgrid: BuildGrid, tmp_path: Path, cas: LocalCAS) -> None:
+    server = BuildGrid(tmp_path / "bgd")  # a server of its own (the fixture: skip if absent)
     server.start()
     up = Uploader(server.address)
     spec = make_spec("dies", n_small=30, n_large=2)
