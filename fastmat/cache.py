@@ -199,7 +199,7 @@ class DirectoryCache:
             if hit:
                 self._count(method)
             if fell_back:
-                self._count("fallbacks")
+                self._count("fallbacks", fell_back)
             t2 = time.perf_counter()
             rebuilt = damaged is not None
             return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)

@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from fastmat.tree import Fetcher, TreeLimits
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_XDEV = bytes(b for b in range(256) if b & _binding.FM_HOW_XDEV)  # translate(): count flags
 
 
 def _hook(stage: str) -> None:
@@ -222,28 +223,30 @@ class Builder:
             raise
         return fd
 
-    def clone(self, e: Entry, dest: Path) -> tuple[str, bool]:
-        """Copies entry ``e`` to ``dest``: (method, whether clonefile fell back)."""
+    def clone(self, e: Entry, dest: Path) -> tuple[str, int]:
+        """Copies entry ``e`` to ``dest``: (method, fallbacks: clonefile refused, files
+        copied across filesystems)."""
         efd = self.open_entry(e)
-        fell_back = False
+        fell_back = 0
         try:
             if _binding.HAS_CLONEFILE:
                 try:
                     _binding.clone_tree(self.entries_fd, e.key, _binding.AT_FDCWD, str(dest))
-                    return "clonefile", False
+                    return "clonefile", 0
                 except OSError as err:
                     if err.errno not in (errno.ENOTSUP, errno.EXDEV, errno.EOPNOTSUPP):
                         raise
-                    fell_back = True  # another filesystem: the per-file replay below
+                    fell_back = 1  # another filesystem: the per-file replay below
             if e.replay is None:  # pragma: no cover - open_entry loaded it
                 raise Damaged("no replay")
-            self.replay(e.replay, efd, dest)
+            fell_back += self.replay(e.replay, efd, dest)
             return "hardlink", fell_back
         finally:
             os.close(efd)
 
-    def replay(self, replay: cache_entry.Replay, entry_fd: int, dest: Path) -> None:
-        """Hardlinks the entry into ``dest`` (created here) with the C executor."""
+    def replay(self, replay: cache_entry.Replay, entry_fd: int, dest: Path) -> int:
+        """Hardlinks the entry into ``dest`` (created here) with the C executor; returns
+        how many files were copied instead (``dest`` on another filesystem)."""
         os.mkdir(dest, 0o755)
         try:
             os.chmod(dest, 0o755)  # noqa: S103 - input dirs are 0755 whatever the umask
@@ -255,6 +258,7 @@ class Builder:
                     replay.arrays,
                     threads=self.threads,
                     max_inflight=self.max_inflight,
+                    tmp_dirfd=self.tmp_fd,  # an EMLINK rotation never builds inside an entry
                 )
             finally:
                 os.close(dfd)
@@ -267,6 +271,7 @@ class Builder:
             with contextlib.suppress(OSError):
                 _binding.remove_tree(dest)
             raise
+        return len(res.how) - len(res.how.translate(None, _XDEV))
 
 
 def _src(replay: cache_entry.Replay, i: int) -> str:

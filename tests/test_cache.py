@@ -89,6 +89,20 @@ def test_dirs_writable_files_read_only_on_miss_and_hit(
     assert (tmp_path / "d2" / "bin" / "tool").stat().st_mode & 0o777 == 0o555
 
 
+def test_hit_into_another_filesystem_copies_read_only(
+    cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path, tmpfs_dir: Path
+) -> None:
+    root, src = basic
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        cache.materialize(root, tmp_path / "warm")
+        res = cache.materialize(root, tmpfs_dir / "d")
+        st = cache.stats()
+    assert (res.hit, res.method) == (True, "hardlink")
+    assert st.fallbacks == 5  # every regular file copied across devices, counted
+    assert snapshot(tmpfs_dir / "d") == snapshot(src)
+    assert modes_problems(tmpfs_dir / "d") == []
+
+
 def test_entry_plain_file_is_the_cas_inode(
     cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path
 ) -> None:
