@@ -492,3 +492,19 @@ def test_absent_directory_names_its_path(
     assert e.value.digest == lost
     assert e.value.path == "b/lost"
     assert not os.path.lexists(tmp_path / "out")
+
+
+def test_materialize_uses_the_fetcher_protocol(
+    uploader: Uploader, proxy: GrpcProxy, cas: LocalCAS, tmp_path: Path
+) -> None:
+    """``materialize(..., fetcher=RemoteFetcher)``: the tree.Fetcher protocol path."""
+    from fastmat.materialize import materialize
+
+    spec = make_spec("protocol", n_small=15, n_large=1)
+    root, blobs = build_tree(spec)
+    uploader.upload(blobs)
+    with RemoteCAS(proxy.url) as remote, RemoteFetcher(remote, cas) as f:
+        stats = materialize(cas, root, tmp_path / "out", fetcher=f)
+    check_tree(tmp_path / "out", spec)
+    assert stats.files == sum(1 for k, v in spec.items() if not k.endswith("/")) - 2
+    assert max(proxy.fetches.values()) == 1
