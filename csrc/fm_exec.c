@@ -239,35 +239,36 @@ static uint32_t stripe_of(const char *s)
     return h % STRIPES;
 }
 
-/* EMLINK: replaces src by a fresh private copy of itself (same mode and
- * bytes; the existing links keep the old inode), then links again. Another
- * thread may have rotated it while we waited for the lock: then only link.
- * *rotated tells whether this call made the copy. */
-static int rotate_and_link(struct ctx *c, const char *src, int dfd, const char *name, int *rotated)
+/* EMLINK: replaces src by a fresh private copy of itself (same mode, bytes
+ * and mtime; the existing links keep the old inode), then links again.
+ * Under the lock, a real EMLINK first retries the link: another thread may
+ * have rotated src meanwhile (an injected one may not: the retry would
+ * succeed). *rotated tells whether this call made the copy. */
+static int rotate_and_link(struct ctx *c, const char *src, int dfd, const char *name, int injected,
+                           int *rotated)
 {
-    struct stat before, now;
-    int rc = fm__fstatat(c->src_dirfd, src, &before, AT_SYMLINK_NOFOLLOW);
-    if (rc < 0)
-        return rc;
-    pthread_mutex_t *lock = &rotate_lock[stripe_of(src)];
-    pthread_mutex_lock(lock);
-    rc = fm__fstatat(c->src_dirfd, src, &now, AT_SYMLINK_NOFOLLOW);
-    if (rc == 0 && (now.st_ino != before.st_ino || now.st_dev != before.st_dev)) {
-        rc = fm__linkat(c->src_dirfd, src, dfd, name);
-        if (rc != -EMLINK)
-            goto out;
-    }
-    if (rc < 0 && rc != -EMLINK)
-        goto out;
+    struct stat now;
     char tmp[PATH_MAX];
     int tdir = c->tmp_dirfd >= 0 ? c->tmp_dirfd : c->src_dirfd;
-    if (c->tmp_dirfd >= 0) {
-        fm__tmpname(tmp);
-    } else if ((rc = fm__tmp_beside(src, tmp, sizeof(tmp))) < 0) {
+    pthread_mutex_t *lock = &rotate_lock[stripe_of(src)];
+    pthread_mutex_lock(lock);
+    int rc = injected ? -EMLINK : fm__linkat(c->src_dirfd, src, dfd, name);
+    if (rc != -EMLINK)
         goto out;
-    }
+    rc = fm__fstatat(c->src_dirfd, src, &now, AT_SYMLINK_NOFOLLOW);
+    if (rc < 0)
+        goto out;
+    if (c->tmp_dirfd >= 0)
+        fm__tmpname(tmp);
+    else if ((rc = fm__tmp_beside(src, tmp, sizeof(tmp))) < 0)
+        goto out;
+#ifdef __APPLE__
+    int64_t mtime = (int64_t)now.st_mtimespec.tv_sec * 1000000000 + now.st_mtimespec.tv_nsec;
+#else
+    int64_t mtime = (int64_t)now.st_mtim.tv_sec * 1000000000 + now.st_mtim.tv_nsec;
+#endif /* __APPLE__ */
     uint8_t method;
-    rc = private_file(c, c->src_dirfd, src, tdir, tmp, now.st_mode & 07777, -1, &method);
+    rc = private_file(c, c->src_dirfd, src, tdir, tmp, now.st_mode & 07777, mtime, &method);
     if (rc < 0)
         goto out;
     /* The rotated file stands in for a CAS blob: durable before it is named. */
@@ -294,11 +295,11 @@ static int do_entry(struct ctx *c, int dfd, uint32_t i, uint8_t *how)
     const char *name = c->name[i], *src = c->src[i];
     int64_t mtime = p->mtime_ns != NULL ? p->mtime_ns[i] : -1;
     uint8_t method = FM_HOW_NONE;
-    int rc, fd;
+    int rc, fd, injected;
 
     switch (p->op[i]) {
     case FM_OP_LINK:
-        rc = fm__injected(FM_SITE_LINK);
+        rc = injected = fm__injected(FM_SITE_LINK);
         if (rc == 0)
             rc = fm__linkat(c->src_dirfd, src, dfd, name);
         if (rc == 0) {
@@ -308,7 +309,7 @@ static int do_entry(struct ctx *c, int dfd, uint32_t i, uint8_t *how)
             *how = rc == 0 ? (uint8_t)(FM_HOW_XDEV | method) : FM_HOW_NONE;
         } else if (rc == -EMLINK) {
             int rotated = 0;
-            rc = rotate_and_link(c, src, dfd, name, &rotated);
+            rc = rotate_and_link(c, src, dfd, name, injected != 0, &rotated);
             *how = rc == 0 ? (uint8_t)(FM_HOW_LINK | (rotated ? FM_HOW_ROTATED : 0)) : 0;
         }
         return rc;

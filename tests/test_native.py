@@ -826,6 +826,7 @@ def test_exec_plan_emlink_rotates_the_source(cas: Path, dest: Path, tmp_path: Pa
     assert (dest / "x").stat().st_ino == (dest / "y").stat().st_ino == new_ino
     assert mode_of(blob) == 0o555
     assert blob.read_bytes() == (tmp_path / "earlier").read_bytes()
+    assert blob.stat().st_mtime_ns == (tmp_path / "earlier").stat().st_mtime_ns
     assert leftovers(cas / "blobs") == []
 
 
@@ -1369,3 +1370,39 @@ def test_exec_plan_defaults_null_opts(cas: Path, dest: Path) -> None:
         max_inflight=0,
     )
     assert res.rc == 0
+
+
+def test_exec_plan_emlink_for_real_on_ext4(tmp_path: Path) -> None:
+    """ext4 allows 65,000 links per inode: the 65,000th link rotates the source once."""
+    fstype = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    if not fstype.startswith("ext"):
+        pytest.skip(f"tmp_path is on {fstype or 'an unknown filesystem'}, not ext4")
+    (tmp_path / "cas").mkdir()
+    blob = tmp_path / "cas" / "blob"
+    blob.write_bytes(b"popular")
+    blob.chmod(0o444)
+    old_ino = blob.stat().st_ino
+    n_dirs, per_dir = 65, 1000 + 1  # 65,065 links of one blob
+    dirs = [(0, f"d{i}") for i in range(n_dirs)]
+    entries = [
+        (nb.FM_OP_LINK, d, f"f{j}", "blob", 0o444)
+        for d in range(1, n_dirs + 1)
+        for j in range(per_dir)
+    ]
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    res = run_plan(dest, tmp_path / "cas", make_plan(dirs, entries), threads=4)
+    assert res.rc == 0
+    assert set(res.status) == {0}
+    rotated = [i for i, h in enumerate(res.how) if h & nb.FM_HOW_ROTATED]
+    assert len(rotated) == 1  # one rotation, however many threads hit EMLINK
+    assert all(h & nb.FM_HOW_METHOD_MASK == nb.FM_HOW_LINK for h in res.how)
+    new = blob.stat()
+    assert new.st_ino != old_ino
+    assert stat.S_IMODE(new.st_mode) == 0o444
+    assert blob.read_bytes() == b"popular"
+    moved_on = len(entries) - (65_000 - 1)  # links beyond the old inode's limit
+    assert new.st_nlink == 1 + moved_on
+    nb.remove_tree(dest)
