@@ -170,7 +170,8 @@ def materialize(
 
     Directories 0755; plain files hardlinked to the CAS blob, executables to its
     shared 0555 variant; empty files fresh read-only inodes; symlinks verbatim;
-    NodeProperties on private inodes. The tree and every blob are checked before
+    NodeProperties on private inodes (``unix_mode & 0o777`` wins over
+    ``is_executable``; mtime to the nanosecond). The tree and every blob are checked before
     anything is created. ``threads`` 0 = one per core; at most ``max_inflight``
     entries in flight.
 
@@ -179,6 +180,8 @@ def materialize(
     entry that failed (after removing ``dest``).
     """
     t0 = time.perf_counter()
+    if threads < 0 or max_inflight < 1:
+        raise ValueError(f"threads must be >= 0 and max_inflight >= 1: {threads}, {max_inflight}")
     path = os.fspath(dest)
     _check_dest(path)
     plan = load_plan(cas, root, fetcher=fetcher, limits=limits)

@@ -300,3 +300,29 @@ def test_logs_once_at_debug(
     mine = [r for r in caplog.records if r.getMessage().startswith("materialized")]
     assert len(mine) == 1
     assert "files=40" in mine[0].getMessage()
+
+
+def test_executable_with_only_an_mtime_is_a_private_0555_inode(
+    cas: LocalCAS, tmp_path: Path
+) -> None:
+    blob = cas.put(b"#!/bin/sh\n")
+    msg = proto.Directory()
+    f = msg.files.add(name="tool", is_executable=True)
+    f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
+    f.node_properties.mtime.seconds = 1_000_000_000
+    materialize(cas, cas.put(msg.SerializeToString()), tmp_path / "dest")
+    st = os.stat(tmp_path / "dest" / "tool")
+    assert stat.S_IMODE(st.st_mode) == 0o555
+    assert st.st_mtime_ns == 1_000_000_000 * 10**9
+    assert st.st_nlink == 1
+    assert st.st_ino != os.stat(cas.executable_path(blob)).st_ino
+
+
+def test_concurrency_bounds_are_configurable_and_checked(cas: LocalCAS, tmp_path: Path) -> None:
+    root = _nested(cas, tmp_path)
+    stats = materialize(cas, root, tmp_path / "one", threads=1, max_inflight=1)
+    assert stats.linked == 40
+    for bad in ({"threads": -1}, {"max_inflight": 0}):
+        with pytest.raises(ValueError, match="threads must be"):
+            materialize(cas, root, tmp_path / "dest", **bad)  # type: ignore[arg-type]
+    assert not os.path.lexists(tmp_path / "dest")
