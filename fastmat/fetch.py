@@ -230,6 +230,8 @@ class RemoteFetcher:
         self.stats = FetchStats()
         self._mutex = threading.Lock()
         self._inflight = 0
+        # the bound holds per fetcher, however many fetch_blobs calls run at once
+        self._slots = threading.BoundedSemaphore(max_inflight)
         self._locks = _FetchLocks(cas.root / "locks")
 
     def close(self) -> None:
@@ -331,6 +333,10 @@ class RemoteFetcher:
         return items
 
     def _fetch(self, streamed: bool, ds: list[Digest]) -> None:
+        with self._slots:
+            self._fetch_in_slot(streamed, ds)
+
+    def _fetch_in_slot(self, streamed: bool, ds: list[Digest]) -> None:
         with self._mutex:
             self._inflight += 1
             self.stats.peak_inflight = max(self.stats.peak_inflight, self._inflight)

@@ -508,3 +508,36 @@ def test_materialize_uses_the_fetcher_protocol(
     check_tree(tmp_path / "out", spec)
     assert stats.files == sum(1 for k, v in spec.items() if not k.endswith("/")) - 2
     assert max(proxy.fetches.values()) == 1
+
+
+def test_bound_holds_across_concurrent_calls(
+    buildgrid: BuildGrid, uploader: Uploader, cas: LocalCAS
+) -> None:
+    trees = [
+        build_tree({f"f{i}": content(f"conc{t}", i, 200 + i) for i in range(20)}) for t in range(3)
+    ]
+    for _, blobs in trees:
+        uploader.upload(blobs)
+    slow = GrpcProxy(buildgrid.address, delay_s=0.05)
+    try:
+        with (
+            RemoteCAS(slow.url) as remote,
+            RemoteFetcher(remote, cas, max_inflight=3, stream_threshold_bytes=1) as f,
+        ):
+            calls = [
+                threading.Thread(
+                    target=f.fetch_blobs,
+                    args=([d for d in blobs if d not in directory_digests(root, blobs)],),
+                )
+                for root, blobs in trees
+            ]
+            for t in calls:
+                t.start()
+            for t in calls:
+                t.join()
+            assert slow.calls["Read"] == 60
+            assert 1 < slow.peak_inflight <= 3  # one bound for the fetcher, not per call
+    finally:
+        slow.stop()
+    for root, blobs in trees:
+        assert not cas.missing(d for d in blobs if d not in directory_digests(root, blobs))
