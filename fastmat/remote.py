@@ -395,16 +395,26 @@ class RemoteCAS:
                 self._leave(received)
             self._backoff(attempt)
 
-    def get_tree(self, root: Digest) -> list[bytes] | None:
+    def get_tree(self, root: Digest, *, page_size: int = 0) -> list[bytes] | None:
         """Every Directory under ``root`` (raw bytes), or ``None`` if the server does
-        not implement GetTree. Pages arrive on one stream; an interrupted stream is
-        resumed from the last page token. Callers hash each message: GetTree does
-        not say which digest a message belongs to, and may omit missing parts."""
+        not implement GetTree. Pages normally arrive on one stream; a stream that
+        ends (or breaks) with a page token is continued from it. Callers hash each
+        message: GetTree does not say which digest a message belongs to, and may
+        omit missing parts. ``page_size`` 0: the server's choice."""
         out: list[bytes] = []
         token = ""
-        for attempt in range(self.retries + 1):
+        tokens: set[str] = set()
+        attempt = 0
+        while True:
+            if token in tokens:
+                raise RemoteError(f"GetTree on {self.target}: page token {token!r} repeats")
+            if token:
+                tokens.add(token)
             req = proto.GetTreeRequest(
-                instance_name=self.instance_name, root_digest=_pb(root), page_token=token
+                instance_name=self.instance_name,
+                root_digest=_pb(root),
+                page_size=page_size,
+                page_token=token,
             )
             self._enter("GetTree")
             received = 0
@@ -413,18 +423,21 @@ class RemoteCAS:
                     received += len(raw)
                     dirs, token = split_get_tree_response(raw)
                     out.extend(dirs)
-                return out
+                    attempt = 0  # progress: retries count per page
+                if not token:
+                    return out
+                continue
             except grpc.RpcError as e:
                 code = e.code()
                 if code == grpc.StatusCode.UNIMPLEMENTED:
                     return None
                 if code == grpc.StatusCode.NOT_FOUND:
                     raise BlobNotFoundError(root) from e
-                if code not in _RETRYABLE or attempt == self.retries:
+                if code not in _RETRYABLE or attempt >= self.retries:
                     raise self._fail("GetTree", e, attempt + 1) from e
                 if not token:
                     out.clear()  # restart from the beginning
             finally:
                 self._leave(received)
             self._backoff(attempt)
-        raise AssertionError("unreachable")
+            attempt += 1

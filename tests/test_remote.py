@@ -121,6 +121,9 @@ def test_get_tree_returns_every_directory_verbatim(remote: RemoteCAS, uploader: 
     want = directory_digests(root, blobs)
     assert len(want) == 1 + 5 + 20 + 1  # root, d0..d4, the subs, empty
     assert {Digest.of(raw) for raw in dirs} == want
+    paged = remote.get_tree(root, page_size=4)  # several pages, however the server sends them
+    assert paged is not None
+    assert sorted(paged) == sorted(dirs)
 
 
 def test_get_tree_unimplemented_is_none(buildgrid: BuildGrid) -> None:
