@@ -323,6 +323,8 @@ class GrpcProxy:
         self.delay_s = delay_s
         self.unimplemented = unimplemented  # method names answered UNIMPLEMENTED
         self.fail_next: list[grpc.StatusCode] = []  # the next calls fail with these codes
+        self.break_streams = 0  # this many streams fail UNAVAILABLE after their first chunk
+        self.read_offsets: list[int] = []  # read_offset of each ByteStream.Read
         self.tamper: set[Digest] = set()
         self.calls: Counter[str] = Counter()
         self.fetches: Counter[Digest] = Counter()
@@ -413,7 +415,13 @@ class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]
                     tampered = set(_blob_digests(method, request)) & p.tamper
                     try:
                         first = True
+                        if method.endswith("/Read"):
+                            offset = proto.ReadRequest.FromString(request).read_offset
+                            p.read_offsets.append(offset)
                         for chunk in up_stream(request, timeout=300):
+                            if not first and p.break_streams > 0:
+                                p.break_streams -= 1
+                                context.abort(grpc.StatusCode.UNAVAILABLE, "stream broken")
                             out = chunk
                             if tampered and first and method.endswith("/Read"):
                                 msg = proto.ReadResponse.FromString(chunk)

@@ -238,3 +238,19 @@ def test_retries_unavailable_and_resource_exhausted(
             assert r.stats.retries == 3
     finally:
         proxy.stop()
+
+
+def test_broken_stream_resumes_at_its_offset(buildgrid: BuildGrid, uploader: Uploader) -> None:
+    big = blobs_of("resume", [5 * 1024 * 1024 + 3])
+    uploader.upload(big)
+    (d,) = big
+    proxy = GrpcProxy(buildgrid.address)
+    try:
+        with RemoteCAS(proxy.url, backoff_s=0.01) as r:
+            proxy.break_streams = 1
+            assert b"".join(r.read_stream(d)) == big[d]
+            assert r.stats.retries == 1
+            assert proxy.read_offsets[0] == 0
+            assert 0 < proxy.read_offsets[1] < d.size_bytes  # resumed, not restarted
+    finally:
+        proxy.stop()
