@@ -212,7 +212,9 @@ class DirectoryCache:
         """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
 
         An overlay mount of the (pinned) entry where this process can mount, else a
-        hardlinked copy; the yielded ``Workspace.method`` says which.
+        hardlinked copy; the yielded ``Workspace.method`` says which. Only the overlay
+        protects the CAS from an action running as the worker's user that chmods an
+        input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
         """
         dest = Path(dest)
         if self.limits.max_entries == 0 or not self.can_overlay():
@@ -222,7 +224,8 @@ class DirectoryCache:
             try:
                 yield workspace.Workspace(dest, r.method, root, r.hit)
             finally:
-                _binding.remove_tree(dest)
+                with contextlib.suppress(FileNotFoundError):  # the action removed it
+                    _binding.remove_tree(dest)
             return
         e, hit, ws = self._mount(root, dest)
         try:
