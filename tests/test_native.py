@@ -562,6 +562,8 @@ def test_walk_chmod_errors(tmp_path: Path) -> None:
     nb.walk_chmod(nb.AT_FDCWD, tmp_path / "file", "dirs", 0o700)
     assert mode_of(tmp_path / "file") == 0o400
     assert nb.lib.fm_walk_chmod(nb.AT_FDCWD, bytes(tmp_path), 3, 0o755) == -errno.EINVAL
+    with pytest.raises(ValueError, match="dirs"):
+        nb.walk_chmod(nb.AT_FDCWD, tmp_path, "both", 0o755)  # type: ignore[arg-type]
 
 
 def deep_tree(root: Path, depth: int) -> Path:
