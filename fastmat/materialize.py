@@ -13,7 +13,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastmat import _binding
 from fastmat.errors import BlobNotFoundError
@@ -23,6 +23,7 @@ from fastmat.tree import Fetcher, TreeLimits, load_plan
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
     from fastmat.digest import Digest
+    from fastmat.remote import RemoteCAS
 
 __all__ = ["MaterializeStats", "check_blobs", "materialize", "run_plan"]
 
@@ -161,7 +162,7 @@ def materialize(
     root: Digest,
     dest: str | os.PathLike[str],
     *,
-    fetcher: Fetcher | None = None,
+    fetcher: Fetcher | RemoteCAS | None = None,
     threads: int = 0,
     max_inflight: int = 64,
     limits: TreeLimits | None = None,
@@ -175,6 +176,12 @@ def materialize(
     anything is created. ``threads`` 0 = one per core; at most ``max_inflight``
     entries in flight.
 
+    ``fetcher``: missing Directory messages and blobs come from it. Any object
+    with the ``fastmat.tree.Fetcher`` methods is asked once for what is missing
+    before anything is created. A ``RemoteCAS`` (or ``fetch.RemoteFetcher``)
+    instead overlaps fetching and linking (``fetch.run_pipelined``): present
+    files are linked while the rest arrive; ``dest`` is still removed on failure.
+
     Raises ``FileExistsError`` / ``FileNotFoundError`` (dest), ``InvalidTreeError``,
     ``DigestMismatchError``, ``BlobNotFoundError``, or the ``OSError`` of the first
     entry that failed (after removing ``dest``).
@@ -184,10 +191,27 @@ def materialize(
         raise ValueError(f"threads must be >= 0 and max_inflight >= 1: {threads}, {max_inflight}")
     path = os.fspath(dest)
     _check_dest(path)
-    plan = load_plan(cas, root, fetcher=fetcher, limits=limits)
-    check_blobs(cas, plan, fetcher)
-    t1 = time.perf_counter()
-    res = run_plan(cas, plan, path, threads=threads, max_inflight=max_inflight)
+    f: Fetcher | None = None
+    owned: Any = None
+    if fetcher is not None:
+        from fastmat import fetch
+
+        f = fetch.bind(fetcher, cas)  # a RemoteCAS becomes a RemoteFetcher
+        owned = f if f is not fetcher else None
+    try:
+        plan = load_plan(cas, root, fetcher=f, limits=limits)
+        if f is not None and isinstance(f, fetch.RemoteFetcher):
+            t1 = time.perf_counter()
+            res = fetch.run_pipelined(
+                cas, plan, path, f, threads=threads, max_inflight=max_inflight
+            )
+        else:
+            check_blobs(cas, plan, f)
+            t1 = time.perf_counter()
+            res = run_plan(cas, plan, path, threads=threads, max_inflight=max_inflight)
+    finally:
+        if owned is not None:
+            owned.close()
     t2 = time.perf_counter()
     hist = _histogram(res.how)
 

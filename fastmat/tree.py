@@ -260,7 +260,7 @@ def load_plan(
     Raises ``BlobNotFoundError`` (a ``Directory`` is missing; its path in the
     tree), ``DigestMismatchError`` (its bytes hash to something else),
     ``InvalidTreeError`` (undecodable, bad name, duplicate, unsorted, limits...).
-    File blobs are not looked at here (see ``Plan.missing_blobs``).
+    File blobs are not looked at here (see ``fastmat.materialize.check_blobs``).
     """
     limits = limits or DEFAULT_LIMITS
     loader = _Loader(cas, fetcher, limits)

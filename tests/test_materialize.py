@@ -326,3 +326,30 @@ def test_concurrency_bounds_are_configurable_and_checked(cas: LocalCAS, tmp_path
         with pytest.raises(ValueError, match="threads must be"):
             materialize(cas, root, tmp_path / "dest", **bad)  # type: ignore[arg-type]
     assert not os.path.lexists(tmp_path / "dest")
+
+
+@pytest.mark.remote
+def test_remote_cas_as_fetcher_against_a_real_server(tmp_path: Path) -> None:
+    """README's ``materialize(cas, root, dest, fetcher=RemoteCAS(url))``: fetched, verified,
+    linked; the second call needs nothing from the server."""
+    from fastmat.remote import RemoteCAS
+    from tests.reapi_server import Uploader, build_tree, shared_buildgrid
+
+    server = shared_buildgrid()
+    spec: dict[str, bytes | None] = {
+        f"d{i % 3}/f{i:02d}": f"remote {i}\n".encode() for i in range(20)
+    }
+    spec["empty/"] = None
+    root, blobs = build_tree(spec)
+    up = Uploader(server.address)
+    try:
+        up.upload(blobs)
+    finally:
+        up.close()
+    with LocalCAS(tmp_path / "cas", fsync=False) as cas, RemoteCAS(server.url) as remote:
+        stats = materialize(cas, root, tmp_path / "dest", fetcher=remote)
+        assert stats.files == 20
+        assert (tmp_path / "dest" / "d1" / "f04").read_bytes() == b"remote 4\n"
+        assert (tmp_path / "dest" / "empty").is_dir()
+        again = materialize(cas, root, tmp_path / "again")  # everything is local now
+        assert again.linked == 20
