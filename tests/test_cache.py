@@ -166,6 +166,20 @@ def test_max_entries_one_keeps_the_latest(cas: LocalCAS, tmp_path: Path) -> None
     assert leftovers(tmp_path / "cache") == []
 
 
+def test_close_finishes_pending_deletions(cas: LocalCAS, tmp_path: Path) -> None:
+    roots = [ingest(cas, tmp_path / f"s{i}", shape(200, 40 + i)) for i in range(3)]
+    with DirectoryCache(cas, tmp_path / "cache", max_entries=1) as cache:
+        for i, root in enumerate(roots):
+            cache.materialize(root, tmp_path / f"d{i}")
+        assert cache.stats().evictions == 2
+    assert os.listdir(tmp_path / "cache" / "trash") == []
+    assert os.listdir(tmp_path / "cache" / "tmp") == []
+    assert sorted(os.listdir(tmp_path / "cache" / "entries")) == [
+        roots[2].key,
+        f"{roots[2].key}.plan",
+    ]
+
+
 def test_max_bytes_evicts_least_recently_used(cas: LocalCAS, tmp_path: Path) -> None:
     roots = [ingest(cas, tmp_path / f"s{i}", {"f": bytes([i]) * 1000}) for i in range(3)]
     with DirectoryCache(cas, tmp_path / "cache", max_bytes=2500) as cache:
