@@ -68,6 +68,7 @@ DEFAULT_MAX_INFLIGHT = 128
 _LOCK_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 _OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # Linux >= 3.15; 0: absent
 _OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+_READY_GROUP = 32  # blobs of a batch handed to the linker together
 _MAX_DIRECTORIES = 10_000_000  # a hostile tree cannot make the BFS run forever
 
 OnReady = Callable[[list[Digest]], None]
@@ -332,11 +333,13 @@ class RemoteFetcher:
             items.append((False, batch))
         return items
 
-    def _fetch(self, streamed: bool, ds: list[Digest]) -> None:
+    def _fetch(self, streamed: bool, ds: list[Digest], stored: OnReady | None = None) -> None:
+        """One request (its in-flight slot held): stream one blob or read one batch.
+        ``stored`` gets the blobs as they land, a few at a time."""
         with self._slots:
-            self._fetch_in_slot(streamed, ds)
+            self._fetch_in_slot(streamed, ds, stored or (lambda _: None))
 
-    def _fetch_in_slot(self, streamed: bool, ds: list[Digest]) -> None:
+    def _fetch_in_slot(self, streamed: bool, ds: list[Digest], stored: OnReady) -> None:
         with self._mutex:
             self._inflight += 1
             self.stats.peak_inflight = max(self.stats.peak_inflight, self._inflight)
@@ -348,16 +351,25 @@ class RemoteFetcher:
                 except DigestMismatchError as e:
                     raise DigestMismatchError(d, e.actual, f"from {self.remote.target}") from e
                 self._count(blobs=1, bytes=d.size_bytes, streams=1)
+                stored([d])
                 return
             first: BaseException | None = None
+            group: list[Digest] = []
             for d, data in self.remote.read_batch(ds):
                 try:
                     self.cas.put(data, expected=d)  # hashes, stores nothing on mismatch
                 except DigestMismatchError as e:
                     first = first or DigestMismatchError(d, e.actual, f"from {self.remote.target}")
+                    continue
+                group.append(d)
+                if len(group) == _READY_GROUP:
+                    stored(group)
+                    group = []
             self._count(blobs=len(ds), bytes=sum(d.size_bytes for d in ds), batches=1)
             if first is not None:
                 raise first
+            if group:
+                stored(group)
         finally:
             with self._mutex:
                 self._inflight -= 1
@@ -461,13 +473,13 @@ class _Job:
                     continue
                 held.append((d, fd))
                 (ready if d in f.cas else mine).append(d)
+            if ready and self.on_ready is not None:
+                self.on_ready(ready)
             if mine:
-                f._fetch(streamed, mine)
+                f._fetch(streamed, mine, self.on_ready)
         finally:
             for d, fd in held:
                 f._locks.unlock(d, fd)
-        if self.on_ready is not None and (ready or mine):
-            self.on_ready(ready + mine)
 
     def waiter(self) -> None:
         f = self.f
