@@ -227,6 +227,10 @@ def main() -> int:
             server.stop()
     if args.json:
         print(json.dumps(results, indent=2))
+    worst = max(r["peak_inflight"] for r in results.values())
+    if worst > args.max_inflight:
+        print(f"BOUND VIOLATED: {worst:.0f} requests in flight > {args.max_inflight}")
+        return 1
     return 0
 
 

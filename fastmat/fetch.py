@@ -11,13 +11,14 @@ protocol:
   stored.
 - ``fetch_blobs(digests, on_ready=...)``: each distinct digest once; small
   blobs packed into BatchReadBlobs requests under the server's batch limit,
-  large ones streamed (ByteStream.Read) into a CAS temp while hashed; at most
-  ``max_inflight`` requests in flight (one per worker thread). Before fetching
-  a blob the worker takes a per-digest flock under ``<cas>/locks/`` without
-  waiting; a blob locked by another process is waited for by one waiter
-  thread and only fetched if that process gave up. So processes sharing a CAS
-  fetch each blob once (DESIGN.md invariant 8). ``on_ready`` receives each
-  group of blobs as soon as it is in the CAS.
+  large ones streamed (ByteStream.Read) into a CAS temp while hashed; every
+  byte verified before it is published; at most ``max_inflight`` requests in
+  flight per fetcher. Before fetching a blob a worker takes its per-digest
+  lock (:class:`_FetchLocks`) without waiting; a blob locked by another
+  process is waited for by one waiter thread and only fetched if that process
+  gave up. So processes sharing a CAS fetch each blob once (DESIGN.md
+  invariant 8). ``on_ready`` receives blobs as they land (a streamed blob
+  alone, a batch's blobs 32 at a time).
 
 :func:`run_pipelined` is ``materialize.run_plan`` with fetching overlapped:
 directories and already-present files are linked first, then each fetched
