@@ -17,6 +17,7 @@ replays the sidecar's plan into ``dest`` with the C executor, hardlinking from t
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -44,6 +45,7 @@ __all__ = ["CacheResult", "CacheStats", "DirectoryCache"]
 log = logging.getLogger("fastmat")
 GiB = 1 << 30
 _RETRIES = 3
+_DEST_ERRORS = (errno.EEXIST, errno.ENOENT, errno.ENOTDIR)
 
 
 class DirectoryCache:
@@ -217,7 +219,10 @@ class DirectoryCache:
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
         """
         dest = Path(dest)
-        if self.limits.max_entries == 0 or not self.can_overlay():
+        mounted = None
+        if self.limits.max_entries and self.can_overlay():
+            mounted = self._mount(root, dest)
+        if mounted is None:
             r = self.materialize(root, dest)
             if self.limits.max_entries:
                 self._count("fallbacks")
@@ -227,7 +232,7 @@ class DirectoryCache:
                 with contextlib.suppress(FileNotFoundError):  # the action removed it
                     _binding.remove_tree(dest)
             return
-        e, hit, ws = self._mount(root, dest)
+        e, hit, ws = mounted
         try:
             yield workspace.Workspace(dest, "overlay", root, hit, ws / "upper")
         finally:
@@ -327,7 +332,9 @@ class DirectoryCache:
             self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._entries)
         return self.overlay
 
-    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path]:
+    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path] | None:
+        """The pinned entry, hit, and scratch dir of an overlay now mounted at ``dest``;
+        None if the mount itself failed (the caller falls back to a hardlinked copy)."""
         damaged: tuple[int, int] | None = None
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
@@ -338,6 +345,12 @@ class DirectoryCache:
                 self._release(e)
                 damaged = self._invalidate(e, d)
                 continue
+            except OSError as err:
+                self._release(e)
+                if err.errno in _DEST_ERRORS and err.filename in (str(dest), dest):
+                    raise  # about dest itself: the caller's problem, not the overlay's
+                log.warning("overlay workspace at %s failed (%s): hardlinking instead", dest, err)
+                return None
             except BaseException:
                 self._release(e)
                 raise

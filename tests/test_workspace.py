@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterator
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fastmat import _binding
 from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
@@ -162,6 +164,28 @@ def test_overlay_workspace_of_a_big_tree_and_exception_in_body(
         assert cache.stats().pinned == 0
         cache.drain()
         assert leftovers(tmp_path / "cache") == []
+
+
+@needs_mount
+def test_a_failing_mount_falls_back_to_hardlinks(
+    cas: LocalCAS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = ingest(cas, tmp_path / "src", BASIC)
+
+    def refuse(lower: str, upper: str, work: str, target: str) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), target)
+
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        assert cache.can_overlay()  # probed for real first
+        monkeypatch.setattr(_binding, "mount_overlay", refuse)
+        with cache.workspace(root, tmp_path / "ws") as ws:
+            assert ws.method == "hardlink"
+            assert snapshot(ws.path) == snapshot(tmp_path / "src")
+        st = cache.stats()
+        assert (st.fallbacks, st.pinned) == (1, 0)
+        cache.drain()
+        assert leftovers(tmp_path / "cache") == []
+    assert not (tmp_path / "ws").exists()
 
 
 @needs_mount
