@@ -26,6 +26,7 @@ CREATORS = 4
 VARIANTS_PER_CREATOR = 60
 EXECS_PER_VARIANT = 5
 FORKERS = 3
+MIN_FORKS_PER_FORKER = 300
 
 
 def _slow_child() -> None:
@@ -68,7 +69,7 @@ def test_exec_fresh_variants_while_other_threads_fork(tmp_path: Path) -> None:
 
         def forker(k: int) -> None:
             n = 0
-            while not stop.is_set():
+            while not stop.is_set() or n < MIN_FORKS_PER_FORKER:
                 run([true_path], slow=n % 2 == k % 2)
                 n += 1
 
