@@ -97,6 +97,14 @@ def _chain(cas: LocalCAS, depth: int) -> Digest:
     return d
 
 
+def _deep_by_reuse(cas: LocalCAS) -> Digest:
+    """A 5-deep chain reused at depth 1 (fine) and at depth 4 (too deep for 8): the
+    breadth-first load sees it first at depth 1; only the expanded shape is too deep."""
+    x = _chain(cas, 5)
+    y = node(cas, dirs=[("d", node(cas, dirs=[("d", node(cas, dirs=[("x", x)]))]))])
+    return node(cas, dirs=[("a", x), ("b", y)])
+
+
 def _width_bomb(cas: LocalCAS, levels: int) -> Digest:
     d = node(cas, files=[("f", _file(cas), False)])
     for _ in range(levels):
@@ -251,6 +259,9 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     "depth limit exactly exceeded": lambda c: Case(
         _chain(c, 9), InvalidTreeError, "max_depth", "d/d/d/d/d/d/d/d/d", TreeLimits(max_depth=8)
     ),
+    "too deep only through a reused digest": lambda c: Case(
+        _deep_by_reuse(c), InvalidTreeError, "max_depth", None, TreeLimits(max_depth=8)
+    ),
     "width bomb (2**64 via reused digests)": lambda c: Case(
         _width_bomb(c, 64), InvalidTreeError, "max_total_entries"
     ),
@@ -364,3 +375,11 @@ def test_dag_reuse_within_limits_materializes(cas: LocalCAS, tmp_path: Path) -> 
     assert stats.files == 64
     assert stats.directories == 127
     assert (tmp_path / "dest" / "a/b/a/b/a/b/f").read_bytes() == b"data\n"
+
+
+def test_depth_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
+    """max_depth directories below the root are fine, with and without reuse."""
+    stats = materialize(cas, _deep_by_reuse(cas), tmp_path / "a", limits=TreeLimits(max_depth=9))
+    assert (tmp_path / "a" / "b/d/d/x/d/d/d/d/d/leaf").read_bytes() == b"data\n"
+    assert stats.directories == 1 + 1 + 5 + 1 + 3 + 5
+    materialize(cas, _chain(cas, 8), tmp_path / "b", limits=TreeLimits(max_depth=8))
