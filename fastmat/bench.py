@@ -11,9 +11,11 @@ against the floor measured in the same run.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,6 +27,9 @@ from fastmat import __version__, _binding
 from fastmat._progress import Progress
 from fastmat.bench_methods import METHODS, Env, Method, Skip, Subject
 from fastmat.bench_shapes import Shape, generate, shapes_for
+from fastmat.errors import FastmatError
+
+log = logging.getLogger("fastmat")
 
 _CACHE_MAX_BYTES = 1 << 50  # the bench never wants an eviction
 
@@ -180,6 +185,13 @@ def _measure(
                 seconds = m.run(env, subj, dest)
             except Skip as e:
                 skipped[m.name] = str(e)
+                continue
+            except (FastmatError, OSError, subprocess.CalledProcessError) as e:
+                # One broken method must not cost the whole comparison: record it.
+                log.warning("bench: %s on %s failed: %s", m.name, subj.shape.name, e)
+                skipped[m.name] = f"failed: {type(e).__name__}: {e}"
+                if os.path.lexists(dest):
+                    _binding.remove_tree(str(dest))
                 continue
             if run:
                 samples[m.name].append(seconds * 1e3)

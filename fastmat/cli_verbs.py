@@ -139,13 +139,6 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
     raise AssertionError("unreachable")
 
 
-def _brief(obj: Any) -> str:
-    data = jsonable(obj)
-    if isinstance(data, dict):
-        return ", ".join(f"{k} {v}" for k, v in data.items() if not isinstance(v, (dict, list)))
-    return str(data)
-
-
 def _workspace(args: argparse.Namespace, cache: Any, dest: Path, command: list[str]) -> Outcome:
     """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
     with cache.workspace(args.digest, dest) as ws:
@@ -211,9 +204,9 @@ def cmd_stats(args: argparse.Namespace) -> Outcome:
         ]
         if args.cache is not None:
             with _open_cache_readonly(cas, args.cache) as cache:
-                st = jsonable(cache.stats())
-            payload["cache"] = {"path": str(args.cache), **(st if isinstance(st, dict) else {})}
-            lines.append(f"cache {args.cache}: {_brief(st)}")
+                st = cache.stats()
+            payload["cache"] = {"path": str(args.cache), **jsonable(st)}
+            lines.append(f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)})")
     return 0, payload, "\n".join(lines)
 
 
