@@ -37,6 +37,7 @@ _FIND_MISSING_CHUNK = 10_000  # ~80 bytes per digest: stays far below 4 MiB requ
 _STREAM_FLOOR_BPS = 1 << 20  # ByteStream deadline grows by 1 s per MiB of blob
 
 T = TypeVar("T")
+_UNASKED: Any = object()
 
 
 @dataclass
@@ -152,6 +153,7 @@ class RemoteCAS:
         self.stats = RemoteStats()
         self._lock = threading.Lock()
         self._batch_limit: int | None = None
+        self._caps_msg: Any = _UNASKED
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -249,24 +251,32 @@ class RemoteCAS:
 
     # -- API --------------------------------------------------------------
 
-    @property
-    def max_batch_bytes(self) -> int:
-        """``max_batch_total_size_bytes`` from GetCapabilities (4 MiB when unset)."""
-        if self._batch_limit is None:
-            limit = _DEFAULT_BATCH_BYTES
+    def capabilities(self) -> Any:
+        """The server's ``ServerCapabilities`` (asked once), or None when it does not
+        implement GetCapabilities."""
+        if self._caps_msg is _UNASKED:
             try:
-                caps = self._call(
+                self._caps_msg = self._call(
                     "GetCapabilities",
                     lambda: self._caps(
                         proto.GetCapabilitiesRequest(instance_name=self.instance_name),
                         timeout=self.timeout_s,
                     ),
                 )
-                limit = int(caps.cache_capabilities.max_batch_total_size_bytes) or limit
             except grpc.RpcError as e:
                 if e.code() != grpc.StatusCode.UNIMPLEMENTED:
                     raise self._fail("GetCapabilities", e, 1) from e
-            self._batch_limit = min(limit, self.max_message_bytes - 65536)
+                self._caps_msg = None
+        return self._caps_msg
+
+    @property
+    def max_batch_bytes(self) -> int:
+        """``max_batch_total_size_bytes`` from GetCapabilities (4 MiB when unset),
+        kept below ``max_message_bytes``."""
+        if self._batch_limit is None:
+            caps = self.capabilities()
+            limit = 0 if caps is None else int(caps.cache_capabilities.max_batch_total_size_bytes)
+            self._batch_limit = min(limit or _DEFAULT_BATCH_BYTES, self.max_message_bytes - 65536)
         return self._batch_limit
 
     def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:

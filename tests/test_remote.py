@@ -57,6 +57,19 @@ def test_capabilities_give_the_batch_limit(remote: RemoteCAS) -> None:
     assert remote.stats.calls["GetCapabilities"] == 1
     assert remote.max_batch_bytes == remote.max_batch_bytes  # cached
     assert remote.stats.calls["GetCapabilities"] == 1
+    caps = remote.capabilities()
+    assert list(caps.cache_capabilities.digest_functions) == [1]  # SHA256
+    assert remote.stats.calls["GetCapabilities"] == 1
+
+
+def test_capabilities_unimplemented_default_to_4_mib(buildgrid: BuildGrid) -> None:
+    proxy = GrpcProxy(buildgrid.address, unimplemented=frozenset({"GetCapabilities"}))
+    try:
+        with RemoteCAS(proxy.url) as r:
+            assert r.capabilities() is None
+            assert r.max_batch_bytes == MAX_MESSAGE
+    finally:
+        proxy.stop()
 
 
 def test_find_missing_reports_exactly_the_absent(remote: RemoteCAS, uploader: Uploader) -> None:
