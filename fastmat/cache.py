@@ -29,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding, workspace
-from fastmat.cache_disk import Trasher, lock_key, make_instance_tmp, sweep, unlink_lock
+from fastmat.cache_adopt import adopt_all
+from fastmat.cache_disk import Trasher, lock_key, make_instance_tmp, sweep
 from fastmat.cache_index import CacheIndex, Entry, Limits
-from fastmat.cache_ops import Builder, adopt_all, discard
+from fastmat.cache_ops import Builder, evict
 from fastmat.cache_types import CacheResult, CacheStats, Damaged, Flight
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
@@ -152,22 +153,8 @@ class DirectoryCache:
 
     def stats(self) -> CacheStats:
         with self._mu:
-            n = self._n
-            return CacheStats(
-                entries=len(self._index),
-                bytes=self._index.bytes,
-                pinned=self._index.pinned,
-                hits=n["hits"],
-                misses=n["misses"],
-                constructions=n["constructions"],
-                adopted=n["adopted"],
-                clonefile_hits=n["clonefile"],
-                hardlink_hits=n["hardlink"],
-                overlay_hits=n["overlay"],
-                evictions=n["evictions"],
-                fallbacks=n["fallbacks"],
-                damaged=n["damaged"],
-            )
+            ix = self._index
+            return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
     def entry_path(self, root: Digest) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
@@ -305,19 +292,9 @@ class DirectoryCache:
                 self._evict_locked()
 
     def _evict_locked(self) -> None:
-        """Takes unpinned victims out of the index, renames them to the trash (cheap) and
-        leaves the deletion to the background thread."""
-        for v in self._index.victims():
-            fd = lock_key(self._locks_fd, v.key, fcntl.LOCK_EX, block=False)
-            if fd is None:
-                continue  # pinned or being rebuilt by another process: keep it
-            try:
-                self._index.remove(v)
-                discard(self._entries_fd, v.key, self._trash_dir, self._trasher)
-                unlink_lock(self._locks_fd, v.key)
-                self._n["evictions"] += 1
-            finally:
-                os.close(fd)
+        self._n["evictions"] += evict(
+            self._index, self._entries_fd, self._locks_fd, self._trash_dir, self._trasher
+        )
 
     def _invalidate(self, e: Entry, d: Damaged) -> tuple[int, int]:
         log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)

@@ -24,10 +24,10 @@ from fastmat.cache_disk import (
     unlink_lock,
     wait_key,
 )
-from fastmat.cache_index import Entry
+from fastmat.cache_index import CacheIndex, Entry
 from fastmat.cache_types import Damaged
 from fastmat.digest import Digest
-from fastmat.errors import FastmatError, InvalidDigestError
+from fastmat.errors import FastmatError
 from fastmat.materialize import MaterializeStats, check_blobs, materialize, run_plan
 from fastmat.tree import load_plan
 
@@ -43,11 +43,11 @@ def _hook(stage: str) -> None:
     """Tests replace this to stop a construction at ``stage`` ("built", "published")."""
 
 
-def _ident(st: os.stat_result) -> tuple[int, int]:
+def file_ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _stat(dirfd: int, name: str) -> os.stat_result | None:
+def stat_at(dirfd: int, name: str) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dirfd, follow_symlinks=False)
     except FileNotFoundError:
@@ -134,8 +134,12 @@ class Builder:
                 if e is None:
                     e = self._build(root)
                 fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
-                st = _stat(self.entries_fd, key)
-                if still_linked(self.locks_fd, f"{key}.lock", fd) and st and _ident(st) == e.ident:
+                st = stat_at(self.entries_fd, key)
+                if (
+                    still_linked(self.locks_fd, f"{key}.lock", fd)
+                    and st
+                    and file_ident(st) == e.ident
+                ):
                     e.pins, e.lock_fd = 1, fd
                     return e, built
             except BaseException:
@@ -148,12 +152,12 @@ class Builder:
         self, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
     ) -> Entry | None:
         key = root.key
-        st = _stat(self.entries_fd, key)
-        if st is not None and stat.S_ISDIR(st.st_mode) and _ident(st) != damaged:
+        st = stat_at(self.entries_fd, key)
+        if st is not None and stat.S_ISDIR(st.st_mode) and file_ident(st) != damaged:
             try:
                 r = load_replay(self.entries_fd, key)
                 if r.root == root:
-                    return Entry(root, r.bytes, r.files, _ident(st), replay=r)
+                    return Entry(root, r.bytes, r.files, file_ident(st), replay=r)
             except cache_entry.SidecarError:
                 pass
         if exclusive:
@@ -176,7 +180,7 @@ class Builder:
             tfd = os.open(tree, _O_DIR)
             try:
                 replay = cache_entry.from_plan(plan, root, tfd)
-                ident = _ident(os.fstat(tfd))
+                ident = file_ident(os.fstat(tfd))
             finally:
                 os.close(tfd)
             side = work / "p"
@@ -208,7 +212,7 @@ class Builder:
         except OSError as err:
             raise Damaged(f"entry directory: {err}", stale=True) from None
         try:
-            if _ident(os.fstat(fd)) != e.ident:
+            if file_ident(os.fstat(fd)) != e.ident:
                 raise Damaged("entry directory replaced", stale=True)
             if e.replay is None:
                 try:
@@ -278,70 +282,20 @@ def _src(replay: cache_entry.Replay, i: int) -> str:
     return os.fsdecode(replay.arrays.srcs.split(b"\0")[i])
 
 
-def adopt_all(entries_fd: int, locks_fd: int, trash: Path, trasher: Trasher) -> list[Entry]:
-    """Complete entries found on disk at open (oldest sidecar first); orphans (a tree
-    without sidecar or the reverse) are discarded when nobody holds their lock."""
-    names = os.listdir(entries_fd)
-    plans = {n[: -len(".plan")] for n in names if n.endswith(".plan")}
-    dirs = {n for n in names if not n.endswith(".plan")}
-    found: list[tuple[int, Entry]] = []
-    orphans = {k for k in plans ^ dirs if parse_key(k) is not None}
-    bad: set[str] = set()
-    for key in sorted(plans & dirs):
-        root = parse_key(key)
-        st = _stat(entries_fd, key)
-        if root is None or st is None or not stat.S_ISDIR(st.st_mode):
-            continue
-        try:
-            fd = os.open(f"{key}.plan", os.O_RDONLY | os.O_CLOEXEC, dir_fd=entries_fd)
-            with os.fdopen(fd, "rb") as f:
-                head = f.read(1 << 16)
-                if b"\n" not in head[len(cache_entry.MAGIC) :]:
-                    head += f.read()
-                mtime = os.fstat(f.fileno()).st_mtime_ns
-            got, size, files = cache_entry.read_totals(head)
-        except (OSError, cache_entry.SidecarError):
-            got = None
-        if got != root:
-            bad.add(key)
-            continue
-        found.append((mtime, Entry(root, size, files, _ident(st))))
-    for key in orphans | bad:
-        lfd = lock_key(locks_fd, key, fcntl.LOCK_EX, block=False)
-        if lfd is None:
-            continue  # somebody builds, adopts or pins it right now
-        try:
-            complete = _stat(entries_fd, key) and _stat(entries_fd, f"{key}.plan")
-            if key in bad or not complete:  # else finished since we listed: keep it
-                discard(entries_fd, key, trash, trasher)
-                unlink_lock(locks_fd, key)
-        finally:
-            os.close(lfd)
-    _sweep_locks(locks_fd, entries_fd, plans | dirs)
-    found.sort(key=lambda t: t[0])
-    return [e for _, e in found]
-
-
-def _sweep_locks(locks_fd: int, entries_fd: int, keys: set[str]) -> None:
-    """Unlinks the lock files of digests without an entry (a failed construction's),
-    each under its own LOCK_EX so nobody waiting on one is left holding a ghost."""
-    for name in os.listdir(locks_fd):
-        key = name[: -len(".lock")]
-        if not name.endswith(".lock") or key in keys or parse_key(key) is None:
-            continue
-        fd = lock_key(locks_fd, key, fcntl.LOCK_EX, block=False)
+def evict(index: CacheIndex, entries_fd: int, locks_fd: int, trash: Path, trasher: Trasher) -> int:
+    """Takes unpinned victims out of the index while it is over its limits and renames
+    them to the trash (cheap; the caller holds the cache lock), leaving the deletion to
+    the background ``trasher``. Returns how many were evicted."""
+    n = 0
+    for v in index.victims():
+        fd = lock_key(locks_fd, v.key, fcntl.LOCK_EX, block=False)
         if fd is None:
-            continue
+            continue  # pinned or being rebuilt by another process: keep it
         try:
-            if _stat(entries_fd, key) is None and _stat(entries_fd, f"{key}.plan") is None:
-                unlink_lock(locks_fd, key)
+            index.remove(v)
+            discard(entries_fd, v.key, trash, trasher)
+            unlink_lock(locks_fd, v.key)
+            n += 1
         finally:
             os.close(fd)
-
-
-def parse_key(key: str) -> Digest | None:
-    h, _, size = key.partition("-")
-    try:
-        return Digest(h, int(size)) if size.isdigit() else None
-    except InvalidDigestError:
-        return None
+    return n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 
@@ -38,6 +39,25 @@ class CacheStats:
     evictions: int
     fallbacks: int  # clonefile -> replay, overlay -> hardlink
     damaged: int  # entries found damaged, invalidated and rebuilt
+
+    @classmethod
+    def of(cls, n: Mapping[str, int], *, entries: int, bytes: int, pinned: int) -> CacheStats:
+        """From the cache's event counters and its index totals."""
+        return cls(
+            entries=entries,
+            bytes=bytes,
+            pinned=pinned,
+            hits=n.get("hits", 0),
+            misses=n.get("misses", 0),
+            constructions=n.get("constructions", 0),
+            adopted=n.get("adopted", 0),
+            clonefile_hits=n.get("clonefile", 0),
+            hardlink_hits=n.get("hardlink", 0),
+            overlay_hits=n.get("overlay", 0),
+            evictions=n.get("evictions", 0),
+            fallbacks=n.get("fallbacks", 0),
+            damaged=n.get("damaged", 0),
+        )
 
 
 class Damaged(Exception):
