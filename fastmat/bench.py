@@ -10,6 +10,7 @@ against the floor measured in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -90,39 +91,34 @@ def run_bench(cfg: BenchConfig) -> dict[str, Any]:
     date = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     base = tempfile.mkdtemp(prefix="fastmat-bench-", dir=cfg.workdir)
     work = Path(base)
-    remote = None
     results: list[dict[str, Any]] = []
     shape_info: list[dict[str, Any]] = []
     try:
-        cas = LocalCAS(work / "cas", fsync=False)
-        cache = DirectoryCache(cas, work / "cache", max_bytes=_CACHE_MAX_BYTES)
-        if cfg.remote is not None:
-            from fastmat.remote import RemoteCAS
+        with contextlib.ExitStack() as stack:
+            cas = stack.enter_context(LocalCAS(work / "cas", fsync=False))
+            cache = stack.enter_context(
+                DirectoryCache(cas, work / "cache", max_bytes=_CACHE_MAX_BYTES, threads=threads)
+            )
+            remote = None
+            if cfg.remote is not None:
+                from fastmat.remote import RemoteCAS
 
-            remote = RemoteCAS(cfg.remote)
-        env = Env(cas, cache, work / "dest", threads, remote, cfg.remote)
-        env.work.mkdir()
-        try:
+                remote = stack.enter_context(RemoteCAS(cfg.remote))
+            env = Env(cas, cache, work / "dest", threads, remote, cfg.remote)
+            env.work.mkdir()
             total = len(shapes) * len(methods) * (runs + 1)
-            with Progress("bench", total, enabled=cfg.progress) as bar:
-                for shape in shapes:
-                    bar.set_label(f"bench: preparing {shape.name}")
-                    t0 = time.monotonic()
-                    subj = _prepare(env, shape, work)
-                    shape_info.append({**_shape_json(subj), "prepare_s": _since(t0)})
-                    bar.set_label(f"bench: {shape.name}")
-                    t0 = time.monotonic()
-                    results.extend(
-                        _measure(env, subj, methods, runs=runs, budget_s=budget_s, bar=bar)
-                    )
-                    shape_info[-1]["measure_s"] = _since(t0)
-                    bar.set_label(f"bench: cleaning up {shape.name}")
-                    _binding.remove_tree(str(subj.src))
-        finally:
-            cache.close()
-            cas.close()
-            if remote is not None:
-                remote.close()
+            bar = stack.enter_context(Progress("bench", total, enabled=cfg.progress))
+            for shape in shapes:
+                bar.set_label(f"bench: preparing {shape.name}")
+                t0 = time.monotonic()
+                subj = _prepare(env, shape, work)
+                shape_info.append({**_shape_json(subj), "prepare_s": _since(t0)})
+                bar.set_label(f"bench: {shape.name}")
+                t0 = time.monotonic()
+                results.extend(_measure(env, subj, methods, runs=runs, budget_s=budget_s, bar=bar))
+                shape_info[-1]["measure_s"] = _since(t0)
+                bar.set_label(f"bench: cleaning up {shape.name}")
+                _binding.remove_tree(str(subj.src))
     finally:
         _binding.remove_tree(base)
     return {

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
 import subprocess
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastmat._progress import Progress
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
+
+if TYPE_CHECKING:
+    from fastmat.cache import DirectoryCache
+    from fastmat.cas import LocalCAS
 
 _NO_BOUND = 1 << 62
 
@@ -57,14 +62,22 @@ def _bars(args: argparse.Namespace) -> bool | None:
     return False if args.json else None  # None: when stdout is a terminal
 
 
+def _open_cas(path: Path, *, create: bool = False) -> LocalCAS:
+    """Opens the CAS; only verbs that fill it (ingest, a remote fetch) may create it, so
+    a mistyped --cas is an error, not a new empty store."""
+    from fastmat.cas import LocalCAS
+
+    if not create and not path.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no CAS here (fastmat ingest creates one)", str(path))
+    return LocalCAS(path)
+
+
 def cmd_ingest(args: argparse.Namespace) -> Outcome:
     from fastmat.cas import LocalCAS
     from fastmat.ingest import ingest_tree
     from fastmat.tree import load_plan
 
     src = Path(args.src)
-    if not src.is_dir():
-        raise NotADirectoryError(20, "not a directory", str(src))
     with LocalCAS(args.cas, fsync=not args.no_fsync) as cas:
         with Progress(f"ingesting {src}", enabled=_bars(args)):
             root = ingest_tree(cas, src)
@@ -86,7 +99,6 @@ def cmd_ingest(args: argparse.Namespace) -> Outcome:
 
 
 def cmd_materialize(args: argparse.Namespace) -> Outcome:
-    from fastmat.cas import LocalCAS
 
     command: list[str] = args.command
     if command and not args.workspace:
@@ -95,7 +107,7 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
         raise UsageError("--workspace needs --cache DIR (a workspace is a view of a cache entry)")
     dest = Path(args.dest)
     with contextlib.ExitStack() as stack:
-        cas = stack.enter_context(LocalCAS(args.cas))
+        cas = stack.enter_context(_open_cas(args.cas, create=args.remote is not None))
         fetcher = None
         if args.remote is not None:
             from fastmat.fetch import RemoteFetcher
@@ -139,10 +151,12 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
     raise AssertionError("unreachable")
 
 
-def _workspace(args: argparse.Namespace, cache: Any, dest: Path, command: list[str]) -> Outcome:
+def _workspace(
+    args: argparse.Namespace, cache: DirectoryCache, dest: Path, command: list[str]
+) -> Outcome:
     """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
     with cache.workspace(args.digest, dest) as ws:
-        method = str(getattr(ws, "method", "?"))
+        method = ws.method
         info = {"root": str(args.digest), "dest": str(dest), "method": method}
         if command:
             rc = subprocess.run(command, cwd=dest, check=False).returncode
@@ -193,9 +207,8 @@ def _cas_usage(root: Path) -> dict[str, int]:
 
 
 def cmd_stats(args: argparse.Namespace) -> Outcome:
-    from fastmat.cas import LocalCAS
 
-    with LocalCAS(args.cas) as cas:
+    with _open_cas(args.cas) as cas:
         usage = _cas_usage(cas.root)
         payload: dict[str, Any] = {"cas": {"path": str(cas.root), **usage}}
         lines = [
@@ -211,9 +224,8 @@ def cmd_stats(args: argparse.Namespace) -> Outcome:
 
 
 def cmd_verify(args: argparse.Namespace) -> Outcome:
-    from fastmat.cas import LocalCAS
 
-    with LocalCAS(args.cas) as cas, Progress("verifying the CAS", enabled=_bars(args)):
+    with _open_cas(args.cas) as cas, Progress("verifying the CAS", enabled=_bars(args)):
         report = cas.verify()
     payload = {
         "ok": report.ok,
@@ -248,11 +260,10 @@ def _open_cache_readonly(cas: Any, path: Path) -> Any:
 
 def cmd_gc(args: argparse.Namespace) -> Outcome:
     from fastmat.cache import DirectoryCache
-    from fastmat.cas import LocalCAS
 
     if args.cache is None:
         raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
-    with LocalCAS(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
+    with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
         with _open_cache_readonly(cas, args.cache) as cache:
             before = cache.stats()
         # Opening with the bound evicts unpinned entries (least recently used first);

@@ -134,6 +134,10 @@ def test_json_is_exactly_one_object(
     stats = json.loads(out)["cas"]
     assert stats["blobs"] >= 4  # a, b, c, tool + Directory messages
     assert stats["exec_variants"] == 1  # tool.sh's 0555 variant, made by materialize
+    rc, out, err = run(capsys, "stats", "--cas", str(tmp_path / "typo"))
+    assert rc == 1
+    assert "no CAS here" in err
+    assert not (tmp_path / "typo").exists()  # a mistyped --cas creates nothing
     rc, out, _ = run(capsys, "verify", "--cas", str(cas), "--json")
     assert rc == 0
     assert json.loads(out)["ok"] is True
@@ -229,6 +233,7 @@ def test_workspace_runs_a_command(
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
+    (tmp_path / "cas").mkdir()
     proc = subprocess.run(
         [sys.executable, "-m", "fastmat", "verify", "--cas", str(tmp_path / "cas")],
         capture_output=True,
