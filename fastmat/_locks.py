@@ -203,7 +203,7 @@ def _sweep_one(parent_fd: int, name: str) -> bool:
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux: F_LINUX_SPECIFIC_BASE + 0
 
 
-def wait_no_writers(fd: int, timeout_s: float = 10.0) -> bool:
+def wait_no_writers(fd: int, timeout_s: float = 2.0) -> bool | None:
     """Waits until no process holds the file of ``fd`` (opened O_RDONLY) open for writing.
 
     Why: a file written by this process is about to be exec'ed, but a child that another
@@ -211,10 +211,12 @@ def wait_no_writers(fd: int, timeout_s: float = 10.0) -> bool:
     execs itself (O_CLOEXEC only closes it at exec), and exec of a file open for writing
     fails with ETXTBSY. A read lease is refused with EAGAIN exactly while writers exist
     (``inode_is_open_for_write``), so taking and dropping one is the test. Returns True
-    when there are no writers, False on timeout or where leases are unavailable.
+    when there are no writers, False if some remain after ``timeout_s`` (a child that
+    forked without exec'ing may hold them for its whole life), None where leases are
+    unavailable (not Linux, NFS, leases-enable=0): then nobody can tell.
     """
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     deadline = time.monotonic() + timeout_s
     delay_s = 0.0002
     while True:
@@ -226,7 +228,7 @@ def wait_no_writers(fd: int, timeout_s: float = 10.0) -> bool:
             time.sleep(delay_s)
             delay_s = min(delay_s * 2, 0.005)
             continue
-        except OSError:  # EINVAL / ENOLCK / EACCES: no leases here (NFS, leases-enable=0)
-            return False
+        except OSError:  # EINVAL / ENOLCK / EACCES: no leases here
+            return None
         fcntl.fcntl(fd, _F_SETLEASE, fcntl.F_UNLCK)
         return True

@@ -43,6 +43,7 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _DIR_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC  # macOS: no O_PATH
 _NO_REFLINK = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ELOOP})
 _MAX_PARALLEL_VARIANTS = 8
+_VARIANT_ATTEMPTS = 4
 
 
 @dataclass
@@ -56,6 +57,7 @@ class CASCounters:
     copied_files: int = 0  # put_file calls that streamed the bytes
     exec_variants_built: int = 0  # variant constructions (published or not: single-flight
     # across threads and processes makes this one per digest over all instances)
+    exec_variants_rebuilt: int = 0  # extra inodes: a forked child kept the first writable
     temp_dirs_swept: int = 0  # dead owners' temp dirs removed at open
 
 
@@ -107,6 +109,8 @@ def _release(owned: _locks.OwnedDir, tmp_parent_fd: int, fds: list[int], pid: in
 
 class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe."""
+
+    exec_writers_timeout_s: float = 2.0  # see _build_variant
 
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.root = Path(path).absolute()
@@ -425,36 +429,43 @@ class LocalCAS:
         log.debug("executable variants: %d missing, %d built here", len(todo), built)
 
     def _build_variant(self, d: Digest) -> None:
-        tmp = self._tmp_name("exec")
-        try:
-            _binding.private_copy(
-                self.root_fd,
-                self.relpath(d),
-                self.tmp_fd,
-                tmp,
-                _EXEC_MODE,
-                fsync=self._fsync,
-                noreplace=True,
-            )
-        except FileNotFoundError:
-            raise BlobNotFoundError(d) from None
-        self._count(exec_variants_built=1)
-        try:
-            fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
+        for attempt in range(1, _VARIANT_ATTEMPTS + 1):
+            tmp = self._tmp_name("exec")
             try:
-                # A copy of the writable fd may live on in a child forked meanwhile by
-                # another thread; publishing before it is gone would risk ETXTBSY.
-                if not _locks.wait_no_writers(fd):
-                    log.debug("cannot prove %s has no writers (no leases)", d)
-                actual = _hash_fd(fd)
-            finally:
-                os.close(fd)
-            if actual != d:
-                raise DigestMismatchError(d, actual, f"blob {self.relpath(d)}; run verify()")
-        except BaseException:
-            self._unlink_tmp(tmp)
-            raise
-        self._publish(tmp, d, "exec")
+                _binding.private_copy(
+                    self.root_fd,
+                    self.relpath(d),
+                    self.tmp_fd,
+                    tmp,
+                    _EXEC_MODE,
+                    fsync=self._fsync,
+                    noreplace=True,
+                )
+            except FileNotFoundError:
+                raise BlobNotFoundError(d) from None
+            self._count(**{"exec_variants_built" if attempt == 1 else "exec_variants_rebuilt": 1})
+            try:
+                fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
+                try:
+                    # A child that another thread forked while the copy's writable fd was
+                    # open holds a copy of it until it execs: exec'ing the variant before
+                    # that would fail with ETXTBSY. Wait for it; a child that does not
+                    # exec soon may never do it, so then build another inode.
+                    busy = _locks.wait_no_writers(fd, self.exec_writers_timeout_s) is False
+                    actual = None if busy and attempt < _VARIANT_ATTEMPTS else _hash_fd(fd)
+                finally:
+                    os.close(fd)
+                if actual is None:
+                    self._unlink_tmp(tmp)
+                    log.info("variant of %s is held open for writing elsewhere: rebuilt", d)
+                    continue
+                if actual != d:
+                    raise DigestMismatchError(d, actual, f"blob {self.relpath(d)}; run verify()")
+            except BaseException:
+                self._unlink_tmp(tmp)
+                raise
+            self._publish(tmp, d, "exec")
+            return
 
     def _ensure_empty(self, d: Digest, area: str, mode: int) -> None:
         if self._is_file(f"{area}/{d.hash[:2]}/{d.key}"):

@@ -17,8 +17,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from fastmat import _locks
+import pytest
+
+from fastmat import _binding, _locks
 from fastmat.cas import LocalCAS
 from tests.helpers import as_nobody
 
@@ -100,19 +103,19 @@ def test_wait_no_writers_sees_a_forked_childs_copy_of_the_fd(tmp_path: Path) -> 
         os.read(go_r, 1)
         os._exit(0)
     try:
-        assert not _locks.wait_no_writers(r, timeout_s=0.05)
+        assert _locks.wait_no_writers(r, timeout_s=0.05) is False
         os.close(w)
-        assert not _locks.wait_no_writers(r, timeout_s=0.05)  # the child still has it
+        assert _locks.wait_no_writers(r, timeout_s=0.05) is False  # the child still has it
         os.write(go_w, b"x")
         os.waitpid(pid, 0)
-        assert _locks.wait_no_writers(r)
+        assert _locks.wait_no_writers(r) is True
     finally:
         os.close(r)
         os.close(go_r)
         os.close(go_w)
 
 
-def _lease_check_as_creator(path: str) -> bool:
+def _lease_check_as_creator(path: str) -> bool | None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o755)
     os.write(fd, b"#!/bin/sh\n")
     os.close(fd)
@@ -131,3 +134,40 @@ def test_wait_no_writers_works_unprivileged() -> None:
         assert as_nobody(_lease_check_as_creator, str(top / "tool")) is True
     finally:
         shutil.rmtree(top)
+
+
+def test_variant_rebuilt_when_a_child_keeps_the_writable_fd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worst case of the race, made deterministic: a child that inherited the
+    # variant's writable fd and does not exec for a long time (here: ever).
+    holders: list[subprocess.Popen[bytes]] = []
+    real_private_copy = _binding.private_copy
+
+    def private_copy_then_leak(
+        src_dirfd: int, src: str, dst_dirfd: int, dst: str, mode: int, **kw: Any
+    ) -> str:
+        how = real_private_copy(src_dirfd, src, dst_dirfd, dst, mode, **kw)
+        if not holders:
+            wfd = os.open(dst, os.O_WRONLY | os.O_CLOEXEC, dir_fd=dst_dirfd)
+            holders.append(subprocess.Popen(["sleep", "120"], pass_fds=[wfd]))
+            os.close(wfd)
+        return how
+
+    monkeypatch.setattr(_binding, "private_copy", private_copy_then_leak)
+    true_path = shutil.which("true")
+    assert true_path is not None
+    try:
+        with LocalCAS(tmp_path / "cas") as cas:
+            cas.exec_writers_timeout_s = 0.2
+            d = cas.put(Path(true_path).read_bytes() + b"\0held")
+            variant = cas.executable_path(d)
+            subprocess.run([str(variant)], check=True)  # no ETXTBSY
+            assert holders[0].poll() is None  # still holding the first inode open
+            c = cas.counters
+            assert (c.exec_variants_built, c.exec_variants_rebuilt) == (1, 1)
+            assert cas.executable_path(d).stat().st_ino == variant.stat().st_ino
+    finally:
+        for h in holders:
+            h.kill()
+            h.wait()
