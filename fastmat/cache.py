@@ -177,6 +177,8 @@ class DirectoryCache:
         damaged: tuple[int, int] | None = None
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
+            if hit:
+                self._builder.touch(e.key)
             t1 = time.perf_counter()
             try:
                 method, fell_back = self._builder.clone(e, dest)
@@ -332,6 +334,7 @@ class DirectoryCache:
                 self._release(e)
                 raise
             if hit:
+                self._builder.touch(e.key)
                 self._count("overlay")
             return e, hit, ws
         raise FastmatError(f"cache entry for {root} keeps failing its checks")

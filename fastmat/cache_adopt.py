@@ -16,7 +16,8 @@ from fastmat.errors import InvalidDigestError
 
 
 def adopt_all(entries_fd: int, locks_fd: int, trash: Path, trasher: Trasher) -> list[Entry]:
-    """Complete entries found on disk at open (oldest sidecar first); orphans (a tree
+    """Complete entries found on disk at open, least recently used first (sidecar
+    mtimes: set at construction, touched at every hit); orphans (a tree
     without sidecar or the reverse) are discarded when nobody holds their lock."""
     names = os.listdir(entries_fd)
     plans = {n[: -len(".plan")] for n in names if n.endswith(".plan")}

@@ -99,6 +99,11 @@ class Builder:
     def close(self) -> None:
         os.close(self.tmp_fd)
 
+    def touch(self, key: str) -> None:
+        """Marks the sidecar used now: a reopened cache orders its LRU by these times."""
+        with contextlib.suppress(OSError):
+            os.utime(f"{key}.plan", dir_fd=self.entries_fd, follow_symlinks=False)
+
     def direct(self, root: Digest, dest: Path) -> MaterializeStats:
         return materialize(
             self.cas,

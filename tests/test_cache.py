@@ -426,6 +426,20 @@ def test_reopen_adopts_complete_entries(
     assert leftovers(tmp_path / "cache") == []
 
 
+def test_reopen_keeps_the_lru_order(cas: LocalCAS, tmp_path: Path) -> None:
+    a = ingest(cas, tmp_path / "a", shape(10, 50))
+    b = ingest(cas, tmp_path / "b", shape(10, 51))
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        cache.materialize(a, tmp_path / "da")
+        cache.materialize(b, tmp_path / "db")
+        time.sleep(0.01)  # sidecar mtimes are the LRU clock across restarts
+        assert cache.materialize(a, tmp_path / "da2").hit  # a is now the most recent
+    with DirectoryCache(cas, tmp_path / "cache", max_entries=1) as cache:
+        assert cache.entry_path(a) is not None
+        assert cache.entry_path(b) is None
+        assert cache.stats().evictions == 1
+
+
 def test_orphans_are_discarded_at_open(
     cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path
 ) -> None:
