@@ -56,6 +56,34 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def format_markdown(res: dict[str, Any]) -> str:
+    """A Markdown table (one row per shape, one column per method: median ms and the
+    ratio to the floor), with the run's date and machine above it, for a README."""
+    methods = res["methods"]
+    cell = {(r["shape"], r["method"]): r for r in res["results"]}
+    m = res["machine"]
+    lines = [
+        f"`fastmat bench{' --quick' if res['config']['quick'] else ''}`, {res['date'][:10]}: "
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model')}), {m.get('filesystem')}, kernel "
+        f"{m.get('kernel')}; median ms of {res['config']['runs']} runs (ratio to the floor)",
+        "",
+        "| shape | " + " | ".join(x["label"] for x in methods) + " |",
+        "|---|" + "---:|" * len(methods),
+    ]
+    for s in res["shapes"]:
+        row = [f"{s['name']} ({s['files']:,} files, {_fmt_bytes(s['bytes'])})"]
+        for x in methods:
+            r = cell.get((s["name"], x["name"]))
+            if r is None or r["median_ms"] is None:
+                row.append("n/a")
+            elif x["name"] == "floor":
+                row.append(_fmt_ms(r["median_ms"]))
+            else:
+                row.append(f"{_fmt_ms(r['median_ms'])} ({r['ratio_to_floor']:.2f}x)")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(res: dict[str, Any], out: Path) -> None:
     """Two panels: time per shape per method (log scale), and cost per file against
     the file count (log-log). Needs matplotlib (the ``bench`` extra)."""

@@ -197,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int, default=0, metavar="N", help="threads (0: per CPU)")
     s.add_argument("--out", type=Path, metavar="FILE", help="write every sample as JSON")
     s.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG plot (needs matplotlib)")
+    s.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     s.add_argument("--remote", metavar="URL", help="also time fetching from this REAPI server")
     s.add_argument("--dir", type=Path, metavar="DIR", help="scratch parent (default: temp dir)")
     s.add_argument("--shapes", nargs="+", metavar="NAME", help="only these shapes")

@@ -288,7 +288,7 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
 
 def cmd_bench(args: argparse.Namespace) -> Outcome:
     from fastmat.bench import BenchConfig, run_bench, selected_methods, selected_shapes
-    from fastmat.bench_report import format_table, plot
+    from fastmat.bench_report import format_markdown, format_table, plot
 
     if args.plot is not None:  # fail before minutes of work, not after
         try:
@@ -321,4 +321,5 @@ def cmd_bench(args: argparse.Namespace) -> Outcome:
     if args.plot is not None:
         plot(res, args.plot)
         extra.append(f"plot: {args.plot}")
-    return 0, res, format_table(res) + "".join(f"{x}\n" for x in extra)
+    table = format_markdown(res) if args.markdown else format_table(res)
+    return 0, res, table + "".join(f"{x}\n" for x in extra)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmat.bench_report import format_table
+from fastmat.bench_report import format_markdown, format_table
 from fastmat.bench_shapes import SEED_SHAPES, Shape, file_sizes, generate, shapes_for
 from fastmat.cli import main
 from tests.reapi_server import BuildGrid, buildgrid
@@ -99,6 +99,9 @@ def test_bench_quick_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "scale_10k" in table
     assert "cp -al" in table
     assert "x floor" in table
+    md = format_markdown(res).splitlines()
+    assert md[2].startswith("| shape | floor | fastmat cold |")
+    assert len(md) == 4 + len(shapes)
 
 
 def test_plot_without_matplotlib_is_a_clear_error(
