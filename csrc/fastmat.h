@@ -168,13 +168,18 @@ int32_t fm_publish(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const 
 /* Sets `mode` on every directory (FM_WALK_DIRS) or regular file
  * (FM_WALK_FILES) under dirfd/path, path included; lstat semantics: never
  * follows, chmods or descends through a symlink (dangling ones included).
- * Returns 0, -ENOENT, -ENOTDIR, -ELOOP (path itself is a symlink), ... */
+ * Holds O(1) fds at any depth (goes back up through ".."). Returns 0,
+ * -ENOENT, -ENOTDIR, -ELOOP (path itself is a symlink), -EINVAL (what),
+ * -ESTALE (the tree was moved while walked), -EACCES, ... */
 int32_t fm_walk_chmod(int32_t dirfd, const char *path, uint32_t what, uint32_t mode);
 
 /* Removes dirfd/path and everything under it, making directories writable
  * (u+rwx) where needed; never chmods a file, never follows a symlink (a
- * symlink at path is unlinked itself). Returns 0, -ENOENT if path does not
- * exist, -EBUSY for a mount point, or the first other -errno. */
+ * symlink at path is unlinked itself) nor descends into another filesystem.
+ * Entries removed meanwhile by a concurrent remover are not errors. Returns
+ * 0, -ENOENT if path does not exist, -EBUSY for a mount point (path itself or
+ * one below it: nothing of the mounted filesystem is deleted), -ESTALE, or
+ * the first other -errno. */
 int32_t fm_remove_tree(int32_t dirfd, const char *path);
 
 /* 1 if a reflink works in this directory's filesystem, 0 if not, -errno if
