@@ -1408,3 +1408,37 @@ def test_exec_plan_emlink_for_real_on_ext4(tmp_path: Path) -> None:
     moved_on = len(entries) - (65_000 - 1)  # links beyond the old inode's limit
     assert new.st_nlink == 1 + moved_on
     nb.remove_tree(dest)
+
+
+@pytest.mark.stress
+def test_stress_exec_plan_100k_entries_with_fallbacks(cas: Path, dest: Path) -> None:
+    """100,000 entries in 1,000 directories on 8 threads, with EXDEV and EMLINK injected
+    into the middle of the run: every entry made, every fallback counted."""
+    dirs = [(0, f"d{i}") for i in range(100)] + [(1 + i % 100, f"s{i}") for i in range(900)]
+    entries: list[Entry] = []
+    blobs = ["blobs/a", "blobs/b", "blobs/x"]
+    for d in range(1, len(dirs) + 1):
+        for j in range(98):
+            entries.append((nb.FM_OP_LINK, d, f"f{j}", blobs[j % 3], 0o444))
+        entries.append((nb.FM_OP_SYMLINK, d, "s", "f0", 0))
+        entries.append((nb.FM_OP_EMPTY, d, "e", "", 0o444))
+    plan = make_plan(dirs, entries)
+    fds = open_fds()
+    with nb.injected("link", -errno.EXDEV, 500):
+        res = run_plan(dest, cas, plan, threads=8, max_inflight=256)
+    assert res.rc == 0
+    assert set(res.status) == {0}
+    assert open_fds() == fds
+    xdev = sum(1 for h in res.how if h & nb.FM_HOW_XDEV)
+    assert xdev == 500
+    dest2 = dest.parent / "dest2"
+    dest2.mkdir()
+    with nb.injected("link", -errno.EMLINK, 30):
+        res = run_plan(dest2, cas, plan, threads=8, max_inflight=256)
+    assert res.rc == 0
+    assert sum(1 for h in res.how if h & nb.FM_HOW_ROTATED) == 30
+    for b in blobs:
+        assert mode_of(cas / b) == (0o555 if b.endswith("x") else 0o444)
+    nb.remove_tree(dest)
+    nb.remove_tree(dest2)
+    assert leftovers(cas / "blobs") == []
