@@ -41,9 +41,10 @@ elif mode.startswith("hang-"):
             marker.write_text("here")
             time.sleep(600)
     cache_ops._hook = hang
-while not os.path.exists(go):
-    time.sleep(0.002)
 with LocalCAS(cas_dir) as cas, DirectoryCache(cas, cache_dir) as c:
+    Path(dest + ".opened").write_text("opened")  # the cache is open (its index read)
+    while not os.path.exists(go):
+        time.sleep(0.002)
     if mode == "workspace":
         with c.workspace(Digest.parse(root), dest) as ws:
             Path(dest + ".ready").write_text(ws.method)
@@ -101,6 +102,8 @@ def _result(proc: subprocess.Popen[str]) -> dict[str, object]:
 def test_four_processes_one_construction(cas: LocalCAS, tmp_path: Path) -> None:
     root = ingest_spec(cas, tmp_path / "src", shape(300, 1))
     procs = [_spawn(cas, tmp_path, root, str(tmp_path / f"d{i}"), "slow") for i in range(4)]
+    for i, p in enumerate(procs):  # all four opened the cache empty, then all go at once
+        _wait_for(tmp_path / f"d{i}.opened", p)
     (tmp_path / "go").write_text("go")
     results = [_result(p) for p in procs]
     assert sum(int(str(r["constructions"])) for r in results) == 1
