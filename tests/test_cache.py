@@ -332,7 +332,7 @@ class _BlobsUnavailable:
 
     def fetch_blobs(self, digests: object) -> None:
         self.blob_calls += 1
-        time.sleep(0.3)
+        time.sleep(1.0)  # long enough for the other threads to be waiting on this flight
         raise RemoteError("remote CAS unavailable")
 
 
@@ -432,7 +432,7 @@ def test_reopen_keeps_the_lru_order(cas: LocalCAS, tmp_path: Path) -> None:
     with DirectoryCache(cas, tmp_path / "cache") as cache:
         cache.materialize(a, tmp_path / "da")
         cache.materialize(b, tmp_path / "db")
-        time.sleep(0.01)  # sidecar mtimes are the LRU clock across restarts
+        time.sleep(0.05)  # sidecar mtimes are the LRU clock across restarts
         assert cache.materialize(a, tmp_path / "da2").hit  # a is now the most recent
     with DirectoryCache(cas, tmp_path / "cache", max_entries=1) as cache:
         assert cache.entry_path(a) is not None
