@@ -1,21 +1,19 @@
 """The in-memory index of a DirectoryCache: entries, pins, sizes and the eviction policy.
 
 Everything here is plain data guarded by the cache's lock; nothing touches the disk.
-The policy is data too (a table, as in python-diskcache): it names the order in which
-unpinned entries are offered as eviction victims.
+The policy is data too (a table, as in python-diskcache). The index is a dict kept in
+eviction order (oldest first), so touching and evicting are O(1) per entry, never a sort.
 """
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 from fastmat.cache_entry import Replay
 from fastmat.digest import Digest
 
-_clock = itertools.count(1)  # a logical clock: strictly increasing, never equal
 REPLAY_BUDGET_FILES = 2_000_000  # replay plans kept in memory (~100 B per file)
 
 
@@ -30,18 +28,16 @@ class Entry:
     replay: Replay | None = None  # loaded lazily from the sidecar
     pins: int = 0  # clones, constructions and workspaces running on it in this process
     lock_fd: int = -1  # held LOCK_SH on locks/<key>.lock while pins > 0 (other processes)
-    stored: int = field(default_factory=lambda: next(_clock))
-    used: int = 0
 
     @property
     def key(self) -> str:
         return self.root.key
 
 
-# name -> the sort key offering victims first (smallest first)
-EVICTION_POLICIES: dict[str, Callable[[Entry], int]] = {
-    "least-recently-used": lambda e: max(e.used, e.stored),
-    "least-recently-stored": lambda e: e.stored,
+# name -> whether a hit moves the entry to the back of the eviction queue
+EVICTION_POLICIES: dict[str, bool] = {
+    "least-recently-used": True,
+    "least-recently-stored": False,
 }
 
 
@@ -105,6 +101,8 @@ class CacheIndex:
             self._replay_files += e.files
         self._replays[id(e)] = e
         self._replays.move_to_end(id(e))
+        if self._replay_files <= REPLAY_BUDGET_FILES:
+            return
         for k, old in list(self._replays.items()):
             if self._replay_files <= REPLAY_BUDGET_FILES or old is e:
                 break
@@ -114,7 +112,9 @@ class CacheIndex:
                 del self._replays[k]
 
     def touch(self, e: Entry) -> None:
-        e.used = next(_clock)
+        """A hit: under LRU, ``e`` goes to the back of the eviction queue."""
+        if EVICTION_POLICIES[self.limits.policy] and self._entries.get(e.key) is e:
+            self._entries[e.key] = self._entries.pop(e.key)
 
     @property
     def pinned(self) -> int:
@@ -129,11 +129,7 @@ class CacheIndex:
 
         The caller removes (or skips) each one before asking for the next.
         """
-        order = sorted(
-            (e for e in self._entries.values() if not e.pins),
-            key=EVICTION_POLICIES[self.limits.policy],
-        )
-        for e in order:
+        for e in list(self._entries.values()):
             if not self.over():
                 return
             if self._entries.get(e.key) is e and not e.pins:
