@@ -180,15 +180,17 @@ def test_close_finishes_pending_deletions(cas: LocalCAS, tmp_path: Path) -> None
     ]
 
 
-def test_max_bytes_evicts_least_recently_used(cas: LocalCAS, tmp_path: Path) -> None:
+@pytest.mark.parametrize("policy", ["least-recently-used", "least-recently-stored"])
+def test_max_bytes_evicts_by_policy(cas: LocalCAS, tmp_path: Path, policy: str) -> None:
     roots = [ingest(cas, tmp_path / f"s{i}", {"f": bytes([i]) * 1000}) for i in range(3)]
-    with DirectoryCache(cas, tmp_path / "cache", max_bytes=2500) as cache:
+    with DirectoryCache(cas, tmp_path / "cache", max_bytes=2500, policy=policy) as cache:
         cache.materialize(roots[0], tmp_path / "d0")
         cache.materialize(roots[1], tmp_path / "d1")
-        assert cache.materialize(roots[0], tmp_path / "d0b").hit  # 0 is now the newest
+        assert cache.materialize(roots[0], tmp_path / "d0b").hit  # used again
         cache.materialize(roots[2], tmp_path / "d2")
-        assert cache.entry_path(roots[1]) is None
-        assert cache.entry_path(roots[0]) is not None
+        gone = 1 if policy == "least-recently-used" else 0
+        assert cache.entry_path(roots[gone]) is None
+        assert cache.entry_path(roots[1 - gone]) is not None
         assert cache.stats().bytes == 2000
 
 
