@@ -127,12 +127,12 @@ def test_six_processes_race_for_the_same_variants(tmp_path: Path) -> None:
 _PUT_FOREVER = """
 import os, sys
 from fastmat.cas import LocalCAS
-from tests.helpers import as_nobody
 cas = LocalCAS(sys.argv[1])
 print(cas.tmp_dir.name, flush=True)
+tail = os.urandom((1 << 20) - 8)
 i = 0
-while True:
-    cas.put(os.urandom(1 << 20))  # 1 MiB, fsync'ed: a kill lands mid-write often
+while True:  # nearly all the time inside put (1 MiB, fsync'ed): a kill lands mid-put
+    cas.put(i.to_bytes(8, "big") + tail)
     i += 1
     if i == 5:
         print("going", flush=True)
