@@ -36,12 +36,13 @@ from fastmat.cache_ops import Builder, evict
 from fastmat.cache_types import CacheResult, CacheStats, Damaged, Flight
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
+from fastmat.workspace import Workspace
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
     from fastmat.tree import Fetcher, TreeLimits
 
-__all__ = ["CacheResult", "CacheStats", "DirectoryCache"]
+__all__ = ["CacheResult", "CacheStats", "DirectoryCache", "Workspace"]
 
 log = logging.getLogger("fastmat")
 GiB = 1 << 30
@@ -197,9 +198,7 @@ class DirectoryCache:
         raise FastmatError(f"cache entry for {root} keeps failing its checks")
 
     @contextlib.contextmanager
-    def workspace(
-        self, root: Digest, dest: str | os.PathLike[str]
-    ) -> Iterator[workspace.Workspace]:
+    def workspace(self, root: Digest, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
         """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
 
         An overlay mount of the (pinned) entry where this process can mount, else a
@@ -216,14 +215,14 @@ class DirectoryCache:
             if self.limits.max_entries:
                 self._count("fallbacks")
             try:
-                yield workspace.Workspace(dest, r.method, root, r.hit)
+                yield Workspace(dest, r.method, root, r.hit)
             finally:
                 with contextlib.suppress(FileNotFoundError):  # the action removed it
                     _binding.remove_tree(dest)
             return
         e, hit, ws = mounted
         try:
-            yield workspace.Workspace(dest, "overlay", root, hit, ws / "upper")
+            yield Workspace(dest, "overlay", root, hit, ws / "upper")
         finally:
             try:
                 gone = workspace.unmount(dest, ws, self._trash_dir)
