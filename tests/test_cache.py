@@ -58,6 +58,19 @@ def test_miss_then_hit_byte_identical(
     assert leftovers(tmp_path / "cache") == []
 
 
+@pytest.mark.parametrize(
+    "spec", [{}, {"a/b/c": None, "link": ("l", "a/b")}], ids=["empty-root", "dirs-and-link"]
+)
+def test_trees_without_files(cas: LocalCAS, tmp_path: Path, spec: dict[str, object]) -> None:
+    root = ingest(cas, tmp_path / "src", spec)  # type: ignore[arg-type]
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        results = [cache.materialize(root, tmp_path / f"d{i}") for i in range(2)]
+        assert [r.hit for r in results] == [False, True]
+        assert (results[0].bytes, results[0].files) == (0, 0)
+    for i in range(2):
+        assert snapshot(tmp_path / f"d{i}") == snapshot(tmp_path / "src")
+
+
 def test_zero_byte_file_is_read_only_and_present(
     cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path
 ) -> None:
