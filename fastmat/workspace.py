@@ -11,6 +11,7 @@ all of it, ``dest`` included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -98,8 +99,14 @@ def unmount(dest: Path, ws: Path, trash: Path) -> Path | None:
     straggler process of the action still has a file open or its cwd inside (it keeps
     its private view until it lets go), so leaving a workspace cannot fail on EBUSY.
     """
-    _binding.umount(str(dest), detach=True)
-    os.rmdir(dest)
+    try:
+        _binding.umount(str(dest), detach=True)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        log.warning("workspace %s was no longer mounted at exit", dest)  # the action did it
+    with contextlib.suppress(FileNotFoundError):
+        os.rmdir(dest)
     gone = trash / unique(f"{ws.name}.")
     try:
         os.rename(ws, gone)

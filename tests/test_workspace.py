@@ -167,6 +167,18 @@ def test_overlay_workspace_of_a_big_tree_and_exception_in_body(
 
 
 @needs_mount
+def test_an_action_that_unmounts_its_workspace(cas: LocalCAS, tmp_path: Path) -> None:
+    root = ingest(cas, tmp_path / "src", BASIC)
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        with cache.workspace(root, tmp_path / "ws") as ws:
+            _binding.umount(ws.path)
+        assert cache.stats().pinned == 0
+        cache.drain()
+        assert leftovers(tmp_path / "cache") == []
+    assert not (tmp_path / "ws").exists()
+
+
+@needs_mount
 def test_a_failing_mount_falls_back_to_hardlinks(
     cas: LocalCAS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
