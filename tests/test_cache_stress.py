@@ -16,7 +16,7 @@ from tests.cache_helpers import ingest, leftovers, modes_problems, mounted, shap
 pytestmark = pytest.mark.stress
 
 THREADS = 24
-ROUNDS = 16  # per thread
+ROUNDS = 32  # per thread: 768 materializations and workspaces in all
 
 
 def test_stress_many_threads_few_entries(tmp_path: Path) -> None:
