@@ -12,6 +12,10 @@ sidecar, renames the sidecar then the tree into ``entries/`` (the tree's rename 
 commit point: nothing half-built is ever under a final name) and inserts it pinned. A hit
 replays the sidecar's plan into ``dest`` with the C executor, hardlinking from the entry
 (no readdir, no stat walk), or clones it whole where ``clonefile(2)`` exists.
+
+Durability (``fsync=True``): the sidecar and the ``entries/`` directory are fsynced
+around the commit; the links inside a tree are not (a crash may lose some: the next hit
+finds them missing, and the entry is rebuilt, never served short).
 """
 
 from __future__ import annotations
