@@ -1281,9 +1281,21 @@ def test_pool_threads_hold_no_copies_of_other_fds(tmp_path: Path) -> None:
     assert list(results[0].status) == [-errno.EINVAL]  # a FIFO is not a regular file
 
 
-def _deny_openat2() -> None:
-    """Installs a seccomp filter: openat2(2) fails with ENOSYS, like on a pre-5.6 kernel."""
+# Syscall numbers for the seccomp filters below, by machine.
+_SYSCALLS = {
+    "x86_64": {"openat2": 437, "renameat2": 316, "copy_file_range": 326},
+    "aarch64": {"openat2": 437, "renameat2": 276, "copy_file_range": 285},
+}
+
+
+def _deny(name: str) -> None:
+    """Installs a seccomp filter: syscall `name` fails with ENOSYS (an older kernel)."""
     import ctypes
+    import platform
+
+    nr = _SYSCALLS.get(platform.machine(), {}).get(name)
+    if nr is None:
+        raise NotImplementedError(f"no syscall number for {name} on {platform.machine()}")
 
     class SockFilter(ctypes.Structure):
         _fields_ = [
@@ -1299,10 +1311,9 @@ def _deny_openat2() -> None:
             ("filter", ctypes.POINTER(SockFilter)),
         ]
 
-    nr_openat2 = 437  # the same on every architecture (new syscalls are unified)
     prog = (SockFilter * 4)(
         SockFilter(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: A = seccomp_data.nr
-        SockFilter(0x15, 0, 1, nr_openat2),  # BPF_JMP|BPF_JEQ|BPF_K
+        SockFilter(0x15, 0, 1, nr),  # BPF_JMP|BPF_JEQ|BPF_K
         SockFilter(0x06, 0, 0, 0x00050000 | errno.ENOSYS),  # SECCOMP_RET_ERRNO
         SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
     )
@@ -1312,6 +1323,10 @@ def _deny_openat2() -> None:
         raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
     if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+def _deny_openat2() -> None:
+    _deny("openat2")
 
 
 @pytest.mark.skipif(not nb.HAS_OPENAT2, reason="openat2 missing: the fallback runs everywhere")
@@ -1442,3 +1457,59 @@ def test_stress_exec_plan_100k_entries_with_fallbacks(cas: Path, dest: Path) -> 
     nb.remove_tree(dest)
     nb.remove_tree(dest2)
     assert leftovers(cas / "blobs") == []
+
+
+def test_publish_and_copy_without_renameat2_or_copy_file_range(tmp_path: Path) -> None:
+    """Old kernels: RENAME_NOREPLACE falls back to link + unlink, copies to read/write."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(300_000))
+    (tmp_path / "taken").write_text("mine")
+
+    def run() -> list[str]:
+        _deny("renameat2")
+        _deny("copy_file_range")
+        out: list[object] = []
+        nb.private_copy(nb.AT_FDCWD, str(src), nb.AT_FDCWD, str(tmp_path / "p"), 0o444)
+        out.append((tmp_path / "p").read_bytes() == src.read_bytes())
+        try:
+            nb.durable_write(nb.AT_FDCWD, str(tmp_path / "taken"), b"x", 0o444)
+        except FileExistsError:
+            out.append("exists")
+        (tmp_path / "t").write_text("t")
+        nb.publish(nb.AT_FDCWD, str(tmp_path / "t"), nb.AT_FDCWD, str(tmp_path / "u"))
+        out.append((tmp_path / "u").read_text())
+        out.append(not (tmp_path / "t").exists())
+        return [str(x) for x in out]
+
+    try:
+        got = in_child(run)
+    except NotImplementedError as e:
+        pytest.skip(str(e))
+    assert got == ["True", "exists", "t", "True"]
+    assert (tmp_path / "taken").read_text() == "mine"
+    assert leftovers(tmp_path) == []
+
+
+def test_exec_plan_enospc_leaves_no_partial_files(cas: Path, tmp_path: Path) -> None:
+    if not can_mount():
+        pytest.skip(str(mount_problem()))
+    (cas / "blobs" / "big").write_bytes(os.urandom(256 * 1024))
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128k", "tmpfs", str(tiny)], check=True)
+    try:
+        plan = make_plan(
+            [],
+            [
+                (nb.FM_OP_LINK, 0, "a", "blobs/a", 0o444),  # EXDEV: a small copy fits
+                (nb.FM_OP_LINK, 0, "big", "blobs/big", 0o444),  # does not
+                (nb.FM_OP_COPY, 0, "big2", "blobs/big", 0o444),
+            ],
+        )
+        res = run_plan(tiny, cas, plan, threads=1, keep_going=True)
+        assert list(res.status) == [0, -errno.ENOSPC, -errno.ENOSPC]
+        assert res.rc == -errno.ENOSPC
+        assert sorted(os.listdir(tiny)) == ["a"]
+        assert (tiny / "a").read_bytes() == b"alpha\n"
+    finally:
+        subprocess.run(["umount", str(tiny)], check=False)
