@@ -10,6 +10,7 @@ Ratios, all taken in one run (medians of >= 7):
 - The Python (load, validate, blob checks) vs system-call split of ``materialize``.
 - "cold": the in-process cache of validated Directory nodes cleared before each
   run (every message read, hashed, decoded, validated); otherwise warm.
+  "nocheck": ``check_blobs_first=False`` (no presence check of every blob).
 
 ``python benches/bench_materialize.py [--runs N] [--bytes-scale F]`` prints them;
 ``pytest benches/bench_materialize.py`` runs the pytest-benchmark versions.
@@ -157,6 +158,9 @@ def run(runs: int, bytes_scale: float, big_files_scale: float) -> dict[str, floa
             def mat_cold(dest: str, root: Digest = root, log: list[Any] = cold) -> None:
                 log.append(materialize(cas, root, dest, threads=THREADS))
 
+            def mat_nocheck(dest: str, root: Digest = root) -> None:
+                materialize(cas, root, dest, threads=THREADS, check_blobs_first=False)
+
             def floor(dest: str, plan: Plan = plan) -> float:
                 return floor_s(cas, plan, dest)
 
@@ -166,6 +170,7 @@ def run(runs: int, bytes_scale: float, big_files_scale: float) -> dict[str, floa
             methods: dict[str, Callable[[str], float | None]] = {
                 "materialize": mat,
                 "materialize_cold": mat_cold,
+                "materialize_nocheck": mat_nocheck,
                 "floor": floor,
             }
             if shape == "large_tree":
@@ -178,6 +183,7 @@ def run(runs: int, bytes_scale: float, big_files_scale: float) -> dict[str, floa
             out[f"{shape}.min_ratio_vs_floor"] = best["materialize"] / best["floor"]
             out[f"{shape}.ratio_vs_floor"] = t["materialize"] / t["floor"]
             out[f"{shape}.cold_ratio_vs_floor"] = t["materialize_cold"] / t["floor"]
+            out[f"{shape}.nocheck_ratio_vs_floor"] = t["materialize_nocheck"] / t["floor"]
             out[f"{shape}.python_ms"] = statistics.median(s.plan_s for s in warm) * 1e3
             out[f"{shape}.python_cold_ms"] = statistics.median(s.plan_s for s in cold) * 1e3
             out[f"{shape}.exec_ms"] = statistics.median(s.exec_s for s in warm) * 1e3

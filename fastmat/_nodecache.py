@@ -2,7 +2,7 @@
 
 A ``Directory`` digest names its content forever, so once its bytes were
 hashed, decoded and validated (under some ``TreeLimits``) the packed
-:class:`~fastmat.plan.Node` can be reused by every later ``load_plan`` with
+:class:`~fastmat.node.Node` can be reused by every later ``load_plan`` with
 the same limits: a worker sees the same toolchain and SDK directories in
 action after action. Least recently used nodes are dropped beyond
 ``max_bytes`` (estimated from the packed sizes). Thread-safe.
@@ -14,7 +14,7 @@ import threading
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastmat.plan import Node
+    from fastmat.node import Node
     from fastmat.tree import TreeLimits
 
 __all__ = ["NodeCache", "node_cache"]

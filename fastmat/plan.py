@@ -1,239 +1,64 @@
-"""The flat materialization plan: one validated ``Directory`` -> one packed chunk.
+"""The flat materialization plan built from validated nodes.
 
-A :class:`Node` is the packed form of one distinct ``Directory`` digest: the
-entries (files, then symlinks) as ready-to-join byte strings and arrays, and
-its subdirectories. :func:`expand` lays the nodes out breadth first (parents
-before children, each directory's entries contiguous) into the
+:func:`expand` lays the nodes (:mod:`fastmat.node`) out breadth first --
+parents before children, each directory's entries contiguous -- into the
 ``PlanArrays`` the C executor runs. No per-file Python object is kept: paths
 for error messages are rebuilt from the arrays (:meth:`Plan.path_of_entry`).
 """
 
 from __future__ import annotations
 
-import re
 from array import array
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from fastmat.digest import EMPTY_DIGEST, Digest
+from fastmat.digest import Digest
+from fastmat.node import OP_COPY, OP_EMPTY, OP_LINK, OP_SYMLINK, BadNode, Node, build_node
 
 if TYPE_CHECKING:
     from fastmat._binding import PlanArrays
-    from fastmat.tree import TreeLimits
 
-__all__ = ["OP_COPY", "OP_EMPTY", "OP_LINK", "OP_SYMLINK", "BadNode", "Node", "Plan"]
-
-# FM_OP_* from csrc/fastmat.h (repeated here so validation never needs the C core).
-OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
-_HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
-_EMPTY_HASH = EMPTY_DIGEST.hash
-_RESERVED = ("", ".", "..")
-_MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
-
-
-class BadNode(Exception):
-    """A ``Directory`` failed validation; ``name`` is the offending entry ("" = itself)."""
-
-    def __init__(self, message: str, name: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.name = name
-
-
-@dataclass(slots=True)
-class Node:
-    """One distinct ``Directory``, validated and packed."""
-
-    n: int  # entries: files + symlinks
-    ops: bytes
-    names: bytes  # NUL-terminated each
-    srcs: bytes  # NUL-terminated each: CAS relpath, symlink target, or b""
-    modes: array[int]
-    mtimes: array[int] | None
-    children: list[tuple[bytes, str]]  # (name, "hash-size" key)
-    n_files: int
-    n_bytes: int
-    exec_digests: list[Digest]
-
-
-def _name_problem(name: str, limits: TreeLimits) -> str | None:
-    if name in _RESERVED:
-        return f"name {name!r} is not a path component"
-    if "/" in name or "\0" in name:
-        return f"name {name!r} contains '/' or NUL"
-    if len(name.encode()) > limits.max_name_bytes:
-        return f"name longer than max_name_bytes ({limits.max_name_bytes})"
-    return None
-
-
-def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> None:
-    for kind, lst in zip(("files", "directories", "symlinks"), lists, strict=True):
-        if lst != sorted(lst):
-            i = next(i for i in range(len(lst) - 1) if lst[i] > lst[i + 1])
-            raise BadNode(f"{kind} not sorted by name ({lst[i]!r} before {lst[i + 1]!r})", lst[i])
-    names = lists[0] + lists[1] + lists[2]
-    n = len(names)
-    if n > limits.max_entries_per_dir:
-        raise BadNode(f"more than max_entries_per_dir ({limits.max_entries_per_dir}) entries")
-    if not n:
-        return
-    joined = "/".join(names)
-    unique = set(names)
-    longest = max(map(len, names))
-    if longest * 4 > limits.max_name_bytes and len(joined.encode()) != len(joined):
-        longest = max(len(x.encode()) for x in names)
-    if (
-        "\0" in joined
-        or joined.count("/") != n - 1
-        or not unique.isdisjoint(_RESERVED)
-        or longest > limits.max_name_bytes
-    ):
-        for x in names:
-            problem = _name_problem(x, limits)
-            if problem:
-                raise BadNode(problem, x)
-    if len(unique) != n:
-        seen: set[str] = set()
-        for x in names:
-            if x in seen:
-                raise BadNode(f"duplicate name {x!r} (files, directories, symlinks)", x)
-            seen.add(x)
-
-
-def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
-    """(mode, mtime_ns or -1) when NodeProperties ask for a private inode, else None."""
-    has_mode = node.HasField("unix_mode")
-    has_mtime = node.HasField("mtime")
-    if not (has_mode or has_mtime):
-        return None
-    mode = node.unix_mode.value if has_mode else (0o555 if executable else 0o444)
-    if mode > 0o7777:
-        raise BadNode(f"unix_mode {mode:#o} has bits outside 0o7777")
-    mtime = -1
-    if has_mtime:
-        sec, nanos = node.mtime.seconds, node.mtime.nanos
-        if sec < 0 or not 0 <= nanos < 1_000_000_000:
-            raise BadNode(f"mtime {sec}s {nanos}ns out of range")
-        mtime = sec * 1_000_000_000 + nanos
-    return mode & 0o777, mtime  # setuid / setgid / sticky dropped (see fastmat.tree)
-
-
-def _check_hashes(hashes: list[str], names: list[str], what: str) -> None:
-    if hashes and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
-        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
-        raise BadNode(f"{what} digest hash {hashes[i]!r} is not 64 lowercase hex digits", names[i])
-
-
-def build_node(msg: Any, limits: TreeLimits) -> Node:
-    """Validates one decoded ``Directory`` and packs it; raises :class:`BadNode`.
-
-    This is the per-file hot path: a few list comprehensions over the upb
-    message, one join and one encode per directory, no per-file objects kept.
-    """
-    files, syms, dirs = list(msg.files), msg.symlinks, list(msg.directories)
-    fnames = [f.name for f in files]
-    snames = [s.name for s in syms]
-    dnames = [x.name for x in dirs]
-    _check_names((fnames, dnames, snames), limits)
-    digests = [f.digest for f in files]
-    hashes = [x.hash for x in digests]
-    sizes = [x.size_bytes for x in digests]
-    _check_hashes(hashes, fnames, "file")
-    execs = [f.is_executable for f in files]
-    props = [f.HasField("node_properties") for f in files]
-    nf = len(fnames)
-    exec_digests: list[Digest] = []
-    mtimes: array[int] | None = None
-    if nf and (min(sizes) <= 0 or True in execs or True in props):
-        ops, modes, srcs, mt = bytearray(), array("I"), [], array("q")
-        for i, (h, size) in enumerate(zip(hashes, sizes, strict=True)):
-            if size < 0 or (size == 0 and h != _EMPTY_HASH):
-                raise BadNode(f"file digest {h}/{size} is impossible", fnames[i])
-            try:
-                p = _file_props(files[i].node_properties, execs[i]) if props[i] else None
-            except BadNode as e:
-                raise BadNode(e.message, fnames[i]) from None
-            if p is not None:
-                ops.append(OP_COPY if size else OP_EMPTY)
-                modes.append(p[0])
-                mt.append(p[1])
-                srcs.append(f"blobs/{h[:2]}/{h}-{size}" if size else "")
-                continue
-            mt.append(-1)
-            if size == 0:
-                ops.append(OP_EMPTY)
-                modes.append(0o555 if execs[i] else 0o444)
-                srcs.append("")
-            elif execs[i]:
-                ops.append(OP_LINK)
-                modes.append(0o555)
-                srcs.append(f"exec/{h[:2]}/{h}-{size}")
-                exec_digests.append(Digest(h, size))
-            else:
-                ops.append(OP_LINK)
-                modes.append(0o444)
-                srcs.append(f"blobs/{h[:2]}/{h}-{size}")
-        fops = bytes(ops)
-        if max(mt) >= 0:
-            mtimes = mt
-    else:
-        fops = b"\x01" * nf
-        modes = array("I", _MODE_444) * nf
-        srcs = [f"blobs/{h[:2]}/{h}-{s}" for h, s in zip(hashes, sizes, strict=True)]
-    ns = len(snames)
-    if ns:
-        targets = [s.target for s in syms]
-        for name, t in zip(snames, targets, strict=True):
-            if not t or "\0" in t or len(t.encode()) > limits.max_symlink_target_bytes:
-                raise BadNode(f"symlink target {t[:80]!r} is empty, has NUL or is too long", name)
-        srcs += targets
-        modes.extend(array("I", _MODE_777) * ns)
-        if mtimes is not None:
-            mtimes.extend(array("q", _NO_MTIME) * ns)
-    children: list[tuple[bytes, str]] = []
-    if dirs:
-        ddigests = [x.digest for x in dirs]
-        dhashes = [x.hash for x in ddigests]
-        dsizes = [x.size_bytes for x in ddigests]
-        _check_hashes(dhashes, dnames, "directory")
-        if min(dsizes) < 0:
-            i = dsizes.index(min(dsizes))
-            raise BadNode(f"directory digest size {dsizes[i]} is negative", dnames[i])
-        children = [
-            (name.encode(), f"{h}-{size}")
-            for name, h, size in zip(dnames, dhashes, dsizes, strict=True)
-        ]
-    n = nf + ns
-    return Node(
-        n=n,
-        ops=fops + b"\x02" * ns if ns else fops,
-        names=("\0".join(fnames + snames) + "\0").encode() if n else b"",
-        srcs=("\0".join(srcs) + "\0").encode() if n else b"",
-        modes=modes,
-        mtimes=mtimes,
-        children=children,
-        n_files=nf,
-        n_bytes=sum(sizes),
-        exec_digests=exec_digests,
-    )
+__all__ = [
+    "OP_COPY",
+    "OP_EMPTY",
+    "OP_LINK",
+    "OP_SYMLINK",
+    "BadNode",
+    "Node",
+    "Plan",
+    "blob_digest",
+    "build_node",
+    "expand",
+]
 
 
 class Plan:
     """A validated tree, flat: what ``materialize`` and the directory cache execute."""
 
-    __slots__ = ("arrays", "exec_digests", "n_bytes", "n_dirs", "n_files", "n_symlinks", "root")
+    __slots__ = (
+        "arrays",
+        "blobs",
+        "exec_digests",
+        "n_bytes",
+        "n_dirs",
+        "n_files",
+        "n_symlinks",
+        "root",
+    )
 
     def __init__(
         self,
         root: Digest,
         arrays: PlanArrays,
+        *,
         exec_digests: list[Digest],
         n_files: int,
         n_bytes: int,
+        blobs: list[bytes],
     ) -> None:
         self.root = root
         self.arrays = arrays
         self.exec_digests = exec_digests  # distinct digests linked from exec/
+        self.blobs = blobs  # distinct ``blobs/..`` relpaths read (exec: the plain blob)
         self.n_files = n_files
         self.n_bytes = n_bytes  # file bytes, every instance counted
         self.n_dirs = len(arrays.dir_parent)  # the root included
@@ -253,6 +78,12 @@ class Plan:
         base = self.path_of_dir(self.arrays.entry_dir[i])
         name = self.arrays.names.split(b"\0")[i].decode()
         return f"{base}/{name}" if base else name
+
+    def entry_of_blob(self, blob: bytes) -> int:
+        """The first entry reading ``blobs/..`` relpath ``blob`` (itself or its exec variant)."""
+        srcs = self.arrays.srcs.split(b"\0")
+        variant = b"exec/" + blob[6:]
+        return next(i for i, s in enumerate(srcs) if s in (blob, variant))
 
     def blob_srcs(self) -> dict[bytes, int]:
         """Distinct CAS blobs the plan reads (``blobs/..`` relpaths) -> first entry index.
@@ -306,6 +137,7 @@ def expand(nodes: dict[str, Node], root: Digest) -> Plan:
             dir_names.append(name)
         d += 1
     exec_digests = sorted({x for n in nodes.values() for x in n.exec_digests}, key=str)
+    blobs = list(dict.fromkeys(b for n in nodes.values() for b in n.blobs))
     arrays = PlanArrays(
         dir_parent=parents,
         dir_names=b"\0".join(dir_names) + b"\0",
@@ -316,4 +148,6 @@ def expand(nodes: dict[str, Node], root: Digest) -> Plan:
         names=b"".join(names),
         srcs=b"".join(srcs),
     )
-    return Plan(root, arrays, exec_digests, n_files, n_bytes)
+    return Plan(
+        root, arrays, exec_digests=exec_digests, n_files=n_files, n_bytes=n_bytes, blobs=blobs
+    )

@@ -42,7 +42,8 @@ from fastmat import proto
 from fastmat._nodecache import node_cache
 from fastmat.digest import Digest
 from fastmat.errors import BlobNotFoundError, DigestMismatchError, InvalidTreeError
-from fastmat.plan import BadNode, Node, Plan, build_node, expand
+from fastmat.node import BadNode, Node, build_node
+from fastmat.plan import Plan, expand
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS

@@ -194,6 +194,12 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
         "blob not found",
         "sub/gone.o",
     ),
+    "missing executable blob": lambda c: Case(
+        _in_sub(c, node(c, files=[("tool", Digest.of(b"no such tool"), True)])),
+        BlobNotFoundError,
+        "blob not found",
+        "sub/tool",
+    ),
     "missing directory": lambda c: Case(
         _in_sub(c, Digest.of(b"no such Directory")), BlobNotFoundError, "blob not found", "sub"
     ),
@@ -336,6 +342,21 @@ def test_cached_nodes_are_revalidated_under_other_limits(cas: LocalCAS, tmp_path
     with pytest.raises(InvalidTreeError, match="max_entries_per_dir"):
         materialize(cas, root, tmp_path / "dest", limits=TreeLimits(max_entries_per_dir=10))
     assert not os.path.lexists(tmp_path / "dest")
+
+
+@pytest.mark.parametrize(
+    "name", ["missing file blob", "missing executable blob", "lying file size"]
+)
+def test_missing_blobs_without_the_precheck(name: str, cas: LocalCAS, tmp_path: Path) -> None:
+    """check_blobs_first=False: the link fails instead, with the same error, and no dest."""
+    case = CASES[name](cas)
+    root = node(cas, files=[("first", _file(cas, b"present"), False)], dirs=[("z", case.root)])
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(BlobNotFoundError) as info:
+        materialize(cas, root, dest, check_blobs_first=False, threads=1)
+    assert info.value.path == f"z/{case.path}"
+    assert os.listdir(dest.parent) == []
 
 
 def test_corpus_is_large_enough() -> None:
