@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from typing import TYPE_CHECKING, Any
@@ -50,7 +51,7 @@ def ingest_tree(cas: LocalCAS, src_dir: str | os.PathLike[str]) -> Digest:
     """
     top = os.fspath(src_dir)
     if not stat.S_ISDIR(os.lstat(top).st_mode):
-        raise NotADirectoryError(20, "ingest source is not a directory", top)
+        raise NotADirectoryError(errno.ENOTDIR, "ingest source is not a directory", top)
     # Iterative post-order walk: [message, subdirs (path, relative path), next subdir].
     stack: list[list[Any]] = []
     done: list[Digest] = []
