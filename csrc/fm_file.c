@@ -399,8 +399,10 @@ static int durable_write(const struct file_call *a)
     int fd = create_excl(dst_dirfd, tmp);
     if (fd < 0)
         return fd;
+    /* 1 MiB writes: one huge write(2) is several times slower here (page
+     * cache pressure), and any size is a correct loop. */
     for (uint64_t done = 0; done < len;) {
-        uint64_t chunk = len - done > (1u << 30) ? (1u << 30) : len - done;
+        uint64_t chunk = len - done > (1u << 20) ? (1u << 20) : len - done;
         int64_t n = fm__write(fd, buf + done, (size_t)chunk);
         if (n < 0)
             return drop(fd, dst_dirfd, tmp, (int)n);
