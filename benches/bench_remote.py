@@ -1,7 +1,8 @@
 """Fetching from BuildGrid on loopback: the fetch -> link pipeline against its parts.
 
 For the 635-file (180 MB, flat) and 1,978-file (466 MB, ~100 dirs) shapes, each
-run starting from an empty local CAS, all in the same process run (medians):
+run starting from an empty local CAS, all in the same process run (medians,
+the variants taking turns round by round):
 
 - ``pipelined``: ``fastmat.fetch.materialize_remote`` (links while fetching);
 - ``fetch-only``: the same fetches (GetTree + blobs) into an empty CAS, no links;
@@ -66,12 +67,15 @@ _BG_CHILD = textwrap.dedent(
 )
 
 
-def median_of(runs: int, fn: Callable[[int], float]) -> float:
-    times = []
+def medians(runs: int, fns: dict[str, Callable[[int], float]]) -> dict[str, float]:
+    """Round-robin (each round runs every variant once), so that a machine whose
+    load changes during the run slows every variant alike; medians per variant."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for i in range(runs):
-        gc.collect()
-        times.append(fn(i))
-    return statistics.median(times)
+        for name, fn in fns.items():
+            gc.collect()
+            times[name].append(fn(i))
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def bench_shape(
@@ -137,7 +141,7 @@ def bench_shape(
         return dt
 
     def link_only(i: int) -> float:
-        cas = filled[i % len(filled)]
+        cas = filled[i]
         dest = work / f"link{n}-{i}"
         t0 = time.perf_counter()
         materialize(cas, root, dest)
@@ -167,16 +171,17 @@ def bench_shape(
         cleanup(dest)
         return float(out.stdout.split()[-1])
 
-    res = {
-        "fetch_only": median_of(args.runs, fetch_only),
-        "files": n_files,
-        "bytes": total_bytes,
-        "pipelined": median_of(args.runs, pipelined),
-        "link_only": median_of(args.runs, link_only),
-        "fetch_then_link": median_of(args.runs, fetch_then_link),
-        "buildgrid": median_of(args.runs, buildgrid),
-        "peak_inflight": peak,
-    }
+    res = medians(
+        args.runs,
+        {
+            "fetch_only": fetch_only,  # first: link_only links from the CAS it filled
+            "link_only": link_only,
+            "pipelined": pipelined,
+            "fetch_then_link": fetch_then_link,
+            "buildgrid": buildgrid,
+        },
+    )
+    res.update(files=n_files, bytes=total_bytes, peak_inflight=peak)
     for cas in filled:
         cas.close()
         cleanup(cas.root)

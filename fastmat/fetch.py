@@ -638,8 +638,10 @@ def run_pipelined(
             ready_q: queue.SimpleQueue[list[Digest] | None] = queue.SimpleQueue()
             errors: list[BaseException] = []
 
-            def on_ready(ds: list[Digest]) -> None:
+            def on_ready(ds: list[Digest]) -> None:  # runs on the fetch workers
                 fetcher.stats.last_fetch_ns = time.monotonic_ns()
+                # executable variants made here, in parallel, not on the linker thread
+                cas.ensure_executables(d for d in ds if d in linker.exec_digests)
                 ready_q.put(ds)
 
             def fetch() -> None:
@@ -670,7 +672,6 @@ def run_pipelined(
                             ready_q.put(None)
                             break
                         batch.extend(more)
-                cas.ensure_executables(d for d in batch if d in linker.exec_digests)
                 idx = [i for d in batch for i in linker.by_digest[d]]
                 linker.link(idx, first=False)
                 fetcher.stats.link_calls += 1
