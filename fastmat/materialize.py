@@ -87,7 +87,7 @@ def check_blobs(
     reads is in the local CAS, asking ``fetcher`` once for the missing ones; then
     makes the executable variants the plan links. ``presence=False`` skips the
     presence check (one ``faccessat`` per distinct blob) and only makes the variants."""
-    absent = _missing(cas, plan.blobs) if presence else []
+    absent = _missing(cas, plan.blob_list()) if presence else []
     if absent and fetcher is not None:
         fetcher.fetch_blobs([blob_digest(b) for b in absent])
         absent = _missing(cas, absent)
@@ -221,7 +221,7 @@ def materialize(
             try:
                 res = run_plan(cas, plan, path, threads=threads, max_inflight=max_inflight)
             except FileNotFoundError as e:
-                absent = _missing(cas, plan.blobs) if optimistic else []
+                absent = _missing(cas, plan.blob_list()) if optimistic else []
                 if absent:  # dest is already gone
                     raise _not_found(plan, absent[0]) from e
                 raise

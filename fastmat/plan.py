@@ -53,12 +53,12 @@ class Plan:
         exec_digests: list[Digest],
         n_files: int,
         n_bytes: int,
-        blobs: list[bytes],
+        blobs: bytes,
     ) -> None:
         self.root = root
         self.arrays = arrays
         self.exec_digests = exec_digests  # distinct digests linked from exec/
-        self.blobs = blobs  # distinct ``blobs/..`` relpaths read (exec: the plain blob)
+        self.blobs = blobs  # distinct ``blobs/..`` relpaths read, NUL-separated (see blob_list)
         self.n_files = n_files
         self.n_bytes = n_bytes  # file bytes, every instance counted
         self.n_dirs = len(arrays.dir_parent)  # the root included
@@ -78,6 +78,10 @@ class Plan:
         base = self.path_of_dir(self.arrays.entry_dir[i])
         name = self.arrays.names.split(b"\0")[i].decode()
         return f"{base}/{name}" if base else name
+
+    def blob_list(self) -> list[bytes]:
+        """The distinct ``blobs/..`` relpaths the plan reads (executables: the plain blob)."""
+        return self.blobs.split(b"\0") if self.blobs else []
 
     def entry_of_blob(self, blob: bytes) -> int:
         """The first entry reading ``blobs/..`` relpath ``blob`` (itself or its exec variant)."""
@@ -137,7 +141,7 @@ def expand(nodes: dict[str, Node], root: Digest) -> Plan:
             dir_names.append(name)
         d += 1
     exec_digests = sorted({x for n in nodes.values() for x in n.exec_digests}, key=str)
-    blobs = list(dict.fromkeys(b for n in nodes.values() for b in n.blobs))
+    blobs = b"\0".join(dict.fromkeys(b for n in nodes.values() for b in n.blobs))
     arrays = PlanArrays(
         dir_parent=parents,
         dir_names=b"\0".join(dir_names) + b"\0",
