@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 import sysconfig
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -353,3 +354,47 @@ def test_remote_cas_as_fetcher_against_a_real_server(tmp_path: Path) -> None:
         assert (tmp_path / "dest" / "empty").is_dir()
         again = materialize(cas, root, tmp_path / "again")  # everything is local now
         assert again.linked == 20
+
+
+def test_node_properties_on_xfs_are_counted_reflinks(xfs_dir: Path) -> None:
+    with LocalCAS(xfs_dir / "cas", fsync=False) as cas:
+        root, blob = _one_file_tree(cas, b"r" * 100_000, mode=0o600)
+        stats = materialize(cas, root, xfs_dir / "dest")
+        assert (stats.reflinked, stats.copied, stats.linked) == (1, 0, 0)
+        st = os.stat(xfs_dir / "dest" / "f")
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_ino != os.stat(cas.path(blob)).st_ino
+        assert (xfs_dir / "dest" / "f").read_bytes() == b"r" * 100_000
+
+
+def test_concurrent_calls_share_variants_and_nodes(cas: LocalCAS, tmp_path: Path) -> None:
+    """Eight threads, one tree with executables: every tree complete, one variant each."""
+    src = tmp_path / "src"
+    for i in range(30):
+        p = src / f"d{i % 3}" / f"t{i:02d}"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(f"#!/bin/sh\necho {i}\n".encode())
+        p.chmod(0o755 if i % 2 else 0o644)
+    root = ingest_tree(cas, src)
+    barrier = threading.Barrier(8)
+    results: list[object] = [None] * 8
+
+    def run(k: int) -> None:
+        barrier.wait()
+        try:
+            results[k] = materialize(cas, root, tmp_path / f"dest{k}", threads=2)
+        except BaseException as e:  # reported below
+            results[k] = e
+
+    workers = [threading.Thread(target=run, args=(k,)) for k in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    want = _snapshot(src)
+    for k in range(8):
+        assert not isinstance(results[k], BaseException), results[k]
+        assert _snapshot(tmp_path / f"dest{k}") == want
+    assert cas.counters.exec_variants_built == 15
+    tool = tmp_path / "dest0" / "d1" / "t01"
+    assert os.stat(tool).st_nlink == 1 + 8  # the variant + one link per tree
