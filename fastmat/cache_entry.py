@@ -87,7 +87,7 @@ def from_plan(plan: Plan, root: Digest, tree_dirfd: int) -> Replay:
         base = dir_path[a.entry_dir[i]]
         out.append(base + b"/" + name if base else name)
         ops[i] = _binding.FM_OP_LINK
-        modes[i] &= 0o7555  # EXDEV copies of entry files stay read-only
+        modes[i] &= 0o7555  # EXDEV copies of entry files are read-only too
         files.append(i)
     arrays = _binding.PlanArrays(
         dir_parent=array.array("i", a.dir_parent),

@@ -5,7 +5,6 @@ Nothing here takes the cache's in-memory lock; every function runs on the caller
 
 from __future__ import annotations
 
-import array
 import contextlib
 import errno
 import fcntl
@@ -28,14 +27,16 @@ from fastmat.cache_index import CacheIndex, Entry
 from fastmat.cache_types import Damaged
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
-from fastmat.materialize import MaterializeStats, check_blobs, materialize, run_plan
+from fastmat.materialize import MaterializeStats, materialize
 from fastmat.tree import load_plan
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
+    from fastmat.plan import Plan
     from fastmat.tree import Fetcher, TreeLimits
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _XDEV = bytes(b for b in range(256) if b & _binding.FM_HOW_XDEV)  # translate(): count flags
 
 
@@ -171,19 +172,25 @@ class Builder:
 
     def _build(self, root: Digest) -> Entry:
         key = root.key
-        plan = load_plan(self.cas, root, fetcher=self.fetcher, limits=self.limits)
-        check_blobs(self.cas, plan, self.fetcher)
-        modes = plan.arrays.mode
-        if any(m & 0o222 for m in modes):  # NodeProperties modes: entries stay read-only
-            plan.arrays.mode = array.array("I", (m & ~0o222 for m in modes))
         work = self.tmp / unique("b-")
         os.mkdir(work, 0o700)
         try:
             tree = work / "t"
-            run_plan(self.cas, plan, tree, threads=self.threads, max_inflight=self.max_inflight)
+            # the materializer itself: any fetcher kind, fetch overlapped with linking
+            materialize(
+                self.cas,
+                root,
+                tree,
+                fetcher=self.fetcher,
+                threads=self.threads,
+                max_inflight=self.max_inflight,
+                limits=self.limits,
+            )
             _hook("built")
+            plan = load_plan(self.cas, root, limits=self.limits)  # local now, nodes cached
             tfd = os.open(tree, _O_DIR)
             try:
+                _read_only(plan, tfd)
                 replay = cache_entry.from_plan(plan, root, tfd)
                 ident = file_ident(os.fstat(tfd))
             finally:
@@ -281,6 +288,21 @@ class Builder:
                 _binding.remove_tree(dest)
             raise
         return len(res.how) - len(res.how.translate(None, _XDEV))
+
+
+def _read_only(plan: Plan, tree_fd: int) -> None:
+    """NodeProperties may ask for a writable mode. An entry is shared by every later hit,
+    so its private inodes (empty files, NodeProperties copies: never CAS inodes) lose
+    their write bits; EXDEV copies made at a hit get the masked mode too."""
+    a = plan.arrays
+    writable = [i for i, m in enumerate(a.mode) if m & 0o222]
+    for i in writable:
+        if a.op[i] in (_binding.FM_OP_EMPTY, _binding.FM_OP_COPY):
+            fd = os.open(plan.path_of_entry(i), _O_FILE, dir_fd=tree_fd)
+            try:
+                os.fchmod(fd, a.mode[i] & 0o7555)
+            finally:
+                os.close(fd)
 
 
 def _src(replay: cache_entry.Replay, i: int) -> str:

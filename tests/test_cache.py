@@ -116,6 +116,34 @@ def test_hit_into_another_filesystem_copies_read_only(
     assert modes_problems(tmpfs_dir / "d") == []
 
 
+def test_node_properties_writable_modes_are_dropped_in_entries(
+    cas: LocalCAS, tmp_path: Path
+) -> None:
+    blob = cas.put(b"props\n")
+    msg = proto.Directory()
+    for name, d in (("e", Digest.of(b"")), ("p.txt", blob), ("q.txt", blob)):
+        f = msg.files.add(name=name)
+        f.digest.hash, f.digest.size_bytes = d.hash, d.size_bytes
+        if name != "q.txt":
+            f.node_properties.unix_mode.value = 0o666
+        else:
+            f.node_properties.mtime.seconds = 1_000_000
+    root = cas.put(msg.SerializeToString(deterministic=True))
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        cache.materialize(root, tmp_path / "d1")
+        assert cache.materialize(root, tmp_path / "d2").hit
+        entry = cache.entry_path(root)
+    assert entry is not None
+    for tree in (entry, tmp_path / "d1", tmp_path / "d2"):
+        assert modes_problems(tree) == []
+        assert (tree / "p.txt").read_bytes() == b"props\n"
+        assert (tree / "q.txt").stat().st_mtime_ns == 1_000_000 * 10**9
+        assert (tree / "e").stat().st_size == 0
+    # private inodes: the CAS blob keeps its own mode and mtime
+    assert (entry / "p.txt").stat().st_ino != cas.path(blob).stat().st_ino
+    assert cas.path(blob).stat().st_mode & 0o777 == 0o444
+
+
 def test_entry_plain_file_is_the_cas_inode(
     cas: LocalCAS, basic: tuple[Digest, Path], tmp_path: Path
 ) -> None:
