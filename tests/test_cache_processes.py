@@ -182,3 +182,28 @@ def test_another_process_never_evicts_a_mounted_entry(cas: LocalCAS, tmp_path: P
     assert data == {k: bytes(v[1]).decode() for k, v in want.items() if v[0] == "f"}  # type: ignore[call-overload]
     assert not mounted(tmp_path)
     assert not Path(ws).exists()
+
+
+def test_entry_evicted_by_another_process_is_rebuilt(cas: LocalCAS, tmp_path: Path) -> None:
+    root = ingest_spec(cas, tmp_path / "src", shape(40, 7))
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        cache.materialize(root, tmp_path / "d0")
+        # another process opens the same cache with no room: it evicts the unpinned entry
+        evictor = (
+            "import sys; from fastmat.cas import LocalCAS; from fastmat.cache import "
+            "DirectoryCache\nwith LocalCAS(sys.argv[1]) as cas, "
+            "DirectoryCache(cas, sys.argv[2], max_bytes=0) as c: print(c.stats().evictions)"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", evictor, str(cas.root), str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        )
+        assert out.stdout.strip() == "1"
+        assert cache.entry_path(root) is not None  # this process still lists it...
+        res = cache.materialize(root, tmp_path / "d1")  # ...notices it is gone, rebuilds
+        assert (res.hit, cache.stats().constructions) == (False, 2)
+        assert (tmp_path / "cache" / "entries" / root.key).is_dir()
+    assert snapshot(tmp_path / "d1") == snapshot(tmp_path / "src")
