@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import stat
 from pathlib import Path
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from fastmat.plan import Plan
     from fastmat.tree import Fetcher, TreeLimits
 
+log = logging.getLogger("fastmat")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _O_FILE = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 _XDEV = bytes(b for b in range(256) if b & _binding.FM_HOW_XDEV)  # translate(): count flags
@@ -210,6 +212,7 @@ class Builder:
             if self.fsync:
                 os.fsync(self.entries_fd)
             _hook("published")
+            log.debug("cache entry %s built: %d files, %d bytes", key, replay.files, replay.bytes)
             return Entry(root, replay.bytes, replay.files, ident, replay=replay)
         finally:
             with contextlib.suppress(FileNotFoundError):
@@ -325,4 +328,6 @@ def evict(index: CacheIndex, entries_fd: int, locks_fd: int, trash: Path, trashe
             n += 1
         finally:
             os.close(fd)
+    if n:
+        log.debug("cache: evicted %d entries (%d left, %d bytes)", n, len(index), index.bytes)
     return n
