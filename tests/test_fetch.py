@@ -542,3 +542,28 @@ def test_bound_holds_across_concurrent_calls(
         slow.stop()
     for root, blobs in trees:
         assert not cas.missing(d for d in blobs if d not in directory_digests(root, blobs))
+
+
+def test_named_instance(buildgrid: BuildGrid, tmp_path: Path, cas: LocalCAS) -> None:
+    """Every call carries the instance name (ByteStream: ``{instance}/blobs/...``)."""
+    server = BuildGrid(tmp_path / "bgd", instance="ci/fastmat")
+    server.start()
+    try:
+        spec = make_spec("instance", n_small=8, n_large=2)
+        root, blobs = build_tree(spec)
+        up = Uploader(server.address, instance="ci/fastmat")
+        up.upload(blobs)
+        up.close()
+        with (
+            RemoteCAS(server.url, "ci/fastmat") as remote,
+            RemoteFetcher(remote, cas) as f,
+        ):
+            assert remote.find_missing(blobs) == []
+            materialize_remote(cas, root, tmp_path / "out", f)
+            assert f.stats.streams == 2
+            assert f.stats.get_tree == 1
+        with RemoteCAS(server.url, "other") as wrong, pytest.raises(RemoteError):
+            wrong.find_missing(blobs)  # an unknown instance is an error, not "all missing"
+    finally:
+        server.stop()
+    check_tree(tmp_path / "out", spec)
