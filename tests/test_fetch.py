@@ -494,20 +494,33 @@ def test_absent_directory_names_its_path(
     assert not os.path.lexists(tmp_path / "out")
 
 
-def test_materialize_uses_the_fetcher_protocol(
+def test_materialize_with_a_remote(
     uploader: Uploader, proxy: GrpcProxy, cas: LocalCAS, tmp_path: Path
 ) -> None:
-    """``materialize(..., fetcher=RemoteFetcher)``: the tree.Fetcher protocol path."""
-    from fastmat.materialize import materialize
+    """``materialize(..., fetcher=RemoteCAS | RemoteFetcher)`` runs the pipeline; the
+    bare ``tree.Fetcher`` protocol (``fetch_blobs`` then link) still works too."""
+    from fastmat.materialize import check_blobs, materialize, run_plan
+    from fastmat.tree import load_plan
 
     spec = make_spec("protocol", n_small=15, n_large=1)
     root, blobs = build_tree(spec)
     uploader.upload(blobs)
-    with RemoteCAS(proxy.url) as remote, RemoteFetcher(remote, cas) as f:
-        stats = materialize(cas, root, tmp_path / "out", fetcher=f)
-    check_tree(tmp_path / "out", spec)
-    assert stats.files == sum(1 for k, v in spec.items() if not k.endswith("/")) - 2
-    assert max(proxy.fetches.values()) == 1
+    n_files = sum(1 for k, v in spec.items() if not k.endswith("/")) - 2  # minus symlinks
+    with RemoteCAS(proxy.url) as remote:
+        stats = materialize(cas, root, tmp_path / "a", fetcher=remote)
+        check_tree(tmp_path / "a", spec)
+        assert stats.files == n_files
+        assert max(proxy.fetches.values()) == 1
+        with LocalCAS(tmp_path / "cas2", fsync=False) as cas2, RemoteFetcher(remote, cas2) as f:
+            stats = materialize(cas2, root, tmp_path / "b", fetcher=f)
+            assert f.stats.link_calls >= 1  # pipelined
+            check_tree(tmp_path / "b", spec)
+        with LocalCAS(tmp_path / "cas3", fsync=False) as cas3, RemoteFetcher(remote, cas3) as f:
+            plan = load_plan(cas3, root, fetcher=f)
+            check_blobs(cas3, plan, f)  # fetch_blobs, all of them, then link
+            run_plan(cas3, plan, tmp_path / "c")
+            check_tree(tmp_path / "c", spec)
+    assert max(proxy.fetches.values()) == 3  # once per CAS
 
 
 def test_bound_holds_across_concurrent_calls(
