@@ -5,7 +5,9 @@ the system temp dir) holds the generated source trees, a CAS they are ingested i
 a directory cache and every destination, and is removed afterwards. Each method runs
 once untimed (warm-up), then ``runs`` times interleaved with the other methods so
 background noise spreads evenly; the figure is the median, and every ratio is taken
-against the floor measured in the same run.
+against the floor measured in the same run. Dirty pages are flushed (``sync``) before
+every run, so the write-back of an earlier step (the generated trees, a copytree's
+bytes) does not stall a later method's metadata operations inside its clock.
 """
 
 from __future__ import annotations
@@ -177,6 +179,7 @@ def _measure(
             if m.name in skipped or (run and len(samples[m.name]) >= planned[m.name]):
                 continue
             dest = env.work / f"{subj.shape.name}.{m.name}.{run}"
+            os.sync()  # write-back of earlier steps (copytree's bytes) must not land here
             try:
                 seconds = m.run(env, subj, dest)
             except Skip as e:
