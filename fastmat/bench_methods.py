@@ -161,18 +161,18 @@ def cp_al(env: Env, subj: Subject, dest: Path) -> float:
 
 
 def remote_fetch(env: Env, subj: Subject, dest: Path) -> float:
-    """The cold fetch pipeline: an empty local CAS, every blob from the remote,
-    linked as it arrives (``fetch.materialize_remote``)."""
+    """The cold fetch pipeline: an empty local CAS, every blob from the remote, each
+    linked as it arrives (``materialize`` with a ``RemoteCAS`` as the fetcher)."""
     from fastmat.cas import LocalCAS
-    from fastmat.fetch import RemoteFetcher, materialize_remote
+    from fastmat.materialize import materialize
 
     if env.remote is None:
         raise Skip("no --remote URL")
     cas_dir = dest.with_name(dest.name + ".cas")
     try:
-        with LocalCAS(cas_dir, fsync=False) as cas, RemoteFetcher(env.remote, cas) as fetcher:
+        with LocalCAS(cas_dir, fsync=False) as cas:
             t0 = time.perf_counter()
-            materialize_remote(cas, subj.root, dest, fetcher, threads=env.threads)
+            materialize(cas, subj.root, dest, fetcher=env.remote, threads=env.threads)
             elapsed = time.perf_counter() - t0
     finally:
         for p in (dest, cas_dir):
