@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 2
+#define FM_ABI_VERSION 3
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -52,6 +52,7 @@
 /* ---- fm_plan_exec flags ---- */
 #define FM_EXEC_DIRS_EXIST 1 /* directories already created by an earlier call */
 #define FM_EXEC_KEEP_GOING 2 /* do not stop at the first failing entry */
+#define FM_EXEC_CHECK_SRCS 4 /* check every LINK / COPY src before creating anything */
 
 /* ---- fault injection sites (tests only; fm_inject) ---- */
 #define FM_SITE_LINK 1    /* linkat of a plan entry */
@@ -107,6 +108,16 @@ uint32_t fm_capabilities(void);
  * (-ECANCELED if never attempted after a failure), how[i] an FM_HOW_* value,
  * dir_status[d] 0 or -errno per directory. Returns 0, or the first failure
  * in plan order (directories before entries), or -EINVAL for a malformed plan.
+ *
+ * FM_EXEC_CHECK_SRCS: first, on the same pool, fstatat(src_dirfd, src,
+ * AT_SYMLINK_NOFOLLOW) of every LINK and COPY entry's src; it must be a
+ * regular file. Every failing entry gets status[i] = -ENOENT (absent),
+ * -ELOOP (a symlink), -EISDIR (a directory), -EINVAL (another non-regular
+ * file) or the fstatat error (-EACCES, -ENOTDIR, ...). If any failed, nothing
+ * is created (KEEP_GOING or not): every other status[i] stays -ECANCELED,
+ * every directory's dir_status stays -ECANCELED (0 for directory 0, and for
+ * all with FM_EXEC_DIRS_EXIST), and the first failing entry's error in plan
+ * order is returned. A src may still vanish between the check and its use.
  */
 int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan *plan,
                      const struct fm_exec_opts *opts, int32_t *status, uint8_t *how,

@@ -1,11 +1,13 @@
 /*
  * fm_exec.c - the plan executor and the benchmark floor.
  *
- * Directories are created first, in plan order (parents before children).
- * Entries are then cut into chunks that never span two directories; worker
- * threads claim chunks from one atomic counter, resolve the chunk's
- * directory once (openat2 RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS, or
- * component-wise O_NOFOLLOW) and do its entries relative to that fd.
+ * With FM_EXEC_CHECK_SRCS the pool first checks every entry's src (nothing
+ * is created if one fails). Directories are then created, in plan order
+ * (parents before children). Entries are cut into chunks that never span
+ * two directories; worker threads claim chunks from one atomic counter,
+ * resolve the chunk's directory once (openat2 RESOLVE_BENEATH |
+ * RESOLVE_NO_SYMLINKS, or component-wise O_NOFOLLOW) and do its entries
+ * relative to that fd.
  */
 #include "fm_internal.h"
 
@@ -352,6 +354,40 @@ static int stopped(struct ctx *c)
     return !(c->flags & FM_EXEC_KEEP_GOING) && atomic_load_explicit(&c->stop, memory_order_relaxed);
 }
 
+/* The src of a LINK / COPY entry must be a regular file: 0 or -errno (the
+ * errno of fm__open_src for a non-regular one). */
+static int check_src(struct ctx *c, uint32_t i)
+{
+    uint8_t op = c->p->op[i];
+    if (op != FM_OP_LINK && op != FM_OP_COPY)
+        return 0;
+    struct stat st;
+    int rc = fm__fstatat(c->src_dirfd, c->src[i], &st, AT_SYMLINK_NOFOLLOW);
+    if (rc < 0 || S_ISREG(st.st_mode))
+        return rc;
+    return S_ISLNK(st.st_mode) ? -ELOOP : S_ISDIR(st.st_mode) ? -EISDIR : -EINVAL;
+}
+
+/* FM_EXEC_CHECK_SRCS: every chunk, no early stop (every failing entry gets
+ * its status); a failure sets c->stop, so nothing is created after. */
+static void *check_worker(void *arg)
+{
+    struct ctx *c = arg;
+    for (;;) {
+        uint32_t k = atomic_fetch_add(&c->next_chunk, 1);
+        if (k >= c->n_chunks)
+            break;
+        for (uint32_t i = c->chunk[k]; i < c->chunk[k + 1]; i++) {
+            int rc = check_src(c, i);
+            if (rc < 0) {
+                c->status[i] = rc;
+                atomic_store(&c->stop, 1); /* KEEP_GOING or not */
+            }
+        }
+    }
+    return NULL;
+}
+
 static void *worker(void *arg)
 {
     struct ctx *c = arg;
@@ -428,7 +464,7 @@ static uint32_t clamp_threads(uint32_t threads)
 struct pool_arg {
     void *(*fn)(void *);
     void *arg;
-    int keep[3]; /* the only fds a pool thread keeps in its table */
+    const int *keep; /* the only fds a pool thread keeps in its table, or NULL */
 };
 
 /* Every pool thread first takes a private fd table (see fm__isolated): the
@@ -436,17 +472,20 @@ struct pool_arg {
 static void *pool_main(void *p)
 {
     struct pool_arg *a = p;
-    fm__private_fd_table(a->keep, 3);
+    if (a->keep != NULL)
+        fm__private_fd_table(a->keep, 3);
     return a->fn(a->arg);
 }
 
-/* Runs fn on `n` new threads keeping fds keep0..2 and waits for them; when
- * not even one can be created, the caller does the work. Pool threads block
- * every signal so that Python's handlers run on its own threads. */
-static void run_pool(void *(*fn)(void *), void *arg, uint32_t n, int keep0, int keep1, int keep2)
+/* Runs fn on `n` new threads and waits for them; when not even one can be
+ * created, the caller does the work. With keep (3 fds, negative ones
+ * ignored) each thread first takes a private fd table holding only those;
+ * NULL (fn opens no fd) skips that. Pool threads block every signal so that
+ * Python's handlers run on its own threads. */
+static void run_pool(void *(*fn)(void *), void *arg, uint32_t n, const int *keep)
 {
     pthread_t tid[MAX_THREADS];
-    struct pool_arg a = {fn, arg, {keep0, keep1, keep2}};
+    struct pool_arg a = {fn, arg, keep};
     uint32_t started = 0;
     sigset_t all, old;
     sigfillset(&all);
@@ -580,11 +619,22 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     dir_status[0] = 0;
     for (uint32_t d = 1; d < plan->n_dirs; d++)
         dir_status[d] = exist ? 0 : -ECANCELED;
-    if (!exist)
+    uint32_t n_threads = threads < c.n_chunks ? threads : c.n_chunks;
+    int srcs_ok = 1;
+    if ((c.flags & FM_EXEC_CHECK_SRCS) && c.n_chunks > 0) {
+        if (n_threads > 1)
+            run_pool(check_worker, &c, n_threads, NULL);
+        else
+            check_worker(&c); /* opens no fd: no thread needed */
+        srcs_ok = !atomic_load(&c.stop);
+        atomic_store(&c.next_chunk, 0);
+    }
+    if (srcs_ok && !exist)
         make_dirs(&c);
-    if (!stopped(&c) && c.n_chunks > 0)
-        run_pool(worker, &c, threads < c.n_chunks ? threads : c.n_chunks, dest_dirfd, src_dirfd,
-                 c.tmp_dirfd);
+    if (srcs_ok && !stopped(&c) && c.n_chunks > 0) {
+        int keep[3] = {dest_dirfd, src_dirfd, c.tmp_dirfd};
+        run_pool(worker, &c, n_threads, keep);
+    }
 
     rc = 0;
     for (uint32_t d = 0; d < plan->n_dirs && rc == 0; d++)
@@ -680,7 +730,8 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
         rc = fm__mkdirat(dest_dirfd, c.dir_path[d], plan->dir_mode);
     if (rc == 0 && f.n > 0) {
         uint32_t chunks = (f.n + MAX_CHUNK - 1) / MAX_CHUNK;
-        run_pool(floor_worker, &f, threads < chunks ? threads : chunks, dest_dirfd, src_dirfd, -1);
+        int keep[3] = {dest_dirfd, src_dirfd, -1};
+        run_pool(floor_worker, &f, threads < chunks ? threads : chunks, keep);
         rc = atomic_load(&f.err);
     }
     uint64_t t1 = now_ns();

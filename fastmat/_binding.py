@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -303,18 +303,25 @@ def exec_plan(
     dirs_exist: bool = False,
     keep_going: bool = False,
     tmp_dirfd: int = -1,
+    check_srcs: bool = False,
 ) -> ExecResult:
     """Runs the plan on the C pool. Per-item failures are in the result, never raised.
 
-    Raises ``OSError(EINVAL)`` for a malformed plan (nothing is done then).
+    ``check_srcs`` (FM_EXEC_CHECK_SRCS): every LINK / COPY src must be a regular
+    file under ``src_dirfd`` before anything is created; otherwise nothing is, each
+    failing entry's status says why (-ENOENT absent, -ELOOP symlink, -EISDIR,
+    -EINVAL other), all else stays -ECANCELED. Raises ``OSError(EINVAL)`` for a
+    malformed plan (nothing is done then).
     """
     cplan = _CPlan(plan)
     ne, nd = plan.n_entries, plan.n_dirs
     opts = ffi.new("struct fm_exec_opts *")
     opts.threads = threads
     opts.max_inflight = max_inflight
-    opts.flags = (lib.FM_EXEC_DIRS_EXIST if dirs_exist else 0) | (
-        lib.FM_EXEC_KEEP_GOING if keep_going else 0
+    opts.flags = (
+        (lib.FM_EXEC_DIRS_EXIST if dirs_exist else 0)
+        | (lib.FM_EXEC_KEEP_GOING if keep_going else 0)
+        | (lib.FM_EXEC_CHECK_SRCS if check_srcs else 0)
     )
     opts.tmp_dirfd = tmp_dirfd
     status = array.array("i", bytes(4 * ne))

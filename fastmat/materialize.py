@@ -1,9 +1,11 @@
 """Materializing a validated tree from the local CAS into a new directory.
 
-``materialize`` validates everything first (tree, limits, blob presence),
-then creates ``dest`` (0755) and runs the whole plan in one native call.
-On any failure ``dest`` is removed entirely and the first failing entry's
-``OSError`` is raised with its full path (DESIGN.md invariants 10-12).
+``materialize`` validates the tree and limits first, then creates ``dest``
+(0755) and runs the whole plan in one native call, which checks every blob's
+presence before creating anything inside ``dest`` (``check_srcs``). On any
+failure ``dest`` is removed entirely and the first failing entry's
+``OSError`` (or ``BlobNotFoundError``) is raised with its path
+(DESIGN.md invariants 10-12).
 """
 
 from __future__ import annotations
@@ -100,10 +102,24 @@ def check_blobs(
             raise _not_found(plan, cas.relpath(e.digest).encode()) from None
 
 
+def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> BlobNotFoundError | None:
+    """``BlobNotFoundError`` (digest, tree path) when the first failing entry is a
+    LINK / COPY that failed with ENOENT because its CAS file is indeed absent."""
+    i = next((i for i, rc in enumerate(res.status) if rc < 0 and rc != -errno.ECANCELED), None)
+    if i is None or res.status[i] != -errno.ENOENT:
+        return None
+    if plan.arrays.op[i] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
+        return None
+    src = plan.arrays.srcs.split(b"\0")[i]
+    if os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
+        return None  # ENOENT for another reason (the destination vanished)
+    return BlobNotFoundError(blob_digest(src), plan.path_of_entry(i))
+
+
 def _failure(plan: Plan, dest: str, res: _binding.ExecResult) -> OSError:
     """The OSError of the first failing directory or entry, with its full path."""
     for d, rc in enumerate(res.dir_status):
-        if rc < 0:
+        if rc < 0 and rc != -errno.ECANCELED:
             rel = plan.path_of_dir(d)
             break
     else:
@@ -124,10 +140,14 @@ def run_plan(
     *,
     threads: int = 0,
     max_inflight: int = 64,
+    check_srcs: bool = False,
 ) -> _binding.ExecResult:
     """Creates ``dest`` (0755; it must not exist) and executes ``plan`` into it.
-    Blobs and executable variants must be present (:func:`check_blobs`). On any
-    failure ``dest`` is removed and the first failure is raised as ``OSError``."""
+    Executable variants must exist (:func:`check_blobs`, ``presence=False`` is
+    enough); ``check_srcs`` checks every blob natively before creating anything
+    in ``dest`` (else blobs must be present too). On any failure ``dest`` is
+    removed and the first failure is raised: ``BlobNotFoundError`` (digest, tree
+    path) for an absent blob, else ``OSError`` with the full path."""
     path = os.fspath(dest)
     os.mkdir(path, 0o755)
     try:
@@ -141,11 +161,12 @@ def run_plan(
                 threads=threads,
                 max_inflight=max_inflight,
                 tmp_dirfd=cas.tmp_fd,
+                check_srcs=check_srcs,
             )
         finally:
             os.close(fd)
         if res.rc != 0:
-            raise _failure(plan, path, res)
+            raise _blob_failure(cas, plan, res) or _failure(plan, path, res)
     except BaseException:
         _binding.remove_tree(path)
         raise
@@ -177,7 +198,7 @@ def materialize(
     shared 0555 variant; empty files fresh read-only inodes; symlinks verbatim;
     NodeProperties on private inodes (``unix_mode & 0o777`` wins over
     ``is_executable``; mtime to the nanosecond). The tree and every blob are checked before
-    anything is created. ``threads`` 0 = one per core; at most ``max_inflight``
+    anything is created in ``dest``. ``threads`` 0 = one per core; at most ``max_inflight``
     entries in flight.
 
     ``fetcher``: missing Directory messages and blobs come from it. Any object
@@ -186,10 +207,12 @@ def materialize(
     instead overlaps fetching and linking (``fetch.run_pipelined``): present
     files are linked while the rest arrive; ``dest`` is still removed on failure.
 
-    ``check_blobs_first=False`` (local blobs only) skips the presence check of
-    every blob before creating ``dest`` (about 1 us per distinct blob): a
-    missing blob then fails its link, ``dest`` is removed and the same
-    ``BlobNotFoundError`` is raised, after the work was done in vain.
+    Without a fetcher, the presence check is done by the native call (every
+    file's source, on its thread pool) before anything is created inside
+    ``dest``; a missing blob removes the still empty ``dest``.
+    ``check_blobs_first=False`` (local blobs only) skips it: a missing blob
+    then fails its link, ``dest`` is removed and the same ``BlobNotFoundError``
+    is raised, after the work was done in vain.
 
     Raises ``FileExistsError`` / ``FileNotFoundError`` (dest), ``InvalidTreeError``,
     ``DigestMismatchError``, ``BlobNotFoundError``, or the ``OSError`` of the first
@@ -215,16 +238,17 @@ def materialize(
                 cas, plan, path, f, threads=threads, max_inflight=max_inflight
             )
         else:
-            optimistic = f is None and not check_blobs_first
-            check_blobs(cas, plan, f, presence=not optimistic)
+            # Without a fetcher, the native call checks presence (check_srcs).
+            check_blobs(cas, plan, f, presence=f is not None)
             t1 = time.perf_counter()
-            try:
-                res = run_plan(cas, plan, path, threads=threads, max_inflight=max_inflight)
-            except FileNotFoundError as e:
-                absent = _missing(cas, plan.blob_list()) if optimistic else []
-                if absent:  # dest is already gone
-                    raise _not_found(plan, absent[0]) from e
-                raise
+            res = run_plan(
+                cas,
+                plan,
+                path,
+                threads=threads,
+                max_inflight=max_inflight,
+                check_srcs=f is None and check_blobs_first,
+            )
     finally:
         if owned is not None:
             owned.close()

@@ -217,6 +217,35 @@ def test_failure_removes_dest_and_names_the_path(cas: LocalCAS, tmp_path: Path) 
     assert sorted(os.listdir(tmp_path)) == ["cas", "src"]
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_missing_blobs_create_nothing(cas: LocalCAS, tmp_path: Path, threads: int) -> None:
+    """The native presence check: no dest, the digest and tree path of the first missing file."""
+    root = _nested(cas, tmp_path)
+    gone = {7: Digest.of(b"file 7\n"), 30: Digest.of(b"file 30\n")}
+    for d in gone.values():
+        os.unlink(cas.path(d))
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(BlobNotFoundError) as info:
+        materialize(cas, root, dest, threads=threads)
+    assert info.value.digest == gone[30]  # d2/f030: directory d2 before d3 (f007) in the plan
+    assert info.value.path == "d2/f030"
+    assert os.listdir(dest.parent) == []
+
+
+def test_non_regular_blob_fails_before_creating_anything(cas: LocalCAS, tmp_path: Path) -> None:
+    root = _nested(cas, tmp_path)
+    blob = cas.path(Digest.of(b"file 5\n"))
+    os.unlink(blob)
+    os.symlink("/etc/passwd", blob)
+    dest = tmp_path / "out" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(OSError, match="materializing 'd1/f005'") as info:
+        materialize(cas, root, dest)
+    assert info.value.errno == errno.ELOOP
+    assert os.listdir(dest.parent) == []
+
+
 def test_mkdir_failure_removes_dest(cas: LocalCAS, tmp_path: Path) -> None:
     root = _nested(cas, tmp_path)
     dest = tmp_path / "dest"

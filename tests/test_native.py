@@ -885,6 +885,122 @@ def test_exec_plan_keep_going(cas: Path, dest: Path) -> None:
     assert list(res.status) == [-errno.ENOENT, 0, -errno.EEXIST]
 
 
+def _odd_srcs(cas: Path) -> None:
+    """blobs/sym (a symlink to a), blobs/dir (a directory), blobs/fifo."""
+    (cas / "blobs" / "sym").symlink_to("a")
+    (cas / "blobs" / "dir").mkdir()
+    os.mkfifo(cas / "blobs" / "fifo")
+
+
+def _check_srcs_plan() -> nb.PlanArrays:
+    return make_plan(
+        [(0, "d"), (1, "e")],
+        [
+            (nb.FM_OP_LINK, 0, "ok", "blobs/a", 0o444),
+            (nb.FM_OP_SYMLINK, 0, "s", "blobs/missing", 0),  # a target: never checked
+            (nb.FM_OP_EMPTY, 0, "empty", "", 0o444),
+            (nb.FM_OP_LINK, 1, "gone", "blobs/missing", 0o444),
+            (nb.FM_OP_COPY, 1, "gone2", "blobs/nope", 0o644),
+            (nb.FM_OP_LINK, 2, "sym", "blobs/sym", 0o444),
+            (nb.FM_OP_COPY, 2, "dir", "blobs/dir", 0o444),
+            (nb.FM_OP_LINK, 2, "fifo", "blobs/fifo", 0o444),
+            (nb.FM_OP_LINK, 2, "notdir", "blobs/a/x", 0o444),
+            (nb.FM_OP_LINK, 2, "b", "blobs/b", 0o444),
+        ],
+    )
+
+
+_CHECK_SRCS_STATUS = [
+    -errno.ECANCELED,
+    -errno.ECANCELED,
+    -errno.ECANCELED,
+    -errno.ENOENT,
+    -errno.ENOENT,
+    -errno.ELOOP,
+    -errno.EISDIR,
+    -errno.EINVAL,
+    -errno.ENOTDIR,
+    -errno.ECANCELED,
+]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("keep_going", [False, True])
+def test_exec_plan_check_srcs_creates_nothing(
+    cas: Path, dest: Path, threads: int, keep_going: bool
+) -> None:
+    _odd_srcs(cas)
+    res = run_plan(
+        dest,
+        cas,
+        _check_srcs_plan(),
+        threads=threads,
+        max_inflight=1,
+        check_srcs=True,
+        keep_going=keep_going,
+    )
+    assert res.rc == -errno.ENOENT  # the first failing entry in plan order
+    assert list(res.status) == _CHECK_SRCS_STATUS  # every failing entry, whatever the thread
+    assert res.how == bytes(10)
+    assert list(res.dir_status) == [0, -errno.ECANCELED, -errno.ECANCELED]
+    assert os.listdir(dest) == []
+    assert sorted(os.listdir(cas / "blobs")) == ["a", "b", "dir", "fifo", "sym", "x"]
+
+
+def test_exec_plan_check_srcs_with_existing_dirs(cas: Path, dest: Path) -> None:
+    _odd_srcs(cas)
+    (dest / "d" / "e").mkdir(parents=True)
+    res = run_plan(dest, cas, _check_srcs_plan(), check_srcs=True, dirs_exist=True)
+    assert res.rc == -errno.ENOENT
+    assert list(res.status) == _CHECK_SRCS_STATUS
+    assert list(res.dir_status) == [0, 0, 0]
+    assert sorted(str(p.relative_to(dest)) for p in dest.rglob("*")) == ["d", "d/e"]
+
+
+def test_exec_plan_check_srcs_first_error_is_in_plan_order(cas: Path, dest: Path) -> None:
+    _odd_srcs(cas)
+    entries: list[Entry] = [(nb.FM_OP_LINK, 0, f"n{i}", "blobs/a", 0o444) for i in range(500)]
+    entries[7] = (nb.FM_OP_LINK, 0, "n7", "blobs/sym", 0o444)
+    entries[400] = (nb.FM_OP_LINK, 0, "n400", "blobs/missing", 0o444)
+    res = run_plan(dest, cas, make_plan([], entries), threads=4, max_inflight=8, check_srcs=True)
+    assert res.rc == -errno.ELOOP
+    expect = [-errno.ECANCELED] * 500
+    expect[7], expect[400] = -errno.ELOOP, -errno.ENOENT
+    assert list(res.status) == expect
+    assert os.listdir(dest) == []
+
+
+def test_exec_plan_check_srcs_when_all_present_is_a_normal_run(cas: Path, tmp_path: Path) -> None:
+    dirs = [(0, "d"), (1, "e"), (0, "f")]
+    entries: list[Entry] = []
+    for d in range(4):
+        entries += [(nb.FM_OP_LINK, d, f"l{i}", "blobs/a", 0o444) for i in range(30)]
+        entries += [
+            (nb.FM_OP_COPY, d, "c", "blobs/b", 0o640),
+            (nb.FM_OP_SYMLINK, d, "s", "l0", 0),
+            (nb.FM_OP_EMPTY, d, "z", "", 0o444),
+        ]
+    plan = make_plan(dirs, entries)
+    results, trees = [], []
+    for check in (False, True):
+        out = tmp_path / f"out{check}"
+        out.mkdir()
+        res = run_plan(out, cas, plan, threads=3, max_inflight=6, check_srcs=check)
+        results.append((res.rc, list(res.status), res.how, list(res.dir_status)))
+        trees.append(
+            sorted(
+                (str(p.relative_to(out)), mode_of(p), os.readlink(p) if p.is_symlink() else "")
+                for p in out.rglob("*")
+            )
+        )
+    assert results[0] == results[1]
+    assert results[1][0] == 0
+    assert set(results[1][1]) == {0}
+    assert trees[0] == trees[1]
+    assert len(trees[1]) == 3 + 4 * 33
+    assert os.stat(cas / "blobs" / "a").st_nlink == 1 + 2 * 4 * 30
+
+
 def test_exec_plan_mkdir_failure(cas: Path, dest: Path) -> None:
     plan = make_plan(
         [(0, "a"), (1, "b"), (0, "c")],
