@@ -73,6 +73,10 @@ class DirectoryCache:
     inode, size, mode, mtime of up to 9 files) and treats a replay failing with ENOENT
     as damage too; a damaged entry is invalidated and rebuilt, never served. A file
     outside the sample rewritten in place keeping size and mtime is not detected.
+
+    Only whole trees are cached (no per-subdirectory entries): on Linux a hit costs one
+    link per file whatever entry it links from, and the tree loader's node cache already
+    re-validates only the changed path of a tree that differs by one file.
     """
 
     def __init__(
@@ -83,7 +87,6 @@ class DirectoryCache:
         max_bytes: int = 10 * GiB,
         max_entries: int = 10_000,
         fetcher: Fetcher | None = None,
-        subtrees: bool = False,
         threads: int = 0,
         max_inflight: int = 64,
         limits: TreeLimits | None = None,
@@ -94,9 +97,6 @@ class DirectoryCache:
         self.cas = cas
         self.path = Path(path).absolute()
         self.limits = Limits(max_bytes, max_entries, policy)
-        if subtrees:  # accepted for API stability; whole trees are what is cached today
-            log.warning("DirectoryCache(subtrees=True) is not implemented: whole trees only")
-        self.subtrees = False
         for d in ("entries", "tmp", "trash", "locks"):
             (self.path / d).mkdir(parents=True, exist_ok=True)
         self._entries = self.path / "entries"
