@@ -16,58 +16,34 @@ bytes but keeps the file count, which is what materialization pays for.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fastmat import proto
+from fastmat.bench_shapes import SCALING_SHAPE, SEED_SHAPES, file_sizes, relative_dirs
 from fastmat.digest import Digest
 
-MB = 1_000_000
-
-
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    files: int
-    total_bytes: int
-    dirs: int = 1
-
-
-SHAPES = {
-    s.name: s
-    for s in (
-        Shape("small_flat", 64, 64_000),
-        Shape("pcm_cluster", 219, 40 * MB, 12),
-        Shape("medium_flat", 635, 180 * MB),
-        Shape("large_tree", 1978, 466 * MB, 100),
-        Shape("scale_100k", 100_000, 100 * MB, 1000),
-    )
-}
+_ALL = {s.name: s for s in (*SEED_SHAPES, SCALING_SHAPE)}
 
 
 def entries(
     name: str, *, files_scale: float = 1.0, bytes_scale: float = 1.0
 ) -> list[tuple[str, int, bool]]:
-    """(relative path, size, executable) of every file of a shape; deterministic."""
-    shape = SHAPES[name]
-    n = max(1, round(shape.files * files_scale))
-    rng = random.Random(f"{name}/{n}")
-    weights = [rng.lognormvariate(0.0, 1.2) for _ in range(n)]
-    total = max(n * 64, round(shape.total_bytes * bytes_scale))
-    scale = (total - 64 * n) / sum(weights)
-    ndirs = max(1, min(shape.dirs, n // 8)) if shape.dirs > 1 else 1
-    fan = max(1, math.isqrt(ndirs))
-    dirs = [f"d{i // fan:03d}/s{i % fan:03d}" if ndirs > 1 else "" for i in range(ndirs)]
+    """(relative path, size, executable) of every file of a shape; deterministic.
+
+    The shapes, their size spread and their directory layout are ``fastmat.bench_shapes``'s
+    (what ``fastmat bench`` uses); about 1 % of the files here are executables.
+    """
+    shape = _ALL[name].scaled(files=files_scale, size=bytes_scale)
+    dirs = relative_dirs(shape)
     out = []
-    for i, w in enumerate(weights):
+    for i, size in enumerate(file_sizes(shape)):
         ext = "swiftmodule" if i % 3 else "h"
-        rel = f"{dirs[i % ndirs]}/f{i:06d}.{ext}".lstrip("/")
-        out.append((rel, 64 + int(w * scale), i % 100 == 99))
+        rel = f"{dirs[i % len(dirs)]}/f{i:06d}.{ext}".lstrip("/")
+        out.append((rel, size, i % 100 == 99))
     return out
 
 
