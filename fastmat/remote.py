@@ -229,6 +229,13 @@ class RemoteCAS(GrpcClient):
         for batch in self.batches(small):
             yield from self.read_batch(batch, missing_ok=missing_ok)
 
+    def upload(self, blobs: Iterable[tuple[Digest, bytes]]) -> int:
+        """Stores ``(digest, data)`` pairs on the server (batched, large ones streamed);
+        returns how many were sent. See :func:`fastmat.remote_upload.upload_blobs`."""
+        from fastmat.remote_upload import upload_blobs
+
+        return upload_blobs(self, blobs)
+
     def resource_name(self, d: Digest) -> str:
         prefix = f"{self.instance_name}/" if self.instance_name else ""
         return f"{prefix}blobs/{d.hash}/{d.size_bytes}"

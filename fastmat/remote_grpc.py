@@ -20,6 +20,7 @@ from fastmat.errors import RemoteError
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
 _CAPS = "/build.bazel.remote.execution.v2.Capabilities/GetCapabilities"
 _READ = "/google.bytestream.ByteStream/Read"
+_WRITE = "/google.bytestream.ByteStream/Write"
 _RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 T = TypeVar("T")
@@ -176,6 +177,16 @@ class GrpcClient:
             _READ,
             request_serializer=proto.ReadRequest.SerializeToString,
             response_deserializer=proto.ReadResponse.FromString,
+        )
+        self._batch_update = ch.unary_unary(
+            _CAS + "BatchUpdateBlobs",
+            request_serializer=proto.BatchUpdateBlobsRequest.SerializeToString,
+            response_deserializer=proto.BatchUpdateBlobsResponse.FromString,
+        )
+        self._write = ch.stream_unary(
+            _WRITE,
+            request_serializer=proto.WriteRequest.SerializeToString,
+            response_deserializer=proto.WriteResponse.FromString,
         )
 
     def _enter(self, method: str) -> None:

@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from concurrent import futures
@@ -34,6 +33,7 @@ import pytest
 
 from fastmat import proto
 from fastmat.digest import Digest
+from fastmat.remote import RemoteCAS
 
 MAX_MESSAGE = 4 * 1024 * 1024
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
@@ -229,66 +229,18 @@ def directory_digests(root: Digest, blobs: Mapping[Digest, bytes]) -> set[Digest
 
 
 class Uploader:
-    """Stores blobs on a REAPI server without exceeding the 4 MiB message limit."""
+    """Stores blobs on a REAPI server through ``RemoteCAS.upload`` (batches under the
+    server's limit, ByteStream Write for large blobs)."""
 
     def __init__(self, address: str, instance: str = "") -> None:
         self.instance = instance
-        self.channel = _channel(address)
-        self._update = self.channel.unary_unary(
-            _CAS + "BatchUpdateBlobs",
-            request_serializer=proto.BatchUpdateBlobsRequest.SerializeToString,
-            response_deserializer=proto.BatchUpdateBlobsResponse.FromString,
-        )
-        self._write = self.channel.stream_unary(
-            "/google.bytestream.ByteStream/Write",
-            request_serializer=proto.WriteRequest.SerializeToString,
-            response_deserializer=proto.WriteResponse.FromString,
-        )
+        self._remote = RemoteCAS(address, instance, timeout_s=120)
 
     def close(self) -> None:
-        self.channel.close()
+        self._remote.close()
 
     def upload(self, blobs: Mapping[Digest, bytes]) -> None:
-        limit = MAX_MESSAGE - 64 * 1024
-        batch: list[tuple[Digest, bytes]] = []
-        total = 0
-        for d, data in blobs.items():
-            if len(data) > limit // 2:
-                self._stream(d, data)
-                continue
-            if batch and total + len(data) + 200 > limit:
-                self._batch(batch)
-                batch, total = [], 0
-            batch.append((d, data))
-            total += len(data) + 200
-        if batch:
-            self._batch(batch)
-
-    def _batch(self, batch: list[tuple[Digest, bytes]]) -> None:
-        req = proto.BatchUpdateBlobsRequest(instance_name=self.instance)
-        for d, data in batch:
-            req.requests.add(digest=proto.Digest(hash=d.hash, size_bytes=d.size_bytes), data=data)
-        resp = self._update(req, timeout=120)
-        bad = [r for r in resp.responses if r.status.code != 0]
-        if bad or len(resp.responses) != len(batch):
-            raise RuntimeError(f"BatchUpdateBlobs failed: {bad[:3]}")
-
-    def _stream(self, d: Digest, data: bytes, chunk: int = 1 << 20) -> None:
-        prefix = f"{self.instance}/" if self.instance else ""
-        name = f"{prefix}uploads/{uuid.uuid4()}/blobs/{d.hash}/{d.size_bytes}"
-
-        def requests() -> Iterator[Any]:
-            for off in range(0, max(len(data), 1), chunk):
-                yield proto.WriteRequest(
-                    resource_name=name if off == 0 else "",
-                    write_offset=off,
-                    data=data[off : off + chunk],
-                    finish_write=off + chunk >= len(data),
-                )
-
-        resp = self._write(requests(), timeout=120)
-        if resp.committed_size != len(data):
-            raise RuntimeError(f"ByteStream.Write of {d}: committed {resp.committed_size}")
+        self._remote.upload(blobs.items())
 
 
 def _blob_digests(method: str, request: bytes) -> list[Digest]:

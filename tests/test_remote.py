@@ -62,6 +62,20 @@ def test_capabilities_give_the_batch_limit(remote: RemoteCAS) -> None:
     assert remote.stats.calls["GetCapabilities"] == 1
 
 
+def test_upload_batches_small_blobs_and_streams_large_ones(remote: RemoteCAS) -> None:
+    limit = remote.max_batch_bytes
+    third = limit // 3
+    blobs = blobs_of("upload", [10, 1000, third, third, third, limit // 2 + 1, limit + 7])
+    assert remote.find_missing(blobs) == list(blobs)  # nothing there yet
+    assert remote.upload(blobs.items()) == len(blobs)
+    assert remote.find_missing(blobs) == []
+    # the two blobs above limit/2 were streamed; the five others did not fit one batch
+    assert remote.stats.calls["Write"] == 2
+    assert remote.stats.calls["BatchUpdateBlobs"] == 2
+    got = dict(remote.read_blobs(list(blobs)))
+    assert got == blobs
+
+
 def test_capabilities_unimplemented_default_to_4_mib(buildgrid: BuildGrid) -> None:
     proxy = GrpcProxy(buildgrid.address, unimplemented=frozenset({"GetCapabilities"}))
     try:
