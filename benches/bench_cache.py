@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from shapes import build_shape
 
-from fastmat import _binding, cache_entry
+from fastmat import _binding
 from fastmat.cache import DirectoryCache
+from fastmat.cache import entry as cache_entry
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 

@@ -38,12 +38,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from shapes import build_shape
 
 from fastmat import _binding, proto
-from fastmat._nodecache import node_cache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.materialize import materialize
-from fastmat.plan import Plan
-from fastmat.tree import load_plan
+from fastmat.tree import Plan, load_plan
+from fastmat.tree.nodecache import node_cache
 
 THREADS = os.cpu_count() or 1
 

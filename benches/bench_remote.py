@@ -4,7 +4,7 @@ For the 635-file (180 MB, flat) and 1,978-file (466 MB, ~100 dirs) shapes, each
 run starting from an empty local CAS, all in the same process run (medians,
 the variants taking turns round by round):
 
-- ``pipelined``: ``fastmat.fetch.materialize_remote`` (links while fetching);
+- ``pipelined``: ``fastmat.materialize`` with a ``RemoteFetcher`` (links while fetching);
 - ``fetch-only``: the same fetches (GetTree + blobs) into an empty CAS, no links;
 - ``link-only``: ``materialize`` from the CAS ``fetch-only`` filled;
 - ``fetch-then-link``: ``materialize(..., fetcher=RemoteFetcher)`` (fetches every
@@ -42,11 +42,10 @@ sys.path.insert(0, str(REPO / "benches"))
 from shapes import build_shape  # noqa: E402
 
 from fastmat.cas import LocalCAS  # noqa: E402
+from fastmat.cas.layout import digest_of_rel  # noqa: E402
 from fastmat.digest import Digest  # noqa: E402
-from fastmat.fetch import RemoteFetcher, materialize_remote  # noqa: E402
 from fastmat.materialize import materialize  # noqa: E402
-from fastmat.plan import blob_digest  # noqa: E402
-from fastmat.remote import RemoteCAS  # noqa: E402
+from fastmat.remote import RemoteCAS, RemoteFetcher  # noqa: E402
 from fastmat.tree import load_plan  # noqa: E402
 from tests.reapi_server import BuildGrid, Uploader, find_bgd, venv_dir  # noqa: E402
 
@@ -116,7 +115,7 @@ def bench_shape(
         dest = work / f"pipe{n}"
         with fetcher(cas) as f:
             t0 = time.perf_counter()
-            materialize_remote(cas, root, dest, f)
+            materialize(cas, root, dest, fetcher=f)
             dt = time.perf_counter() - t0
             peak = max(peak, f.stats.peak_inflight)
         cas.close()
@@ -133,7 +132,7 @@ def bench_shape(
             t0 = time.perf_counter()
             f.fetch_directories(root)
             plan = load_plan(cas, root)
-            f.fetch_blobs([blob_digest(s) for s in plan.blob_srcs()])
+            f.fetch_blobs([digest_of_rel(s) for s in plan.blob_srcs()])
             dt = time.perf_counter() - t0
             peak = max(peak, f.stats.peak_inflight)
             n_files = plan.n_files

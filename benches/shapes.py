@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastmat import proto
-from fastmat.bench_shapes import SCALING_SHAPE, SEED_SHAPES, file_sizes, relative_dirs
+from fastmat.bench.shapes import SCALING_SHAPE, SEED_SHAPES, file_sizes, relative_dirs
 from fastmat.digest import Digest
 
 _ALL = {s.name: s for s in (*SEED_SHAPES, SCALING_SHAPE)}

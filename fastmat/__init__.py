@@ -7,31 +7,33 @@ Public API (everything else is internal):
 - ``ingest_tree``: store a directory as REAPI ``Directory`` messages.
 - ``materialize``: build a tree from the CAS at a destination (``MaterializeStats``).
 - ``DirectoryCache``: whole-tree cache with pinning, single-flight, eviction, workspaces.
-- ``RemoteCAS``: a REAPI v2 client, usable as ``fetcher``.
+- ``RemoteCAS``: a REAPI v2 client, usable as ``fetcher`` (imported on first use, so
+  ``import fastmat`` does not load grpc).
 - ``FastmatError`` and its subclasses.
+
+Where things are: docs/design.md ("Where things are").
 """
 
 from __future__ import annotations
 
-from fastmat.cache import DirectoryCache
-from fastmat.cache_types import CacheResult, CacheStats
-from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
-from fastmat.digest import EMPTY_DIGEST, Digest
-from fastmat.errors import (
-    BlobNotFoundError,
-    DigestMismatchError,
-    FastmatError,
-    InvalidDigestError,
-    InvalidTreeError,
-    NativeBuildError,
-    RemoteError,
-)
-from fastmat.ingest import ingest_tree
-from fastmat.materialize import MaterializeStats, materialize
-from fastmat.remote import RemoteCAS
-from fastmat.tree import TreeLimits
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fastmat.cache import CacheResult, CacheStats, DirectoryCache
+from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
+from fastmat.digest import (
+    EMPTY_DIGEST,
+    BlobNotFoundError,
+    Digest,
+    DigestMismatchError,
+    InvalidDigestError,
+)
+from fastmat.errors import FastmatError, InvalidTreeError, NativeBuildError, RemoteError
+from fastmat.materialize import MaterializeStats, materialize
+from fastmat.tree import TreeLimits, ingest_tree
+from fastmat.version import __version__
+
+if TYPE_CHECKING:
+    from fastmat.remote import RemoteCAS
 
 __all__ = [
     "EMPTY_DIGEST",
@@ -57,3 +59,12 @@ __all__ = [
     "ingest_tree",
     "materialize",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``fastmat.RemoteCAS`` imports the remote side (and grpc) on first use."""
+    if name == "RemoteCAS":
+        from fastmat.remote import RemoteCAS
+
+        return RemoteCAS
+    raise AttributeError(f"module 'fastmat' has no attribute {name!r}")

@@ -1,14 +1,35 @@
-"""REAPI content digests (SHA-256)."""
+"""REAPI content digests (SHA-256) and the errors that name one.
+
+:class:`Digest` is the value every layer passes around; ``str(d)`` is ``hash/size``
+and ``d.key`` its on-disk name ``hash-size``. The errors below carry a ``Digest``,
+which is why they live here rather than in :mod:`fastmat.errors` (which this module
+builds on).
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 
-from fastmat.errors import InvalidDigestError
+from fastmat.errors import FastmatError
+
+__all__ = [
+    "EMPTY_DIGEST",
+    "BlobNotFoundError",
+    "Digest",
+    "DigestMismatchError",
+    "InvalidDigestError",
+    "hash_fd",
+]
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHUNK_BYTES = 1 << 20
+
+
+class InvalidDigestError(FastmatError, ValueError):
+    """A digest string or value is malformed (not 64 hex digits / a size >= 0)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,3 +72,39 @@ class Digest:
 
 
 EMPTY_DIGEST = Digest(hashlib.sha256(b"").hexdigest(), 0)
+
+
+def hash_fd(fd: int) -> Digest:
+    """The digest of everything ``fd`` reads from its current offset to EOF."""
+    h = hashlib.sha256()
+    buf = bytearray(min(_CHUNK_BYTES, max(os.fstat(fd).st_size + 1, 4096)))
+    view = memoryview(buf)
+    size = 0
+    while n := os.readv(fd, [buf]):
+        h.update(view[:n])
+        size += n
+    return Digest(h.hexdigest(), size)
+
+
+class DigestMismatchError(FastmatError):
+    """Bytes do not hash to the digest they were stored or fetched under."""
+
+    def __init__(self, expected: Digest, actual: Digest, where: str = "") -> None:
+        self.expected = expected
+        self.actual = actual
+        self.where = where
+        suffix = f" ({where})" if where else ""
+        super().__init__(f"digest mismatch: expected {expected}, got {actual}{suffix}")
+
+
+class BlobNotFoundError(FastmatError, KeyError):
+    """A blob is in neither the local CAS nor (when given) the remote one."""
+
+    def __init__(self, digest: Digest, path: str | None = None) -> None:
+        self.digest = digest
+        self.path = path
+        at = f" (needed at {path!r})" if path is not None else ""
+        super().__init__(f"blob not found: {digest}{at}")
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])

@@ -5,7 +5,12 @@
 presence before creating anything inside ``dest`` (``check_srcs``). On any
 failure ``dest`` is removed entirely and the first failing entry's
 ``OSError`` (or ``BlobNotFoundError``) is raised with its path
-(DESIGN.md invariants 10-12).
+(invariants 10-12, docs/design.md).
+
+A fetcher is anything with the :class:`~fastmat.tree.Fetcher` methods. Two optional
+protocols let a remote client do better without this module knowing it: a
+:class:`FetcherSource` (``RemoteCAS``) makes a fetcher bound to the local CAS, and a
+:class:`PipelinedFetcher` (``RemoteFetcher``) links files while their blobs arrive.
 """
 
 from __future__ import annotations
@@ -14,20 +19,53 @@ import errno
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fastmat import _binding
-from fastmat.errors import BlobNotFoundError
-from fastmat.plan import Plan, blob_digest
-from fastmat.tree import Fetcher, TreeLimits, load_plan
+from fastmat.cas.layout import digest_of_rel
+from fastmat.digest import BlobNotFoundError
+from fastmat.tree import Fetcher, Plan, TreeLimits, load_plan
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
     from fastmat.digest import Digest
-    from fastmat.remote import RemoteCAS
 
-__all__ = ["MaterializeStats", "check_blobs", "materialize", "run_plan"]
+__all__ = [
+    "FetcherSource",
+    "MaterializeStats",
+    "PipelinedFetcher",
+    "check_blobs",
+    "failure",
+    "materialize",
+    "run_plan",
+]
+
+
+@runtime_checkable
+class PipelinedFetcher(Fetcher, Protocol):
+    """A fetcher that builds the tree itself, linking files as their blobs land."""
+
+    def materialize_plan(
+        self, plan: Plan, dest: str, *, threads: int, max_inflight: int
+    ) -> _binding.ExecResult:
+        """Creates ``dest`` and executes ``plan`` into it, fetching what is missing
+        meanwhile; removes ``dest`` and raises on any failure (see :func:`run_plan`)."""
+
+
+@runtime_checkable
+class FetcherSource(Protocol):
+    """A remote store that makes a fetcher into a given local CAS (``RemoteCAS``)."""
+
+    def fetcher(self, cas: LocalCAS) -> ClosingFetcher:
+        """A fetcher storing into ``cas``; ``materialize`` closes it when done."""
+
+
+class ClosingFetcher(Fetcher, Protocol):
+    def close(self) -> None:
+        """Releases what the fetcher holds (lock fds)."""
+
 
 log = logging.getLogger("fastmat")
 
@@ -79,7 +117,7 @@ def _missing(cas: LocalCAS, blobs: list[bytes]) -> list[bytes]:
 
 
 def _not_found(plan: Plan, blob: bytes) -> BlobNotFoundError:
-    return BlobNotFoundError(blob_digest(blob), plan.path_of_entry(plan.entry_of_blob(blob)))
+    return BlobNotFoundError(digest_of_rel(blob), plan.path_of_entry(plan.entry_of_blob(blob)))
 
 
 def check_blobs(
@@ -91,7 +129,7 @@ def check_blobs(
     presence check (one ``faccessat`` per distinct blob) and only makes the variants."""
     absent = _missing(cas, plan.blob_list()) if presence else []
     if absent and fetcher is not None:
-        fetcher.fetch_blobs([blob_digest(b) for b in absent])
+        fetcher.fetch_blobs([digest_of_rel(b) for b in absent])
         absent = _missing(cas, absent)
     if absent:
         raise _not_found(plan, absent[0])
@@ -113,21 +151,32 @@ def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> BlobNo
     src = plan.arrays.srcs.split(b"\0")[i]
     if os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
         return None  # ENOENT for another reason (the destination vanished)
-    return BlobNotFoundError(blob_digest(src), plan.path_of_entry(i))
+    return BlobNotFoundError(digest_of_rel(src), plan.path_of_entry(i))
 
 
-def _failure(plan: Plan, dest: str, res: _binding.ExecResult) -> OSError:
-    """The OSError of the first failing directory or entry, with its full path."""
-    for d, rc in enumerate(res.dir_status):
-        if rc < 0 and rc != -errno.ECANCELED:
-            rel = plan.path_of_dir(d)
-            break
-    else:
-        i = next(
-            (i for i, rc in enumerate(res.status) if rc < 0 and rc != -errno.ECANCELED),
-            None,
+def _first_failure(status: Sequence[int]) -> int | None:
+    """The index of the first real failure (not -ECANCELED: never attempted)."""
+    return next((i for i, rc in enumerate(status) if rc < 0 and rc != -errno.ECANCELED), None)
+
+
+def failure(
+    plan: Plan, dest: str, res: _binding.ExecResult, entries: Sequence[int] | None = None
+) -> OSError:
+    """The OSError of the first failing directory or entry, with its full path.
+
+    ``entries``: the plan indices of ``res``'s entries when it ran a sub-plan of them
+    (its directories count only when they are all of the plan's, in plan order).
+    """
+    rel: str | None = None
+    if len(res.dir_status) == plan.n_dirs:
+        d = next(
+            (d for d, rc in enumerate(res.dir_status) if rc < 0 and rc != -errno.ECANCELED), None
         )
-        rel = plan.path_of_entry(i) if i is not None else ""
+        rel = None if d is None else plan.path_of_dir(d)
+    if rel is None:
+        idx = range(len(res.status)) if entries is None else entries
+        k = next((k for k, rc in enumerate(res.status) if rc < 0 and rc != -errno.ECANCELED), None)
+        rel = plan.path_of_entry(idx[k]) if k is not None else ""
     err = -res.rc
     full = os.path.join(dest, rel) if rel else dest
     return OSError(err, f"{os.strerror(err)} (materializing {rel or '.'!r})", full)
@@ -166,7 +215,7 @@ def run_plan(
         finally:
             os.close(fd)
         if res.rc != 0:
-            raise _blob_failure(cas, plan, res) or _failure(plan, path, res)
+            raise _blob_failure(cas, plan, res) or failure(plan, path, res)
     except BaseException:
         _binding.remove_tree(path)
         raise
@@ -186,7 +235,7 @@ def materialize(
     root: Digest,
     dest: str | os.PathLike[str],
     *,
-    fetcher: Fetcher | RemoteCAS | None = None,
+    fetcher: Fetcher | FetcherSource | None = None,
     threads: int = 0,
     max_inflight: int = 64,
     limits: TreeLimits | None = None,
@@ -203,8 +252,8 @@ def materialize(
 
     ``fetcher``: missing Directory messages and blobs come from it. Any object
     with the ``fastmat.tree.Fetcher`` methods is asked once for what is missing
-    before anything is created. A ``RemoteCAS`` (or ``fetch.RemoteFetcher``)
-    instead overlaps fetching and linking (``fetch.run_pipelined``): present
+    before anything is created. A ``RemoteCAS`` (or a ``RemoteFetcher``)
+    instead overlaps fetching and linking (:class:`PipelinedFetcher`): present
     files are linked while the rest arrive; ``dest`` is still removed on failure.
 
     Without a fetcher, the presence check is done by the native call (every
@@ -223,20 +272,17 @@ def materialize(
         raise ValueError(f"threads must be >= 0 and max_inflight >= 1: {threads}, {max_inflight}")
     path = os.fspath(dest)
     _check_dest(path)
-    f: Fetcher | None = None
-    owned: Any = None
-    if fetcher is not None:
-        from fastmat import fetch
-
-        f = fetch.bind(fetcher, cas)  # a RemoteCAS becomes a RemoteFetcher
-        owned = f if f is not fetcher else None
+    owned: ClosingFetcher | None = None
+    f: Fetcher | None
+    if isinstance(fetcher, FetcherSource):
+        f = owned = fetcher.fetcher(cas)  # a RemoteCAS: a RemoteFetcher
+    else:
+        f = fetcher
     try:
         plan = load_plan(cas, root, fetcher=f, limits=limits)
-        if f is not None and isinstance(f, fetch.RemoteFetcher):
+        if isinstance(f, PipelinedFetcher):
             t1 = time.perf_counter()
-            res = fetch.run_pipelined(
-                cas, plan, path, f, threads=threads, max_inflight=max_inflight
-            )
+            res = f.materialize_plan(plan, path, threads=threads, max_inflight=max_inflight)
         else:
             # Without a fetcher, the native call checks presence (check_srcs).
             check_blobs(cas, plan, f, presence=f is not None)

@@ -10,7 +10,7 @@ from typing import TypeAlias
 
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
-from fastmat.ingest import ingest_tree
+from fastmat.tree import ingest_tree
 
 # rel path -> bytes (file), ("x", bytes) (executable), ("l", target) (symlink), None (empty dir)
 Value: TypeAlias = bytes | tuple[str, bytes | str] | None

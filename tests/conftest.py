@@ -70,3 +70,14 @@ def _tmpfs_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 def tmpfs_dir(_tmpfs_mount: Path) -> Path:
     """A fresh empty directory on a tmpfs (another filesystem than tmp_path: EXDEV)."""
     return Path(tempfile.mkdtemp(dir=_tmpfs_mount, prefix="t-"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """With FASTMAT_EXPECT_INSTALLED=1 (CI's run against the wheel) the tests must
+    import an installed fastmat, not a source tree that happens to be on the path."""
+    if os.environ.get("FASTMAT_EXPECT_INSTALLED") == "1":
+        import fastmat
+
+        where = Path(fastmat.__file__).resolve()
+        if "site-packages" not in where.parts:
+            raise pytest.UsageError(f"expected an installed fastmat, imported {where}")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmat.bench_report import format_markdown, format_table
-from fastmat.bench_shapes import SEED_SHAPES, Shape, file_sizes, generate, shapes_for
+from fastmat.bench.report import format_markdown, format_table
+from fastmat.bench.shapes import SEED_SHAPES, Shape, file_sizes, generate, shapes_for
 from fastmat.cli import main
 from tests.reapi_server import BuildGrid, buildgrid
 

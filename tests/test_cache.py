@@ -12,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from fastmat import _binding, cache_index, cache_ops, proto
+from fastmat import _binding, proto
 from fastmat.cache import DirectoryCache
+from fastmat.cache import build as cache_build
+from fastmat.cache import index as cache_index
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.errors import RemoteError
@@ -315,7 +317,7 @@ def test_exception_mid_construction_leaves_no_temp_and_no_pin(
             raise RuntimeError("injected failure after the tree was built")
 
     with DirectoryCache(cas, tmp_path / "cache") as cache:
-        monkeypatch.setattr(cache_ops, "_hook", boom)
+        monkeypatch.setattr(cache_build, "stage_hook", boom)
         with pytest.raises(RuntimeError, match="injected"):
             cache.materialize(root, tmp_path / "d1")
         monkeypatch.undo()
@@ -348,7 +350,7 @@ def test_waiters_see_the_constructors_exception(
             gate.wait(5)
             raise RuntimeError("construction failed")
 
-    monkeypatch.setattr(cache_ops, "_hook", slow_fail)
+    monkeypatch.setattr(cache_build, "stage_hook", slow_fail)
     with DirectoryCache(cas, tmp_path / "cache") as cache:
         timer = threading.Timer(0.3, gate.set)
         timer.start()

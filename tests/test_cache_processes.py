@@ -27,20 +27,20 @@ from tests.helpers import mount_problem
 CHILD = r"""
 import json, os, sys, time
 from pathlib import Path
-from fastmat import cache_ops
+from fastmat.cache import build as cache_build
 from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 cas_dir, cache_dir, root, dest, go, mode = sys.argv[1:7]
 marker = Path(sys.argv[7]) if len(sys.argv) > 7 else None
 if mode == "slow":
-    cache_ops._hook = lambda stage: time.sleep(0.5) if stage == "built" else None
+    cache_build.stage_hook = lambda stage: time.sleep(0.5) if stage == "built" else None
 elif mode.startswith("hang-"):
     def hang(stage):
         if stage == mode[5:]:
             marker.write_text("here")
             time.sleep(600)
-    cache_ops._hook = hang
+    cache_build.stage_hook = hang
 with LocalCAS(cas_dir) as cas, DirectoryCache(cas, cache_dir) as c:
     Path(dest + ".opened").write_text("opened")  # the cache is open (its index read)
     while not os.path.exists(go):

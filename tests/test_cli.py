@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from fastmat import Digest
-from fastmat._progress import Progress
-from fastmat.bench_methods import METHODS
-from fastmat.bench_remote import tree_digests, upload_tree
+from fastmat.bench.methods import METHODS
+from fastmat.bench.seed import tree_digests, upload_tree
 from fastmat.cas import LocalCAS
 from fastmat.cli import main, parse_size
+from fastmat.cli.progress import Progress
 from fastmat.remote import RemoteCAS
 from tests.reapi_server import BuildGrid, buildgrid
 

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 
-from fastmat import _binding, _locks
+from fastmat import _binding
 from fastmat.cas import LocalCAS
+from fastmat.fs import locks
 from tests.helpers import as_nobody
 
 CREATORS = 4
@@ -103,12 +104,12 @@ def test_wait_no_writers_sees_a_forked_childs_copy_of_the_fd(tmp_path: Path) -> 
         os.read(go_r, 1)
         os._exit(0)
     try:
-        assert _locks.wait_no_writers(r, timeout_s=0.05) is False
+        assert locks.wait_no_writers(r, timeout_s=0.05) is False
         os.close(w)
-        assert _locks.wait_no_writers(r, timeout_s=0.05) is False  # the child still has it
+        assert locks.wait_no_writers(r, timeout_s=0.05) is False  # the child still has it
         os.write(go_w, b"x")
         os.waitpid(pid, 0)
-        assert _locks.wait_no_writers(r) is True
+        assert locks.wait_no_writers(r) is True
     finally:
         os.close(r)
         os.close(go_r)
@@ -121,7 +122,7 @@ def _lease_check_as_creator(path: str) -> bool | None:
     os.close(fd)
     r = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _locks.wait_no_writers(r, timeout_s=1.0)
+        return locks.wait_no_writers(r, timeout_s=1.0)
     finally:
         os.close(r)
 

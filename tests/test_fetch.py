@@ -17,10 +17,10 @@ import pytest
 
 from fastmat import proto
 from fastmat.cas import LocalCAS
-from fastmat.digest import Digest
-from fastmat.errors import BlobNotFoundError, DigestMismatchError, RemoteError
-from fastmat.fetch import RemoteFetcher, materialize_remote
-from fastmat.remote import RemoteCAS
+from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
+from fastmat.errors import RemoteError
+from fastmat.materialize import materialize
+from fastmat.remote import RemoteCAS, RemoteFetcher
 from tests.reapi_server import (
     BuildGrid,
     GrpcProxy,
@@ -102,8 +102,9 @@ def test_materialize_from_empty_cas(
     uploader.upload(blobs)
     dest = tmp_path / "out"
     with RemoteCAS(proxy.url) as remote, RemoteFetcher(remote, cas) as f:
-        res = materialize_remote(cas, root, dest, f)
-        assert res.rc == 0
+        res = materialize(cas, root, dest, fetcher=f)
+        n_files = sum(1 for v in spec.values() if isinstance(v, bytes) or (v and v[0] == "exec"))
+        assert res.files == n_files
         check_tree(dest, spec)
         # every blob fetched once (deduplicated), directories through one GetTree
         assert proxy.calls["GetTree"] == 1
@@ -117,10 +118,10 @@ def test_materialize_from_empty_cas(
         # the link of a fetched file shares the CAS inode
         d = Digest.of(spec["big/blob0.bin"])
         assert (dest / "big/blob0.bin").stat().st_ino == cas.path(d).stat().st_ino
-        assert f._locks._fds == []  # worker threads closed their lock fds
+        assert f.locks.open_fds == 0  # worker threads closed their lock fds
         # second run: everything local, nothing fetched
         before = sum(proxy.calls.values())
-        materialize_remote(cas, root, tmp_path / "again", f)
+        materialize(cas, root, tmp_path / "again", fetcher=f)
         check_tree(tmp_path / "again", spec)
         assert sum(proxy.calls.values()) == before
 
@@ -136,7 +137,7 @@ def test_in_flight_bound_is_respected(buildgrid: BuildGrid, uploader: Uploader, 
             RemoteCAS(slow.url) as remote,
             RemoteFetcher(remote, cas, max_inflight=5, stream_threshold_bytes=1) as f,
         ):  # every blob its own ByteStream.Read: 60 requests for 5 slots
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
             assert slow.calls["Read"] == 60
             assert 1 < slow.peak_inflight <= 5  # counted by the server side
             assert f.stats.peak_inflight <= 5
@@ -158,7 +159,7 @@ def test_default_bound_is_128(buildgrid: BuildGrid, uploader: Uploader, cas: Loc
             RemoteFetcher(remote, cas, stream_threshold_bytes=1) as f,
         ):
             assert f.max_inflight == 128
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
             assert slow.calls["Read"] == 300
             assert 1 < slow.peak_inflight <= 128
     finally:
@@ -175,7 +176,7 @@ def test_directories_level_by_level_without_get_tree(
     p = GrpcProxy(buildgrid.address, unimplemented=frozenset({"GetTree"}))
     try:
         with RemoteCAS(p.url) as remote, RemoteFetcher(remote, cas) as f:
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
             assert p.calls["GetTree"] == 1  # tried once, UNIMPLEMENTED
             assert f.stats.get_tree == 0
             dirs = {d for d in directory_digests(root, blobs) if d.size_bytes}
@@ -199,7 +200,7 @@ def test_absent_blob_names_digest_and_path(
         RemoteFetcher(remote, cas) as f,
         pytest.raises(BlobNotFoundError) as e,
     ):
-        materialize_remote(cas, root, dest, f)
+        materialize(cas, root, dest, fetcher=f)
     assert e.value.digest == gone
     assert e.value.path == "src/m3/gone.swift"
     assert str(gone) in str(e.value)
@@ -222,7 +223,7 @@ def test_wrong_bytes_never_enter_the_cas(
         RemoteFetcher(remote, cas) as f,
         pytest.raises(DigestMismatchError) as e,
     ):
-        materialize_remote(cas, root, dest, f)
+        materialize(cas, root, dest, fetcher=f)
     assert e.value.expected == victim
     assert e.value.actual != victim
     assert ("big/blob0.bin" if streamed else "src/m2/f7.swift") in str(e.value)
@@ -248,7 +249,7 @@ def test_tampered_directory_is_refused(
             RemoteFetcher(remote, cas) as f,
             pytest.raises(DigestMismatchError) as e,
         ):
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
     finally:
         p.stop()
     assert e.value.expected == sub
@@ -263,7 +264,7 @@ def test_unreachable_server(cas: LocalCAS, tmp_path: Path) -> None:
         RemoteFetcher(remote, cas) as f,
         pytest.raises(RemoteError, match="UNAVAILABLE"),
     ):
-        materialize_remote(cas, Digest.of(b"root"), tmp_path / "out", f)
+        materialize(cas, Digest.of(b"root"), tmp_path / "out", fetcher=f)
     assert not os.path.lexists(tmp_path / "out")
 
 
@@ -285,7 +286,7 @@ def test_server_dies_mid_fetch(buildgrid: BuildGrid, tmp_path: Path, cas: LocalC
             f.fetch_directories(root)  # also learns the batch limit
             server.stop()
             with pytest.raises(RemoteError):
-                materialize_remote(cas, root, dest, f)
+                materialize(cas, root, dest, fetcher=f)
     finally:
         proxy.stop()
         server.stop()
@@ -306,7 +307,7 @@ def test_fetch_and_link_overlap(
                 remote, cas, max_inflight=2, batch_bytes=8192, stream_threshold_bytes=8192
             ) as f,
         ):
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
             # the first fetched group was linked before the last fetch completed
             assert f.stats.batches >= 10
             assert f.stats.link_calls >= 2
@@ -322,8 +323,8 @@ _CHILD = textwrap.dedent(
     from pathlib import Path
     from fastmat.cas import LocalCAS
     from fastmat.digest import Digest
-    from fastmat.fetch import RemoteFetcher, materialize_remote
-    from fastmat.remote import RemoteCAS
+    from fastmat.materialize import materialize
+    from fastmat.remote import RemoteCAS, RemoteFetcher
     url, cas_dir, root, dest, go = sys.argv[1:]
     with LocalCAS(cas_dir, fsync=False) as cas, RemoteCAS(url) as remote:
         with RemoteFetcher(remote, cas, max_inflight=4) as f:
@@ -331,7 +332,7 @@ _CHILD = textwrap.dedent(
             print("ready", flush=True)
             while not Path(go).exists():
                 time.sleep(0.005)
-            materialize_remote(cas, Digest.parse(root), dest, f)
+            materialize(cas, Digest.parse(root), dest, fetcher=f)
             print(f.stats.blobs, f.stats.waited, flush=True)
     """
 )
@@ -390,8 +391,8 @@ _LOCK_CHILD = textwrap.dedent(
     import sys
     from pathlib import Path
     from fastmat.digest import Digest
-    from fastmat.fetch import _FetchLocks
-    locks = _FetchLocks(Path(sys.argv[1]))
+    from fastmat.remote.flight import FetchLocks
+    locks = FetchLocks(Path(sys.argv[1]))
     locks._ofd = sys.argv[2] == "1"
     d = Digest.parse(sys.argv[3])
     token = locks.try_lock(d)
@@ -404,9 +405,9 @@ _LOCK_CHILD = textwrap.dedent(
 
 @pytest.mark.parametrize("ofd", [True, False], ids=["ofd", "flock-files"])
 def test_fetch_locks_exclude_threads_and_processes(cas: LocalCAS, ofd: bool) -> None:
-    from fastmat.fetch import _FetchLocks
+    from fastmat.remote.flight import FetchLocks
 
-    locks = _FetchLocks(cas.root / "locks")
+    locks = FetchLocks(cas.root / "locks")
     locks._ofd = ofd and locks._ofd
     d, other = Digest.of(b"a"), Digest.of(b"b")
     token = locks.try_lock(d)
@@ -446,24 +447,25 @@ def test_link_failure_cancels_fetches_and_removes_dest(
         _binding.injected("link", errno.ENOSPC),
         pytest.raises(OSError, match="materializing") as e,
     ):
-        materialize_remote(cas, root, dest, f)
+        materialize(cas, root, dest, fetcher=f)
     assert e.value.errno == errno.ENOSPC
     assert str(e.value.filename).startswith(str(dest) + "/")
     assert not os.path.lexists(dest)
     assert cas.verify().ok  # what was fetched is intact
 
 
-def test_bind_wraps_a_remote_cas(cas: LocalCAS) -> None:
-    from fastmat.fetch import bind
+def test_a_remote_cas_makes_a_pipelined_fetcher(cas: LocalCAS) -> None:
+    from fastmat.materialize import FetcherSource, PipelinedFetcher
 
     with RemoteCAS("127.0.0.1:1") as remote:
-        f = bind(remote, cas)
+        assert isinstance(remote, FetcherSource)
+        f = remote.fetcher(cas)
         assert isinstance(f, RemoteFetcher)
+        assert isinstance(f, PipelinedFetcher)
+        assert not isinstance(f, FetcherSource)  # materialize uses it as it is
         assert f.remote is remote
         assert f.cas is cas
-        assert bind(f, cas) is f
         f.close()
-    assert bind(None, cas) is None
 
 
 @pytest.mark.parametrize("get_tree", [True, False], ids=["get-tree", "level-by-level"])
@@ -486,7 +488,7 @@ def test_absent_directory_names_its_path(
             RemoteFetcher(remote, cas) as f,
             pytest.raises(BlobNotFoundError) as e,
         ):
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
     finally:
         p.stop()
     assert e.value.digest == lost
@@ -572,7 +574,7 @@ def test_named_instance(buildgrid: BuildGrid, tmp_path: Path, cas: LocalCAS) -> 
             RemoteFetcher(remote, cas) as f,
         ):
             assert remote.find_missing(blobs) == []
-            materialize_remote(cas, root, tmp_path / "out", f)
+            materialize(cas, root, tmp_path / "out", fetcher=f)
             assert f.stats.streams == 2
             assert f.stats.get_tree == 1
         with RemoteCAS(server.url, "other") as wrong, pytest.raises(RemoteError):

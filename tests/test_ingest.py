@@ -15,7 +15,7 @@ from fastmat import proto
 from fastmat.cas import LocalCAS
 from fastmat.digest import EMPTY_DIGEST, Digest
 from fastmat.errors import InvalidTreeError
-from fastmat.ingest import ingest_tree
+from fastmat.tree import ingest_tree
 
 
 @pytest.fixture

@@ -16,10 +16,9 @@ import pytest
 
 from fastmat import _binding, proto
 from fastmat.cas import LocalCAS
-from fastmat.digest import Digest
-from fastmat.errors import BlobNotFoundError
-from fastmat.ingest import ingest_tree
+from fastmat.digest import BlobNotFoundError, Digest
 from fastmat.materialize import materialize
+from fastmat.tree import ingest_tree
 from tests.helpers import as_nobody
 
 

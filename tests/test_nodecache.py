@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from fastmat import proto
-from fastmat._nodecache import NodeCache
-from fastmat.node import Node, build_node
 from fastmat.tree import DEFAULT_LIMITS, TreeLimits
+from fastmat.tree.node import Node, build_node
+from fastmat.tree.nodecache import NodeCache
 
 
 def _node(n: int) -> Node:

@@ -12,8 +12,8 @@ import grpc
 import pytest
 
 from fastmat import proto
-from fastmat.digest import Digest
-from fastmat.errors import BlobNotFoundError, RemoteError
+from fastmat.digest import BlobNotFoundError, Digest
+from fastmat.errors import RemoteError
 from fastmat.remote import RemoteCAS, split_get_tree_response
 from tests.reapi_server import (
     MAX_MESSAGE,

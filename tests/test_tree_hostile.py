@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 
 from fastmat import proto
-from fastmat._nodecache import node_cache
 from fastmat.cas import LocalCAS
-from fastmat.digest import Digest
-from fastmat.errors import BlobNotFoundError, DigestMismatchError, InvalidTreeError
+from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
+from fastmat.errors import InvalidTreeError
 from fastmat.materialize import materialize
 from fastmat.tree import TreeLimits
+from fastmat.tree.nodecache import node_cache
 
 HEX = "ab" * 32
 

@@ -1,0 +1,377 @@
+"""DirectoryCache: whole materialized trees kept by root digest, shared by processes.
+
+Layout under the cache directory (names private, properties not):
+``entries/<hash>-<size>/`` a complete tree (dirs 0755, files the CAS inodes / 0555
+variants, read-only) with its sidecar ``entries/<hash>-<size>.plan`` (:mod:`.entry`);
+``tmp/<pid>.<rand>/`` each open instance's scratch (constructions, overlay upper layers),
+``trash/`` evicted trees awaiting the background deleter, ``locks/`` one flock file per
+digest (:mod:`.protocol`: the cross-process protocol and everything done under it).
+
+A miss builds the tree with ``fastmat.materialize`` in the instance's scratch, writes the
+sidecar, renames the sidecar then the tree into ``entries/`` (the tree's rename is the
+commit point: nothing half-built is ever under a final name; :mod:`.build`) and inserts
+it pinned. A hit replays the sidecar's plan into ``dest`` with the C executor,
+hardlinking from the entry (no readdir, no stat walk), or clones it whole where
+``clonefile(2)`` exists (:mod:`.replay`). This module holds the in-process side: the
+index, pin counts, in-process single-flight and when to evict.
+
+Durability (``fsync=True``): the sidecar and the ``entries/`` directory are fsynced
+around the commit; the links inside a tree are not (a crash may lose some: the next hit
+finds them missing, and the entry is rebuilt, never served short).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fastmat import _binding
+from fastmat.cache import entry, protocol, replay, workspace
+from fastmat.cache.build import EntryBuilder
+from fastmat.cache.entry import Damaged
+from fastmat.cache.index import CacheIndex, Entry, Limits
+from fastmat.cache.protocol import Disk
+from fastmat.cache.types import CacheResult, CacheStats
+from fastmat.cache.workspace import Workspace
+from fastmat.digest import Digest
+from fastmat.errors import FastmatError
+from fastmat.fs.owned import OwnedDir
+from fastmat.fs.trash import Trasher
+
+if TYPE_CHECKING:
+    from fastmat.cas import LocalCAS
+    from fastmat.tree import Fetcher, TreeLimits
+
+
+log = logging.getLogger("fastmat")
+GiB = 1 << 30
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+_RETRIES = 3
+_DEST_ERRORS = (errno.EEXIST, errno.ENOENT, errno.ENOTDIR)
+
+
+class Flight:
+    """One in-process construction others wait for."""
+
+    def __init__(self) -> None:
+        self._ev = threading.Event()
+        self._error: BaseException | None = None
+
+    def wait(self) -> None:
+        self._ev.wait()
+        if self._error is not None:
+            raise self._error
+
+    def fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._ev.set()
+
+    def done(self) -> None:
+        self._ev.set()
+
+
+class DirectoryCache:
+    """Whole input trees cached by root digest under ``path``, over the local ``cas``.
+
+    ``max_bytes`` / ``max_entries`` bound the entries this instance knows (bytes are the
+    sum of the trees' file digests' sizes); ``max_entries=0`` keeps nothing and
+    materializes straight into ``dest``. Eviction is least recently used first
+    (``policy``), only of unpinned entries, the deletion on a background thread.
+    ``fetcher`` fetches missing Directory messages and blobs on a miss; ``threads`` /
+    ``max_inflight`` / ``limits`` are passed to the executor and the tree loader.
+    ``fsync`` makes sidecars and entry renames durable. ``overlay``: None probes once
+    whether workspaces can mount overlays, False never mounts.
+
+    Thread-safe; several processes may share ``path`` (construction single-flight and
+    pins are flock-based). Not fork-safe: open the cache after forking.
+
+    A hit re-checks a sample of the entry's files (``entry.check_samples``: type,
+    inode, size, mode, mtime of up to 9 files) and treats a replay failing with ENOENT
+    as damage too; a damaged entry is invalidated and rebuilt, never served. A file
+    outside the sample rewritten in place keeping size and mtime is not detected.
+
+    Only whole trees are cached (no per-subdirectory entries): on Linux a hit costs one
+    link per file whatever entry it links from, and the tree loader's node cache already
+    re-validates only the changed path of a tree that differs by one file.
+    """
+
+    def __init__(
+        self,
+        cas: LocalCAS,
+        path: str | os.PathLike[str],
+        *,
+        max_bytes: int = 10 * GiB,
+        max_entries: int = 10_000,
+        fetcher: Fetcher | None = None,
+        threads: int = 0,
+        max_inflight: int = 64,
+        limits: TreeLimits | None = None,
+        policy: str = "least-recently-used",
+        fsync: bool = True,
+        overlay: bool | None = None,
+    ) -> None:
+        self.cas = cas
+        self.path = Path(path).absolute()
+        self.limits = Limits(max_bytes, max_entries, policy)
+        self.threads, self.max_inflight = threads, max_inflight
+        for d in ("entries", "tmp", "trash", "locks"):
+            (self.path / d).mkdir(parents=True, exist_ok=True)
+        fds: list[int] = []
+        try:
+            for d in ("entries", "locks", "tmp"):
+                fds.append(os.open(self.path / d, _O_DIR))
+            self._owned = OwnedDir.create(fds[2], 0o700)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self._entries_fd, self._locks_fd, self._tmp_parent_fd = fds
+        self._tmp = self.path / "tmp" / self._owned.name
+        self._trasher = Trasher()
+        self._disk = Disk(
+            entries=self.path / "entries",
+            entries_fd=self._entries_fd,
+            locks_fd=self._locks_fd,
+            trash=self.path / "trash",
+            trasher=self._trasher,
+            tmp=self._tmp,
+            tmp_fd=self._owned.fd,
+        )
+        self._mu = threading.Lock()
+        self._index = CacheIndex(self.limits)
+        self._flights: dict[str, Flight] = {}
+        self._n: Counter[str] = Counter()
+        self._builder = EntryBuilder(
+            cas,
+            self._disk,
+            fetcher=fetcher,
+            threads=threads,
+            max_inflight=max_inflight,
+            limits=limits,
+            fsync=fsync,
+        )
+        self.overlay = overlay  # None: probed at the first workspace; False: never mount
+        self._closed = False
+        protocol.sweep_dead_instances(self._tmp_parent_fd, self._owned.name, self._disk)
+        for e in protocol.adopt_all(self._disk):
+            self._index.insert(e)
+        with self._mu:
+            self._evict_locked()
+
+    # -- public API ---------------------------------------------------------------
+
+    def __enter__(self) -> DirectoryCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Finishes pending background deletions and releases the cache's fds."""
+        if self._closed:
+            return
+        self._closed = True
+        self._trasher.drain()
+        self._trasher.close()
+        with self._mu:
+            for e in self._index:
+                if e.lock_fd >= 0:
+                    os.close(e.lock_fd)
+                    e.lock_fd = -1
+        self._owned.release(self._tmp_parent_fd)
+        for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
+            os.close(fd)
+
+    def stats(self) -> CacheStats:
+        with self._mu:
+            ix = self._index
+            return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
+
+    def entry_path(self, root: Digest) -> Path | None:
+        """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
+        with self._mu:
+            return self._disk.entries / root.key if self._index.get(root.key) else None
+
+    def drain(self) -> None:
+        """Waits for the background deleter (tests and benchmarks)."""
+        self._trasher.drain()
+
+    def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
+        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+        t0 = time.perf_counter()
+        dest = Path(dest)
+        if self.limits.max_entries == 0:
+            st = self._builder.direct(root, dest)
+            self._count("misses")
+            dt = time.perf_counter() - t0
+            return CacheResult(False, "materialize", st.bytes, st.files, dt, 0.0, dt)
+        damaged: tuple[int, int] | None = None
+        for _ in range(_RETRIES):
+            e, hit = self._acquire(root, damaged)
+            if hit:
+                entry.touch(self._entries_fd, e.key)
+            t1 = time.perf_counter()
+            try:
+                method, fell_back = replay.clone(
+                    self._disk, e, dest, threads=self.threads, max_inflight=self.max_inflight
+                )
+            except Damaged as d:
+                damaged = self._invalidate(e, d)
+                continue
+            finally:
+                self._release(e)
+            if hit:
+                self._count(method)
+            if fell_back:
+                self._count("fallbacks", fell_back)
+            t2 = time.perf_counter()
+            rebuilt = damaged is not None
+            return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
+        raise FastmatError(f"cache entry for {root} keeps failing its checks")
+
+    @contextlib.contextmanager
+    def workspace(self, root: Digest, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
+        """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
+
+        An overlay mount of the (pinned) entry where this process can mount, else a
+        hardlinked copy; the yielded ``Workspace.method`` says which. Only the overlay
+        protects the CAS from an action running as the worker's user that chmods an
+        input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
+        """
+        dest = Path(dest)
+        mounted = None
+        if self.limits.max_entries and self.can_overlay():
+            mounted = self._mount(root, dest)
+        if mounted is None:
+            r = self.materialize(root, dest)
+            if self.limits.max_entries:
+                self._count("fallbacks")
+            try:
+                yield Workspace(dest, r.method, root, r.hit)
+            finally:
+                with contextlib.suppress(FileNotFoundError):  # the action removed it
+                    _binding.remove_tree(dest)
+            return
+        e, hit, ws = mounted
+        try:
+            yield Workspace(dest, "overlay", root, hit, ws / "upper")
+        finally:
+            try:
+                gone = workspace.unmount(dest, ws, self._disk.trash)
+                if gone is not None:
+                    self._trasher.put(gone)
+            finally:
+                self._release(e)
+
+    # -- pinning, single-flight, eviction ----------------------------------------
+
+    def _count(self, what: str, n: int = 1) -> None:
+        with self._mu:
+            self._n[what] += n
+
+    def _acquire(self, root: Digest, damaged: tuple[int, int] | None) -> tuple[Entry, bool]:
+        """A pinned entry for ``root`` and whether it was a hit (else constructed)."""
+        key = root.key
+        while True:
+            with self._mu:
+                e = self._index.get(key)
+                if e is not None and damaged != e.ident:
+                    if self._pin_locked(e):
+                        self._index.touch(e)
+                        self._n["hits"] += 1
+                        return e, True
+                    self._index.remove(e)  # another process is evicting or rebuilding it
+                flight = self._flights.get(key)
+                owner = flight is None
+                if flight is None:
+                    flight = self._flights[key] = Flight()
+            if not owner:
+                flight.wait()
+                continue
+            try:
+                e, built = protocol.acquire(self._disk, root, damaged, self._builder.build)
+            except BaseException as exc:
+                with self._mu:
+                    del self._flights[key]
+                flight.fail(exc)
+                raise
+            with self._mu:
+                self._index.insert(e)
+                self._index.touch(e)
+                self._n["constructions" if built else "adopted"] += 1
+                self._n["misses" if built else "hits"] += 1
+                self._evict_locked()
+                del self._flights[key]
+            flight.done()
+            return e, not built
+
+    def _pin_locked(self, e: Entry) -> bool:
+        if e.pins == 0:
+            fd = protocol.try_pin(self._disk, e.key)
+            if fd is None:
+                return False
+            e.lock_fd = fd
+        e.pins += 1
+        return True
+
+    def _release(self, e: Entry) -> None:
+        with self._mu:
+            e.pins -= 1
+            if e.pins == 0 and e.lock_fd >= 0:
+                os.close(e.lock_fd)  # drops this process's LOCK_SH
+                e.lock_fd = -1
+            self._index.retain_replay(e)
+            if self._index.over():
+                self._evict_locked()
+
+    def _evict_locked(self) -> None:
+        self._n["evictions"] += protocol.evict(self._index, self._disk)
+
+    def _invalidate(self, e: Entry, d: Damaged) -> tuple[int, int]:
+        log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)
+        with self._mu:
+            self._index.remove(e)
+            self._n["stale" if d.stale else "damaged"] += 1
+        return e.ident
+
+    def can_overlay(self) -> bool:
+        """Whether workspaces mount overlays here (probed once, for real)."""
+        if self.overlay is None:
+            self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._disk.entries)
+        return self.overlay
+
+    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path] | None:
+        """The pinned entry, hit, and scratch dir of an overlay now mounted at ``dest``;
+        None if the mount itself failed (the caller falls back to a hardlinked copy)."""
+        damaged: tuple[int, int] | None = None
+        for _ in range(_RETRIES):
+            e, hit = self._acquire(root, damaged)
+            try:
+                os.close(replay.open_entry(self._disk, e))
+                ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest)
+            except Damaged as d:
+                self._release(e)
+                damaged = self._invalidate(e, d)
+                continue
+            except OSError as err:
+                self._release(e)
+                if err.errno in _DEST_ERRORS and err.filename in (str(dest), dest):
+                    raise  # about dest itself: the caller's problem, not the overlay's
+                log.warning("overlay workspace at %s failed (%s): hardlinking instead", dest, err)
+                return None
+            except BaseException:
+                self._release(e)
+                raise
+            if hit:
+                entry.touch(self._entries_fd, e.key)
+                self._count("overlay")
+            return e, hit, ws
+        raise FastmatError(f"cache entry for {root} keeps failing its checks")

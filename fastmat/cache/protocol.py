@@ -1,0 +1,262 @@
+"""The directory cache's cross-process protocol, and everything done under its locks.
+
+Several processes may share one cache directory. One lock file
+``locks/<hash>-<size>.lock`` per digest (flock, the recipe of
+:func:`fastmat.fs.locks.lock_file`) carries the protocol:
+
+- LOCK_EX (blocking) around a construction or adoption (:func:`acquire`): one process
+  builds, the others wait and then adopt the entry it renamed into place
+  (single-flight across processes, invariant 8);
+- LOCK_SH, taken non-blocking (:func:`try_pin`), for as long as a process has the entry
+  pinned (cloning from it, or it is a mounted workspace's lower layer);
+- LOCK_EX | LOCK_NB before an eviction or invalidation renames the entry to the trash
+  (:func:`evict`, :func:`adopt_all`): it fails while any other process pins or builds
+  that digest, so nobody's clone source or mounted lower layer is ever taken away
+  (invariant 7).
+
+A lock file is unlinked when its entry is evicted or discarded, by the holder of
+LOCK_EX. That is safe because every acquirer checks, once it holds the flock, that the
+name still leads to the inode it locked, and starts over otherwise. So ``locks/`` holds
+about one empty file per entry, not one per digest ever seen.
+
+Each open instance also owns ``tmp/<pid>.<rand>/`` (:class:`fastmat.fs.owned.OwnedDir`)
+for its constructions and workspaces; a later opener moves a dead owner's one to the
+trash. Nothing here takes the cache's in-memory lock: callers hold it where needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastmat.cache import entry
+from fastmat.cache.index import CacheIndex, Entry
+from fastmat.digest import Digest, InvalidDigestError
+from fastmat.errors import FastmatError
+from fastmat.fs import locks
+from fastmat.fs.owned import sweep_dead
+from fastmat.fs.trash import Trasher, to_trash
+
+log = logging.getLogger("fastmat")
+
+_ADOPT_ATTEMPTS = 3
+
+
+@dataclass
+class Disk:
+    """The open directories of one cache instance (paths and fds, owned by the cache)."""
+
+    entries: Path
+    entries_fd: int
+    locks_fd: int
+    trash: Path
+    trasher: Trasher
+    tmp: Path  # this instance's own scratch (constructions, workspace upper layers)
+    tmp_fd: int
+
+
+def lock_name(key: str) -> str:
+    return f"{key}.lock"
+
+
+def lock_key(disk: Disk, key: str, how: int, *, block: bool) -> int | None:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``; None if ``block`` is False
+    and another process holds a conflicting lock."""
+    return locks.lock_file(disk.locks_fd, lock_name(key), how, block=block)
+
+
+def try_pin(disk: Disk, key: str) -> int | None:
+    """LOCK_SH on ``key`` without waiting (None: another process is evicting or
+    rebuilding it); the returned fd holds the pin until closed."""
+    return lock_key(disk, key, fcntl.LOCK_SH, block=False)
+
+
+def parse_key(key: str) -> Digest | None:
+    """The digest of an entry name ``<hash>-<size>``; None for anything else."""
+    h, _, size = key.partition("-")
+    try:
+        return Digest(h, int(size)) if size.isdigit() else None
+    except InvalidDigestError:
+        return None
+
+
+def discard(disk: Disk, key: str) -> None:
+    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key."""
+    gone = to_trash(disk.entries_fd, key, disk.trash)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(entry.sidecar_name(key), dir_fd=disk.entries_fd)
+    if gone is not None:
+        disk.trasher.put(gone)
+
+
+def _from_disk(
+    disk: Disk, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
+) -> Entry | None:
+    """The complete entry for ``root`` on disk (not the one known ``damaged``), or None;
+    holding LOCK_EX (``exclusive``), a torn or damaged one is discarded."""
+    key = root.key
+    st = entry.stat_at(disk.entries_fd, key)
+    if st is not None and stat.S_ISDIR(st.st_mode) and entry.file_ident(st) != damaged:
+        try:
+            r = entry.load(disk.entries_fd, key)
+            if r.root == root:
+                return Entry(root, r.bytes, r.files, entry.file_ident(st), replay=r)
+        except entry.SidecarError:
+            pass
+    if exclusive:
+        discard(disk, key)
+    return None
+
+
+def acquire(
+    disk: Disk,
+    root: Digest,
+    damaged: tuple[int, int] | None,
+    build: Callable[[Digest], Entry],
+) -> tuple[Entry, bool]:
+    """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
+    if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, blocking)
+    while another process holds LOCK_EX building it."""
+    key = root.key
+    for _ in range(_ADOPT_ATTEMPTS):
+        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_SH)
+        try:
+            e = _from_disk(disk, root, damaged, exclusive=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        if e is not None:
+            e.pins, e.lock_fd = 1, fd
+            return e, False
+        os.close(fd)
+        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_EX)
+        try:
+            e = _from_disk(disk, root, damaged, exclusive=True)
+            built = e is None
+            if e is None:
+                e = build(root)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
+            st = entry.stat_at(disk.entries_fd, key)
+            if (
+                locks.still_linked(disk.locks_fd, lock_name(key), fd)
+                and st
+                and entry.file_ident(st) == e.ident
+            ):
+                e.pins, e.lock_fd = 1, fd
+                return e, built
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    raise FastmatError(f"cache entry for {root} vanished three times while adopting")
+
+
+def evict(index: CacheIndex, disk: Disk) -> int:
+    """Takes unpinned victims out of the index while it is over its limits and renames
+    them to the trash (cheap; the caller holds the cache lock), leaving the deletion to
+    the background trasher. Returns how many were evicted."""
+    n = 0
+    for v in index.victims():
+        fd = lock_key(disk, v.key, fcntl.LOCK_EX, block=False)
+        if fd is None:
+            continue  # pinned or being rebuilt by another process: keep it
+        try:
+            index.remove(v)
+            discard(disk, v.key)
+            locks.unlink_file(disk.locks_fd, lock_name(v.key))
+            n += 1
+        finally:
+            os.close(fd)
+    if n:
+        log.debug("cache: evicted %d entries (%d left, %d bytes)", n, len(index), index.bytes)
+    return n
+
+
+def adopt_all(disk: Disk) -> list[Entry]:
+    """Complete entries found on disk at open, least recently used first (sidecar
+    mtimes: set at construction, touched at every hit); orphans (a tree
+    without sidecar or the reverse) are discarded when nobody holds their lock."""
+    names = os.listdir(disk.entries_fd)
+    suffix = entry.sidecar_name("")
+    plans = {n[: -len(suffix)] for n in names if n.endswith(suffix)}
+    dirs = {n for n in names if not n.endswith(suffix)}
+    found: list[tuple[int, Entry]] = []
+    orphans = {k for k in plans ^ dirs if parse_key(k) is not None}
+    bad: set[str] = set()
+    for key in sorted(plans & dirs):
+        root = parse_key(key)
+        st = entry.stat_at(disk.entries_fd, key)
+        if root is None or st is None or not stat.S_ISDIR(st.st_mode):
+            continue
+        try:
+            fd = os.open(
+                entry.sidecar_name(key), os.O_RDONLY | os.O_CLOEXEC, dir_fd=disk.entries_fd
+            )
+            with os.fdopen(fd, "rb") as f:
+                head = f.read(1 << 16)
+                if b"\n" not in head[len(entry.MAGIC) :]:
+                    head += f.read()
+                mtime = os.fstat(f.fileno()).st_mtime_ns
+            got, size, files = entry.read_totals(head)
+        except (OSError, entry.SidecarError):
+            got = None
+        if got != root:
+            bad.add(key)
+            continue
+        found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
+    for key in orphans | bad:
+        lfd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+        if lfd is None:
+            continue  # somebody builds, adopts or pins it right now
+        try:
+            complete = entry.stat_at(disk.entries_fd, key) and entry.stat_at(
+                disk.entries_fd, entry.sidecar_name(key)
+            )
+            if key in bad or not complete:  # else finished since we listed: keep it
+                discard(disk, key)
+                locks.unlink_file(disk.locks_fd, lock_name(key))
+        finally:
+            os.close(lfd)
+    _sweep_locks(disk, plans | dirs)
+    found.sort(key=lambda t: t[0])
+    return [e for _, e in found]
+
+
+def _sweep_locks(disk: Disk, keys: set[str]) -> None:
+    """Unlinks the lock files of digests without an entry (a failed construction's),
+    each under its own LOCK_EX so nobody waiting on one is left holding a ghost."""
+    for name in os.listdir(disk.locks_fd):
+        key = name[: -len(lock_name(""))]
+        if not name.endswith(lock_name("")) or key in keys or parse_key(key) is None:
+            continue
+        fd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+        if fd is None:
+            continue
+        try:
+            absent = entry.stat_at(disk.entries_fd, key) is None
+            if absent and entry.stat_at(disk.entries_fd, entry.sidecar_name(key)) is None:
+                locks.unlink_file(disk.locks_fd, name)
+        finally:
+            os.close(fd)
+
+
+def sweep_dead_instances(tmp_fd: int, mine: str, disk: Disk) -> int:
+    """Moves dead instances' temp dirs to the trash and queues the whole trash for the
+    background deleter; returns how many trash items were queued."""
+
+    def to_bin(parent_fd: int, name: str) -> None:
+        if to_trash(parent_fd, name, disk.trash) is None:
+            raise FileNotFoundError(name)
+
+    sweep_dead(tmp_fd, keep=mine, remove=to_bin)
+    n = 0
+    for t in disk.trash.iterdir():
+        disk.trasher.put(t)
+        n += 1
+    return n

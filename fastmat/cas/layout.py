@@ -1,0 +1,92 @@
+"""The on-disk layout of a local CAS: the one place its names are spelled.
+
+Under the root::
+
+    blobs/<hh>/<hash>-<size>   a blob, mode 0444, never written again (invariant 1)
+    exec/<hh>/<hash>-<size>    its executable variant: another inode, mode 0555 (invariant 2)
+    tmp/<pid>.<rand>/          one per open instance, owned by an flock (fastmat.fs.locks)
+    locks/                     single-flight lock files
+    quarantine/                what ``verify()`` moved out of the way
+
+``<hh>`` is the first two hex digits of the hash: 256 shard directories per area, all
+created when the CAS is, so a lookup never creates a directory. Paths are relative to
+the CAS root and meant for ``*at()`` calls on its directory fd. The plan executor
+reads the same names (``fastmat.tree.node`` builds them per file with
+:func:`blob_rel` / :func:`exec_rel`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastmat.digest import Digest
+
+BLOBS = "blobs"
+EXEC = "exec"
+AREAS = (BLOBS, EXEC)
+TMP = "tmp"
+LOCKS = "locks"
+QUARANTINE = "quarantine"
+SHARDS = tuple(f"{i:02x}" for i in range(256))
+
+BLOB_MODE = 0o444
+EXEC_MODE = 0o555
+MODES = {BLOBS: BLOB_MODE, EXEC: EXEC_MODE}
+
+_BLOBS_B = b"blobs/"
+_EXEC_B = b"exec/"
+
+
+def blob_rel(h: str, size: int) -> str:
+    """``blobs/<hh>/<hash>-<size>`` for a validated hex hash."""
+    return f"blobs/{h[:2]}/{h}-{size}"
+
+
+def exec_rel(h: str, size: int) -> str:
+    """``exec/<hh>/<hash>-<size>``: the executable variant of the same blob."""
+    return f"exec/{h[:2]}/{h}-{size}"
+
+
+def rel(area: str, d: Digest) -> str:
+    """The path of ``d`` in ``area`` (:data:`BLOBS` or :data:`EXEC`)."""
+    return f"{area}/{d.hash[:2]}/{d.key}"
+
+
+def key_rel(key: str) -> str:
+    """The blob path of a ``<hash>-<size>`` key (a Directory message's file)."""
+    return f"blobs/{key[:2]}/{key}"
+
+
+def shard_dir(area: str, h: str) -> str:
+    """The shard directory ``<area>/<hh>`` holding hash ``h``."""
+    return f"{area}/{h[:2]}"
+
+
+def digest_of_rel(path: bytes) -> Digest:
+    """The digest named by a ``blobs/..`` or ``exec/..`` path."""
+    h, _, size = path.rsplit(b"/", 1)[1].decode().partition("-")
+    return Digest(h, int(size))
+
+
+def plain_of(path: bytes) -> bytes:
+    """``exec/..`` -> the ``blobs/..`` path of the same digest (others unchanged)."""
+    return _BLOBS_B + path[len(_EXEC_B) :] if path.startswith(_EXEC_B) else path
+
+
+def variant_of(path: bytes) -> bytes:
+    """``blobs/..`` -> the ``exec/..`` path of the same digest."""
+    return _EXEC_B + path[len(_BLOBS_B) :]
+
+
+def create(root: Path) -> None:
+    """Creates the directories of a CAS at ``root`` (idempotent; the last shard of the
+    last area is made last, so its presence means the layout is complete)."""
+    if (root / EXEC / SHARDS[-1]).is_dir():
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in (TMP, LOCKS, QUARANTINE):
+        (root / sub).mkdir(exist_ok=True)
+    for area in AREAS:
+        (root / area).mkdir(exist_ok=True)
+        for shard in SHARDS:
+            (root / area / shard).mkdir(exist_ok=True)

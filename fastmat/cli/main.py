@@ -1,0 +1,261 @@
+"""The ``fastmat`` command (also ``python -m fastmat``).
+
+Every verb takes ``--json`` (exactly one JSON object on stdout) and ``--debug``
+(tracebacks and debug logging). Exit codes: 0 success, 1 failure (one line on
+stderr naming what failed), 2 usage error. ``materialize --workspace -- CMD``
+exits with CMD's status instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from fastmat.cli.verbs import (
+    Outcome,
+    UsageError,
+    cmd_bench,
+    cmd_gc,
+    cmd_ingest,
+    cmd_materialize,
+    cmd_stats,
+    cmd_verify,
+    jsonable,
+)
+from fastmat.digest import Digest
+from fastmat.errors import FastmatError
+from fastmat.version import __version__
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(text: str) -> int:
+    """``123``, ``64K``, ``10G``, ``1.5GiB`` (binary: powers of 1024) or ``500MB``,
+    ``2GB`` (decimal: powers of 1000)."""
+    m = _SIZE.fullmatch(text)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 500M, 10G, 2GB)")
+    number, unit, suffix = m.group(1), m.group(2).lower(), m.group(3).lower()
+    base = 1000 if suffix == "b" and unit else 1024
+    return int(float(number) * base ** _POWERS[unit])
+
+
+def _digest(text: str) -> Digest:
+    try:
+        return Digest.parse(text)
+    except FastmatError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _error_line(e: BaseException) -> str:
+    """One clear line: the strerror and the paths for an OSError, the message otherwise."""
+    if isinstance(e, OSError) and e.strerror:
+        where = ""
+        if e.filename is not None:
+            where = f": {os.fsdecode(e.filename)}"
+            if e.filename2 is not None:
+                where += f" -> {os.fsdecode(e.filename2)}"
+        return f"{e.strerror}{where}"
+    return str(e) or type(e).__name__
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    common.add_argument("--debug", action="store_true", help="tracebacks and debug logging")
+
+    cas = argparse.ArgumentParser(add_help=False)
+    cas.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
+
+    p = argparse.ArgumentParser(
+        prog="fastmat",
+        description="Materialize REAPI v2 input trees from a local CAS, fast and safely.",
+        epilog="Exit status: 0 success, 1 failure, 2 usage error. "
+        "Run 'fastmat VERB --help' for a verb's options.",
+    )
+    p.add_argument("--version", action="version", version=f"fastmat {__version__}")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    s = sub.add_parser(
+        "ingest",
+        parents=[common, cas],
+        formatter_class=fmt,
+        help="store a directory in the CAS, print its root digest",
+        description="Store SRC (files, executables, symlinks, empty directories) in the CAS "
+        "as REAPI Directory messages.\nThe last line of output is the root digest hash/size.",
+    )
+    s.add_argument("src", metavar="SRC", help="directory to ingest")
+    s.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not crash-safe)")
+
+    s = sub.add_parser(
+        "materialize",
+        parents=[common, cas],
+        formatter_class=fmt,
+        help="build a tree at DEST",
+        description="Build the tree DIGEST (hash/size) at DEST, which must not exist.\n\n"
+        "--cache DIR keeps whole trees: a hit clones a cached entry instead of relinking.\n"
+        "--remote URL fetches what the local CAS lacks from a REAPI v2 server.\n"
+        "--workspace (needs --cache) makes DEST a workspace (an overlay mount where this\n"
+        "process may mount, a hardlink copy otherwise) that exists only while fastmat runs:\n"
+        "  fastmat materialize D DEST --cas C --cache K --workspace -- make -C . test\n"
+        "runs the command in DEST, releases the workspace and exits with the command's\n"
+        "status; without a command the workspace is held until Ctrl-C or SIGTERM.",
+        usage="%(prog)s [options] DIGEST DEST --cas DIR [--cache DIR] [--remote URL] "
+        "[--workspace [-- CMD ...]]",
+    )
+    s.add_argument("digest", metavar="DIGEST", type=_digest, help="root digest, hash/size")
+    s.add_argument("dest", metavar="DEST", help="destination (must not exist)")
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
+    s.add_argument(
+        "--cache-max-bytes",
+        type=parse_size,
+        default=parse_size("10G"),
+        metavar="SIZE",
+        help="directory cache size bound (default 10G)",
+    )
+    s.add_argument("--remote", metavar="URL", help="REAPI server, grpc://host:port or grpcs://")
+    s.add_argument("--instance-name", default="", metavar="NAME", help="REAPI instance name")
+    s.add_argument("--workspace", action="store_true", help="hold DEST as a workspace (see above)")
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="link threads (0: per CPU)")
+
+    s = sub.add_parser(
+        "stats",
+        parents=[common, cas],
+        help="CAS (and cache) usage",
+        description="Counts and bytes of the CAS blobs and executable variants, "
+        "and with --cache the directory cache's statistics.",
+    )
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
+
+    sub.add_parser(
+        "verify",
+        parents=[common, cas],
+        help="re-hash every blob, quarantine damage",
+        description="Check every blob and executable variant (type, mode, size, SHA-256); "
+        "damaged ones are moved to <cas>/quarantine/ and reported. Exit status 1 if any.",
+    )
+
+    s = sub.add_parser(
+        "gc",
+        parents=[common, cas],
+        help="evict cache entries down to a size",
+        description="Evict unpinned directory-cache entries (least recently used first) "
+        "until the cache holds at most --max-bytes.",
+    )
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
+    s.add_argument(
+        "--max-bytes",
+        type=parse_size,
+        required=True,
+        metavar="SIZE",
+        help="bound, e.g. 500M, 10G, 2GB",
+    )
+
+    s = sub.add_parser(
+        "bench",
+        parents=[common],
+        formatter_class=fmt,
+        help="the comparison benchmark",
+        description="Materialize the seed shapes (64 files / 64 KB ... 1,978 files / 466 MB)\n"
+        "and a 100,000-file tree with fastmat and the alternatives, side by side, on a\n"
+        "temporary CAS; print median ms and the ratio to the floor (bare mkdirat+linkat).\n"
+        "--quick: smaller files and a 10,000-file scaling tree (about a minute).\n"
+        "Each method runs once untimed, then --runs times interleaved with the others.",
+        epilog="shapes: small_flat pcm_cluster medium_flat large_tree, and scale_100k\n"
+        "  (scale_10k with --quick)\n"
+        "methods: floor (C mkdirat+linkat loop), fastmat_cold (materialize), cache_hit\n"
+        "  (DirectoryCache hit), overlay (workspace mount; skipped where this process\n"
+        "  cannot mount), os_link_walk, copytree, cp_al, and remote (with --remote:\n"
+        "  the fetch pipeline into an empty CAS)\n"
+        "--json prints the --out object: machine, config, shapes, every sample.",
+    )
+    s.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    s.add_argument(
+        "--runs", type=int, default=0, metavar="N", help="timed runs (default 5, quick 3)"
+    )
+    s.add_argument(
+        "--budget",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="seconds per shape and method (default 20, quick 2): slower methods get "
+        "fewer runs, at least one",
+    )
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="threads (0: per CPU)")
+    s.add_argument("--out", type=Path, metavar="FILE", help="write every sample as JSON")
+    s.add_argument("--plot", type=Path, metavar="FILE", help="write a PNG plot (needs matplotlib)")
+    s.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    s.add_argument("--remote", metavar="URL", help="also time fetching from this REAPI server")
+    s.add_argument("--dir", type=Path, metavar="DIR", help="scratch parent (default: temp dir)")
+    s.add_argument("--shapes", nargs="+", metavar="NAME", help="only these shapes")
+    s.add_argument("--methods", nargs="+", metavar="NAME", help="only these methods (+ floor)")
+    s.add_argument("--scale", type=float, default=1.0, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:  # materialize --workspace -- CMD ...: CMD is not ours to parse
+        i = argv.index("--")
+        argv, command = argv[:i], argv[i + 1 :]
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else 2
+    args.command = command
+    if command and args.verb != "materialize":
+        print(f"{parser.prog} {args.verb}: error: unexpected arguments after --", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="fastmat: %(levelname)s: %(message)s",
+    )
+    verbs: dict[str, Callable[[argparse.Namespace], Outcome]] = {
+        "ingest": cmd_ingest,
+        "materialize": cmd_materialize,
+        "stats": cmd_stats,
+        "verify": cmd_verify,
+        "gc": cmd_gc,
+        "bench": cmd_bench,
+    }
+    try:
+        rc, payload, text = verbs[args.verb](args)
+    except UsageError as e:
+        print(f"{parser.prog} {args.verb}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmat: interrupted", file=sys.stderr)
+        return 130
+    except (FastmatError, OSError) as e:
+        if args.debug:
+            traceback.print_exc()
+        msg = _error_line(e)
+        print(f"fastmat: error: {msg}", file=sys.stderr)
+        if args.json:
+            _emit_json({"ok": False, "error": msg, "type": type(e).__name__})
+        return 1
+    if args.json:
+        _emit_json(payload)
+    elif text:
+        print(text)
+    return rc
+
+
+def _emit_json(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(jsonable(obj), sort_keys=False) + "\n")
+    sys.stdout.flush()

@@ -1,0 +1,323 @@
+"""The verbs of the ``fastmat`` command: each returns (exit status, JSON payload, text).
+
+``fastmat.cli`` parses the arguments and prints; nothing here prints except a held
+workspace's banner, and nothing here exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import signal
+import subprocess
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastmat.cli.progress import Progress
+from fastmat.digest import Digest
+from fastmat.errors import FastmatError
+
+if TYPE_CHECKING:
+    from fastmat.cache import DirectoryCache
+    from fastmat.cas import LocalCAS
+
+_NO_BOUND = 1 << 62
+
+
+class UsageError(Exception):
+    """A bad combination of arguments argparse cannot see (exit status 2)."""
+
+
+Outcome = tuple[int, dict[str, Any], str]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def jsonable(obj: Any) -> Any:
+    """Dataclasses, digests and paths as plain JSON values."""
+    if isinstance(obj, (Digest, Path)):
+        return str(obj)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: jsonable(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v) for v in obj]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return str(obj)
+
+
+def _bars(args: argparse.Namespace) -> bool | None:
+    return False if args.json else None  # None: when stdout is a terminal
+
+
+def _open_cas(path: Path, *, create: bool = False) -> LocalCAS:
+    """Opens the CAS; only verbs that fill it (ingest, a remote fetch) may create it, so
+    a mistyped --cas is an error, not a new empty store."""
+    from fastmat.cas import LocalCAS
+
+    if not create and not path.is_dir():
+        raise FileNotFoundError(errno.ENOENT, "no CAS here (fastmat ingest creates one)", str(path))
+    return LocalCAS(path)
+
+
+def cmd_ingest(args: argparse.Namespace) -> Outcome:
+    from fastmat.cas import LocalCAS
+    from fastmat.tree import ingest_tree, load_plan
+
+    src = Path(args.src)
+    with LocalCAS(args.cas, fsync=not args.no_fsync) as cas:
+        with Progress(f"ingesting {src}", enabled=_bars(args)):
+            root = ingest_tree(cas, src)
+        plan = load_plan(cas, root)
+    payload = {
+        "root": str(root),
+        "hash": root.hash,
+        "size_bytes": root.size_bytes,
+        "files": plan.n_files,
+        "directories": plan.n_dirs,
+        "symlinks": plan.n_symlinks,
+        "bytes": plan.n_bytes,
+    }
+    text = (
+        f"ingested {plan.n_files:,} files, {plan.n_dirs:,} directories, "
+        f"{plan.n_symlinks:,} symlinks ({human_bytes(plan.n_bytes)})\n{root}"
+    )
+    return 0, payload, text
+
+
+def cmd_materialize(args: argparse.Namespace) -> Outcome:
+
+    command: list[str] = args.command
+    if command and not args.workspace:
+        raise UsageError("a command after DEST needs --workspace")
+    if args.workspace and args.cache is None:
+        raise UsageError("--workspace needs --cache DIR (a workspace is a view of a cache entry)")
+    dest = Path(args.dest)
+    with contextlib.ExitStack() as stack:
+        cas = stack.enter_context(_open_cas(args.cas, create=args.remote is not None))
+        fetcher = None
+        if args.remote is not None:
+            from fastmat.remote import RemoteCAS, RemoteFetcher
+
+            try:
+                remote = stack.enter_context(RemoteCAS(args.remote, args.instance_name))
+            except ValueError as e:  # a malformed URL is a usage error
+                raise UsageError(str(e)) from e
+            fetcher = stack.enter_context(RemoteFetcher(remote, cas))
+        if args.cache is None:
+            from fastmat.materialize import materialize
+
+            stats = materialize(cas, args.digest, dest, fetcher=fetcher, threads=args.threads)
+            payload = {"root": str(args.digest), "dest": str(dest), "stats": jsonable(stats)}
+            text = (
+                f"materialized {args.digest} at {dest}: {stats.files:,} files, "
+                f"{stats.directories:,} directories, {stats.symlinks:,} symlinks, "
+                f"{human_bytes(stats.bytes)} in {stats.duration_s * 1e3:.1f} ms "
+                f"(linked {stats.linked:,}, reflinked {stats.reflinked:,}, copied {stats.copied:,})"
+            )
+            return 0, payload, text
+        from fastmat.cache import DirectoryCache
+
+        cache = stack.enter_context(
+            DirectoryCache(
+                cas, args.cache, max_bytes=args.cache_max_bytes, fetcher=fetcher,
+                threads=args.threads,
+            )
+        )  # fmt: skip
+        if args.workspace:
+            return _workspace(args, cache, dest, command)
+        r = cache.materialize(args.digest, dest)
+        payload = {"root": str(args.digest), "dest": str(dest), "cache": jsonable(r)}
+        text = (
+            f"materialized {args.digest} at {dest}: {r.files:,} files, "
+            f"{human_bytes(r.bytes)} in {r.duration_s * 1e3:.1f} ms "
+            f"(cache {'hit' if r.hit else 'miss'}, {r.method})"
+        )
+        return 0, payload, text
+    raise AssertionError("unreachable")
+
+
+def _workspace(
+    args: argparse.Namespace, cache: DirectoryCache, dest: Path, command: list[str]
+) -> Outcome:
+    """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
+    with cache.workspace(args.digest, dest) as ws:
+        method = ws.method
+        info = {"root": str(args.digest), "dest": str(dest), "method": method}
+        if command:
+            rc = subprocess.run(command, cwd=dest, check=False).returncode
+            rc = 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention
+            return rc, {**info, "command": command, "returncode": rc}, ""
+        if not args.json:
+            print(
+                f"workspace for {args.digest} at {dest} ({method}); Ctrl-C to release", flush=True
+            )
+        _wait_for_signal()
+    return 0, {**info, "released": True}, f"released the workspace at {dest}"
+
+
+def _wait_for_signal() -> None:
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _cas_usage(root: Path) -> dict[str, int]:
+    """Counts and bytes of blobs and executable variants (one lstat per file)."""
+    out = {"blobs": 0, "blob_bytes": 0, "exec_variants": 0, "exec_bytes": 0}
+    for area, count, size in (
+        ("blobs", "blobs", "blob_bytes"),
+        ("exec", "exec_variants", "exec_bytes"),
+    ):
+        top = root / area
+        if not top.is_dir():
+            continue
+        with os.scandir(top) as shards:
+            for shard in shards:
+                if not shard.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(shard.path) as it:
+                    for e in it:
+                        if e.is_file(follow_symlinks=False):
+                            out[count] += 1
+                            out[size] += e.stat(follow_symlinks=False).st_size
+    return out
+
+
+def cmd_stats(args: argparse.Namespace) -> Outcome:
+
+    with _open_cas(args.cas) as cas:
+        usage = _cas_usage(cas.root)
+        payload: dict[str, Any] = {"cas": {"path": str(cas.root), **usage}}
+        lines = [
+            f"CAS {cas.root}: {usage['blobs']:,} blobs ({human_bytes(usage['blob_bytes'])}), "
+            f"{usage['exec_variants']:,} executable variants ({human_bytes(usage['exec_bytes'])})"
+        ]
+        if args.cache is not None:
+            with _open_cache_readonly(cas, args.cache) as cache:
+                st = cache.stats()
+            payload["cache"] = {"path": str(args.cache), **jsonable(st)}
+            lines.append(f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)})")
+    return 0, payload, "\n".join(lines)
+
+
+def cmd_verify(args: argparse.Namespace) -> Outcome:
+
+    with _open_cas(args.cas) as cas, Progress("verifying the CAS", enabled=_bars(args)):
+        report = cas.verify()
+    payload = {
+        "ok": report.ok,
+        "blobs_checked": report.blobs_checked,
+        "exec_checked": report.exec_checked,
+        "bytes_checked": report.bytes_checked,
+        "damaged": [
+            {"digest": str(b.digest), "reason": b.reason, "kind": b.kind} for b in report.damaged
+        ],
+        "unexpected": list(report.unexpected),
+        "quarantined": [str(p) for p in report.quarantined],
+        "duration_s": round(report.duration_s, 3),
+    }
+    lines = [
+        f"checked {report.blobs_checked:,} blobs and {report.exec_checked:,} executable "
+        f"variants ({human_bytes(report.bytes_checked)}) in {report.duration_s:.1f} s"
+    ]
+    lines += [f"damaged {b.kind} {b.digest}: {b.reason}" for b in report.damaged]
+    lines += [f"unexpected file: {name}" for name in report.unexpected]
+    if report.quarantined:
+        lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
+    lines.append("OK" if report.ok else "DAMAGED")
+    return (0 if report.ok else 1), payload, "\n".join(lines)
+
+
+def _open_cache_readonly(cas: Any, path: Path) -> Any:
+    """Opens a cache with bounds no existing cache exceeds, so opening evicts nothing."""
+    from fastmat.cache import DirectoryCache
+
+    return DirectoryCache(cas, path, max_bytes=_NO_BOUND, max_entries=_NO_BOUND)
+
+
+def cmd_gc(args: argparse.Namespace) -> Outcome:
+    from fastmat.cache import DirectoryCache
+
+    if args.cache is None:
+        raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
+    with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
+        with _open_cache_readonly(cas, args.cache) as cache:
+            before = cache.stats()
+        # Opening with the bound evicts unpinned entries (least recently used first);
+        # close() waits for the background deletions.
+        with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
+            cache.drain()
+            after = cache.stats()
+    payload = {
+        "max_bytes": args.max_bytes,
+        "evicted": before.entries - after.entries,
+        "freed_bytes": before.bytes - after.bytes,
+        "before": jsonable(before),
+        "after": jsonable(after),
+    }
+    text = (
+        f"evicted {before.entries - after.entries} of {before.entries} cache entries, "
+        f"freed {human_bytes(before.bytes - after.bytes)}; "
+        f"{after.entries} entries ({human_bytes(after.bytes)}) remain"
+    )
+    return 0, payload, text
+
+
+def cmd_bench(args: argparse.Namespace) -> Outcome:
+    from fastmat.bench import BenchConfig, run_bench, selected_methods, selected_shapes
+    from fastmat.bench.report import format_markdown, format_table, plot
+
+    if args.plot is not None:  # fail before minutes of work, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError as e:
+            raise FastmatError(
+                "--plot needs matplotlib: pip install 'fastmat[bench]' (or matplotlib)"
+            ) from e
+    cfg = BenchConfig(
+        quick=args.quick,
+        runs=args.runs,
+        budget_s=args.budget,
+        threads=args.threads,
+        scale=args.scale,
+        workdir=args.dir,
+        remote=args.remote,
+        shapes=tuple(args.shapes or ()),
+        methods=tuple(args.methods or ()),
+    )
+    try:
+        selected_shapes(cfg), selected_methods(cfg)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
+    with Progress("bench", enabled=_bars(args)) as bar:
+        res = run_bench(cfg, progress=bar.update)
+    extra = []
+    if args.out is not None:
+        args.out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
+        extra.append(f"results: {args.out}")
+    if args.plot is not None:
+        plot(res, args.plot)
+        extra.append(f"plot: {args.plot}")
+    table = format_markdown(res) if args.markdown else format_table(res)
+    return 0, res, table + "".join(f"{x}\n" for x in extra)
