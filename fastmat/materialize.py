@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
 from fastmat.digest import BlobNotFoundError
+from fastmat.fs.staging import staged
 from fastmat.tree import Fetcher, Plan, TreeLimits, load_plan
 
 if TYPE_CHECKING:
@@ -191,34 +192,27 @@ def run_plan(
     max_inflight: int = 64,
     check_srcs: bool = False,
 ) -> _binding.ExecResult:
-    """Creates ``dest`` (0755; it must not exist) and executes ``plan`` into it.
+    """Executes ``plan`` into a new directory beside ``dest`` and publishes it as
+    ``dest`` (0755; it must not exist) by one rename (:mod:`fastmat.fs.staging`).
     Executable variants must exist (:func:`check_blobs`, ``presence=False`` is
-    enough); ``check_srcs`` checks every blob natively before creating anything
-    in ``dest`` (else blobs must be present too). On any failure ``dest`` is
-    removed and the first failure is raised: ``BlobNotFoundError`` (digest, tree
-    path) for an absent blob, else ``OSError`` with the full path."""
+    enough). Blobs are linked optimistically; ``check_srcs`` checks every one
+    natively before creating anything. On any failure ``dest`` never appears and
+    the first failure is raised: ``BlobNotFoundError`` (digest, tree path) for an
+    absent blob, else ``OSError`` with the full path."""
     path = os.fspath(dest)
-    os.mkdir(path, 0o755)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fchmod(fd, 0o755)  # whatever the umask
-            res = _binding.exec_plan(
-                fd,
-                cas.root_fd,
-                plan.arrays,
-                threads=threads,
-                max_inflight=max_inflight,
-                tmp_dirfd=cas.tmp_fd,
-                check_srcs=check_srcs,
-            )
-        finally:
-            os.close(fd)
+    with staged(path) as st:
+        res = _binding.exec_plan(
+            st.fd,
+            cas.root_fd,
+            plan.arrays,
+            threads=threads,
+            max_inflight=max_inflight,
+            tmp_dirfd=cas.tmp_fd,
+            check_srcs=check_srcs,
+        )
         if res.rc != 0:
             raise _blob_failure(cas, plan, res) or failure(plan, path, res)
-    except BaseException:
-        _binding.remove_tree(path)
-        raise
+        st.publish()
     return res
 
 

@@ -4,7 +4,6 @@ whole tree where it exists). The entry is pinned by the caller."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from typing import TYPE_CHECKING
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING
 from fastmat import _binding
 from fastmat.cache import entry
 from fastmat.cache.entry import Damaged
+from fastmat.fs.staging import staged
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -73,31 +73,23 @@ def clone(disk: Disk, e: Entry, dest: Path, *, threads: int, max_inflight: int) 
 def replay(
     disk: Disk, r: entry.Replay, entry_fd: int, dest: Path, *, threads: int, max_inflight: int
 ) -> int:
-    """Hardlinks the entry into ``dest`` (created here) with the C executor; returns
-    how many files were copied instead (``dest`` on another filesystem)."""
-    os.mkdir(dest, 0o755)
-    try:
-        os.chmod(dest, 0o755)  # noqa: S103 - input dirs are 0755 whatever the umask
-        dfd = os.open(dest, _O_DIR)
-        try:
-            res = _binding.exec_plan(
-                dfd,
-                entry_fd,
-                r.arrays,
-                threads=threads,
-                max_inflight=max_inflight,
-                tmp_dirfd=disk.tmp_fd,  # an EMLINK rotation never builds inside an entry
-            )
-        finally:
-            os.close(dfd)
+    """Hardlinks the entry into ``dest`` (built beside it, published by one rename)
+    with the C executor; returns how many files were copied instead (``dest`` on
+    another filesystem)."""
+    with staged(dest) as st:
+        res = _binding.exec_plan(
+            st.fd,
+            entry_fd,
+            r.arrays,
+            threads=threads,
+            max_inflight=max_inflight,
+            tmp_dirfd=disk.tmp_fd,  # an EMLINK rotation never builds inside an entry
+        )
         if res.rc != 0:
             bad = [i for i, s in enumerate(res.status) if s == -errno.ENOENT]
             if bad:
                 src = os.fsdecode(r.arrays.srcs.split(b"\0")[bad[0]])
                 raise Damaged(f"entry file missing: {src}")
             raise OSError(-res.rc, os.strerror(-res.rc), str(dest))
-    except BaseException:
-        with contextlib.suppress(OSError):
-            _binding.remove_tree(dest)
-        raise
+        st.publish()
     return len(res.how) - len(res.how.translate(None, _XDEV))

@@ -56,14 +56,21 @@ def _digest(text: str) -> Digest:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _name(filename: object) -> str:
+    """An OSError's filename as text (a path, or a number when the call took an fd)."""
+    return (
+        os.fsdecode(filename) if isinstance(filename, (str, bytes, os.PathLike)) else str(filename)
+    )
+
+
 def _error_line(e: BaseException) -> str:
     """One clear line: the strerror and the paths for an OSError, the message otherwise."""
     if isinstance(e, OSError) and e.strerror:
         where = ""
         if e.filename is not None:
-            where = f": {os.fsdecode(e.filename)}"
+            where = f": {_name(e.filename)}"
             if e.filename2 is not None:
-                where += f" -> {os.fsdecode(e.filename2)}"
+                where += f" -> {_name(e.filename2)}"
         return f"{e.strerror}{where}"
     return str(e) or type(e).__name__
 

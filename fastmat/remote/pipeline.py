@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
+from fastmat.fs.staging import staged
 from fastmat.materialize import failure
 from fastmat.remote.flight import Cancelled, OnReady
 from fastmat.tree.node import OP_COPY, OP_LINK
@@ -146,22 +147,20 @@ def run_pipelined(
 ) -> _binding.ExecResult:
     """``fastmat.materialize.run_plan`` with the missing blobs fetched while linking.
 
-    Creates ``dest`` (0755; it must not exist), links every directory and every
-    entry whose blob is already local, then links each group of fetched blobs as
-    it lands. On any failure the fetches are cancelled, ``dest`` is removed and
-    the error raised: ``BlobNotFoundError`` / ``DigestMismatchError`` naming the
-    digest and its path in the tree, ``RemoteError``, or the ``OSError`` of the
-    first entry that failed. Returns the merged per-entry result.
+    Builds beside ``dest`` (0755; it must not exist) and publishes it by one rename
+    (:mod:`fastmat.fs.staging`): links every directory and every entry whose blob
+    is already local, then links each group of fetched blobs as it lands. On any
+    failure the fetches are cancelled, ``dest`` never appears and the error is
+    raised: ``BlobNotFoundError`` / ``DigestMismatchError`` naming the digest and
+    its path in the tree, ``RemoteError``, or the ``OSError`` of the first entry
+    that failed. Returns the merged per-entry result.
     """
     path = os.fspath(dest)
-    os.mkdir(path, 0o755)
     cancel = threading.Event()
     fetch_thread: threading.Thread | None = None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        try:
-            os.fchmod(fd, 0o755)
-            linker = _Linker(cas, plan, path, fd, threads=threads, inflight=max_inflight)
+        with staged(path) as st:
+            linker = _Linker(cas, plan, path, st.fd, threads=threads, inflight=max_inflight)
             missing = set(cas.missing(linker.by_digest))
             ready_q: queue.SimpleQueue[list[Digest] | None] = queue.SimpleQueue()
             errors: list[BaseException] = []
@@ -209,19 +208,17 @@ def run_pipelined(
             fetch_thread.join()
             if errors:
                 raise _with_path(errors[0], plan, linker) from errors[0]
+            st.publish()
             log.debug(
                 "pipelined %s: %d blobs fetched, %d link calls",
                 plan.root,
                 len(missing),
                 fetcher.stats.link_calls,
             )
-        finally:
-            os.close(fd)
     except BaseException:
         cancel.set()
         if fetch_thread is not None:
             fetch_thread.join()
-        _binding.remove_tree(path)
         raise
     return linker.result()
 
