@@ -1,0 +1,117 @@
+"""Hostile neighbours (invariant 13): a process that can write next to a destination or
+inside a tree being removed races fastmat with renames; nothing outside what fastmat
+was given may be created, deleted or chmod'ed.
+
+Each test runs an attacker thread swapping names with ``renameat2(RENAME_EXCHANGE)``
+while fastmat works, then checks the bystander files and directories."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from fastmat import BlobNotFoundError, proto
+from fastmat.cas import LocalCAS
+from fastmat.digest import Digest
+from fastmat.materialize import materialize
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """renameat2(a, b, RENAME_EXCHANGE); False if either is missing right now."""
+    rc = _libc.renameat2(_AT_FDCWD, bytes(a), _AT_FDCWD, bytes(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.EINVAL):
+        return False
+    if err == errno.ENOSYS:  # pragma: no cover - pre-3.15 kernel
+        pytest.skip("renameat2 RENAME_EXCHANGE unavailable")
+    raise OSError(err, os.strerror(err), str(a))
+
+
+@contextmanager
+def attacker(step: Callable[[], object]) -> Iterator[None]:
+    """Runs ``step`` in a loop on another thread for the duration of the block."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            step()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+
+
+def _tree(cas: LocalCAS, files: int, *, missing: bool = False) -> Digest:
+    d = proto.Directory()
+    for i in range(files):
+        data = f"file {i}\n".encode()
+        blob = Digest.of(data) if missing and i == files - 1 else cas.put(data)
+        f = d.files.add(name=f"f{i:04d}")
+        f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
+    return cas.put(d.SerializeToString())
+
+
+def _bystander(outside: Path) -> dict[str, tuple[int, int, bytes | None]]:
+    """(type+mode, ino, content) of everything under ``outside``."""
+    out = {}
+    for p in [outside, *outside.rglob("*")]:
+        st = p.lstat()
+        data = p.read_bytes() if stat.S_ISREG(st.st_mode) else None
+        out[str(p.relative_to(outside))] = (st.st_mode, st.st_ino, data)
+    return out
+
+
+@pytest.mark.parametrize(
+    "n", [pytest.param(300, id="300"), pytest.param(3000, id="3000", marks=pytest.mark.stress)]
+)
+def test_parent_swapped_for_a_symlink_never_reaches_outside(n: int, tmp_path: Path) -> None:
+    """The destination's parent is swapped with a symlink to another directory while
+    materializes (half of them failing on a missing blob) run: trees land complete in
+    the directory the parent was when the call resolved it, cleanup never deletes or
+    chmods anything in the other directory (before the fix: the parent was looked up
+    by path three times)."""
+    cas = LocalCAS(tmp_path / "cas", fsync=False)
+    good, bad = _tree(cas, 256), _tree(cas, 256, missing=True)
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    parent, link = work / "parent", work / "link"
+    parent.mkdir(parents=True)
+    outside.mkdir()
+    link.symlink_to(outside)
+    for i in range(n):  # what a careless cleanup would remove or chmod
+        victim = outside / f"d{i}"
+        victim.mkdir(mode=0o700)
+        (victim / "keep").write_bytes(b"precious\n")
+    before = _bystander(outside)
+    with attacker(lambda: exchange(parent, link)):
+        for i in range(n):
+            dest = parent / f"d{i}"
+            try:
+                # the missing blob is found by its link, after the others were linked
+                materialize(cas, bad if i % 2 else good, dest, check_blobs_first=False)
+            except (BlobNotFoundError, FileExistsError, FileNotFoundError, NotADirectoryError):
+                pass
+    assert _bystander(outside) == before  # nothing outside touched, failures included
+    real = parent if parent.is_dir() and not parent.is_symlink() else link
+    landed = sorted(p.name for p in real.iterdir()) if real.is_dir() else []
+    for name in landed:
+        assert len(os.listdir(real / name)) == 256  # complete, or absent
+    cas.close()
