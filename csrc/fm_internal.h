@@ -10,7 +10,7 @@
  *   fm_file.c    single-file primitives, durable recipe      calls: sys inject thread
  *   fm_exec.c    plan executor, benchmark floor              calls: sys inject thread file
  *   fm_probe.c   version, capabilities, reflink probe        calls: sys file
- *   fm_walk.c    lstat tree walks (chmod, remove_tree)       calls: sys
+ *   fm_walk.c    remove_tree                                 calls: sys
  *   fm_mount.c   overlay mounts, clone_tree                  calls: sys
  * The last four define no fm__ helper, so they have no section here.
  */
@@ -52,7 +52,6 @@ int fm__fstat(int fd, struct stat *st);
 int fm__fstatat(int dirfd, const char *path, struct stat *st, int flags);
 int fm__fchmod(int fd, unsigned mode);
 int fm__fchmodat(int dirfd, const char *path, unsigned mode);
-int fm__fchmodat_nofollow(int dirfd, const char *path, unsigned mode); /* glibc >= 2.32 */
 int fm__fsync(int fd);
 int fm__futimens_ns(int fd, int64_t mtime_ns); /* atime = mtime */
 int64_t fm__read(int fd, void *buf, size_t len);

@@ -116,14 +116,6 @@ def hostile_tree(root: Path, outside: Path) -> None:
     (root / "sub" / "dangling").symlink_to(outside / "nowhere")
 
 
-def assert_outside_untouched(root: Path, outside: Path) -> None:
-    assert mode_of(outside / "dir") == 0o700
-    assert mode_of(outside / "dir" / "inner") == 0o600
-    assert mode_of(outside / "file") == 0o600
-    assert (outside / "dir" / "inner").read_text() == "inner"
-    assert (outside / "file").read_text() == "file"
-
-
 # ---------------------------------------------------------------- basics
 
 
@@ -496,78 +488,9 @@ def test_publish(dest: Path) -> None:
 # ---------------------------------------------------------------- walks
 
 
-def test_walk_chmod_dirs_leaves_symlinks_and_files(tmp_path: Path) -> None:
-    root, outside = tmp_path / "root", tmp_path / "outside"
-    hostile_tree(root, outside)
-    nb.walk_chmod(nb.AT_FDCWD, root, "dirs", 0o750)
-    for d in (root, root / "sub", root / "sub" / "deeper"):
-        assert mode_of(d) == 0o750
-    for f in (root / "f", root / "sub" / "g"):
-        assert mode_of(f) == 0o644
-    assert os.readlink(root / "lfile") == str(outside / "file")
-    assert os.readlink(root / "sub" / "ldir") == str(outside / "dir")
-    assert (root / "sub" / "dangling").is_symlink()
-    assert_outside_untouched(root, outside)
-
-
-def test_walk_chmod_files_leaves_symlinks_and_dirs(tmp_path: Path) -> None:
-    root, outside = tmp_path / "root", tmp_path / "outside"
-    hostile_tree(root, outside)
-    nb.walk_chmod(nb.AT_FDCWD, root, "files", 0o444)
-    for f in (root / "f", root / "sub" / "g", root / "sub" / "deeper" / "h"):
-        assert mode_of(f) == 0o444
-    for d in (root, root / "sub", root / "sub" / "deeper"):
-        assert mode_of(d) == 0o755
-    assert (root / "sub" / "dangling").is_symlink()
-    assert_outside_untouched(root, outside)
-
-
-def test_walk_chmod_dirs_to_unreadable_mode(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "a" / "b").mkdir(parents=True)
-    nb.walk_chmod(nb.AT_FDCWD, root, "dirs", 0o300)  # post-order: children first
-    assert mode_of(root) == mode_of(root / "a") == mode_of(root / "a" / "b") == 0o300
-    nb.walk_chmod(nb.AT_FDCWD, root, "dirs", 0o755)  # pre-order: readable before descending
-    assert mode_of(root / "a" / "b") == 0o755
-
-
-def test_walk_chmod_by_owner_without_root(tmp_path: Path) -> None:
-    root = tmp_path / "root"
-    (root / "a").mkdir(parents=True)
-    (root / "a" / "f").write_text("x")
-    os.chown(root, 65534, 65534)
-    os.chown(root / "a", 65534, 65534)
-    os.chown(root / "a" / "f", 65534, 65534)
-    open_to_all(root)
-    as_nobody(nb.walk_chmod, nb.AT_FDCWD, str(root), "dirs", 0o500)
-    assert mode_of(root / "a") == 0o500
-    as_nobody(nb.walk_chmod, nb.AT_FDCWD, str(root), "dirs", 0o755)
-    assert mode_of(root / "a") == 0o755
-    (root / "a").chmod(0o000)
-    with pytest.raises(PermissionError):
-        as_nobody(nb.walk_chmod, nb.AT_FDCWD, str(root), "files", 0o444)
-
-
-def test_walk_chmod_errors(tmp_path: Path) -> None:
-    (tmp_path / "d").mkdir()
-    (tmp_path / "link").symlink_to(tmp_path / "d")
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(FileNotFoundError):
-        nb.walk_chmod(nb.AT_FDCWD, tmp_path / "missing", "dirs", 0o755)
-    with raises_errno(errno.ELOOP):
-        nb.walk_chmod(nb.AT_FDCWD, tmp_path / "link", "dirs", 0o700)
-    assert mode_of(tmp_path / "d") == 0o755
-    nb.walk_chmod(nb.AT_FDCWD, tmp_path / "file", "files", 0o400)  # a file as the root
-    assert mode_of(tmp_path / "file") == 0o400
-    nb.walk_chmod(nb.AT_FDCWD, tmp_path / "file", "dirs", 0o700)
-    assert mode_of(tmp_path / "file") == 0o400
-    assert nb.lib.fm_walk_chmod(nb.AT_FDCWD, bytes(tmp_path), 3, 0o755) == -errno.EINVAL
-    with pytest.raises(ValueError, match="dirs"):
-        nb.walk_chmod(nb.AT_FDCWD, tmp_path, "both", 0o755)  # type: ignore[arg-type]
-
-
-def deep_tree(root: Path, depth: int) -> Path:
-    """A chain of `depth` directories below root, each with one file; returns the deepest."""
+def deep_tree(root: Path, depth: int, dir_mode: int = 0o755) -> Path:
+    """A chain of `depth` directories below root, each with one file, each directory
+    (root too) then set to dir_mode; returns root."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     for _ in range(depth):
         os.mkdir("d", dir_fd=fd)
@@ -575,27 +498,27 @@ def deep_tree(root: Path, depth: int) -> Path:
         os.write(ffd, b"x")
         os.close(ffd)
         nfd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.fchmod(fd, dir_mode)
         os.close(fd)
         fd = nfd
+    os.fchmod(fd, dir_mode)
     os.close(fd)
     return root
 
 
-def test_walks_hold_few_fds_on_deep_trees(tmp_path: Path) -> None:
+def test_remove_tree_holds_few_fds_on_deep_trees(tmp_path: Path) -> None:
     root = tmp_path / "deep"
     root.mkdir()
-    deep_tree(root, 600)  # deeper than PATH_MAX allows by name, and than 512 fds
+    deep_tree(root, 600, 0o555)  # deeper than PATH_MAX allows by name, and than 512 fds
 
-    def walk_with_few_fds() -> None:
+    def remove_with_few_fds() -> None:
         import resource
 
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
-        nb.walk_chmod(nb.AT_FDCWD, str(root), "files", 0o444)
-        nb.walk_chmod(nb.AT_FDCWD, str(root), "dirs", 0o555)
-        nb.remove_tree(str(root))
+        nb.remove_tree(str(root))  # makes each read-only directory writable on the way
 
     before = open_fds()
-    in_child(walk_with_few_fds)
+    in_child(remove_with_few_fds)
     assert not root.exists()
     assert open_fds() == before
 
