@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 3
+#define FM_ABI_VERSION 4
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -62,10 +62,6 @@
 #define FM_SITE_SYMLINK 5 /* symlinkat of a plan entry */
 #define FM_SITE_RENAME 6  /* the publish step of the durable recipe */
 #define FM_SITE_COUNT 7
-
-/* ---- walks (fm_walk_chmod "what") ---- */
-#define FM_WALK_DIRS 1
-#define FM_WALK_FILES 2
 
 /*
  * A flat materialization plan. Directory 0 is the destination itself
@@ -175,14 +171,6 @@ int32_t fm_durable_write(int32_t dst_dirfd, const char *dst, const uint8_t *buf,
  * plain renameat otherwise; fsync of dst_dirfd with FM_F_FSYNC. */
 int32_t fm_publish(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                    uint32_t flags);
-
-/* Sets `mode` on every directory (FM_WALK_DIRS) or regular file
- * (FM_WALK_FILES) under dirfd/path, path included; lstat semantics: never
- * follows, chmods or descends through a symlink (dangling ones included).
- * Holds O(1) fds at any depth (goes back up through ".."). Returns 0,
- * -ENOENT, -ENOTDIR, -ELOOP (path itself is a symlink), -EINVAL (what),
- * -ESTALE (the tree was moved while walked), -EACCES, ... */
-int32_t fm_walk_chmod(int32_t dirfd, const char *path, uint32_t what, uint32_t mode);
 
 /* Removes dirfd/path and everything under it, making directories writable
  * (u+rwx) where needed; never chmods a file, never follows a symlink (a

@@ -7,20 +7,18 @@
  * two directories; worker threads claim chunks from one atomic counter,
  * resolve the chunk's directory once (openat2 RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS, or component-wise O_NOFOLLOW) and do its entries
- * relative to that fd.
+ * relative to that fd. The threads are fm_thread.c's bounded pool; the
+ * single-file primitives (open, reflink, copy, temp names) are fm_file.c's.
  */
 #include "fm_internal.h"
 
 #include <limits.h>
 #include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <unistd.h>
 
-#define MAX_THREADS 256
 #define MAX_CHUNK 64
 #define STRIPES 64
 
@@ -452,93 +450,6 @@ static void make_dirs(struct ctx *c)
     put_dir_fd(c, pfd);
 }
 
-static uint32_t clamp_threads(uint32_t threads)
-{
-    if (threads == 0) {
-        long n = sysconf(_SC_NPROCESSORS_ONLN);
-        threads = n > 0 ? (uint32_t)n : 1;
-    }
-    return threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-}
-
-struct pool_arg {
-    void *(*fn)(void *);
-    void *arg;
-    const int *keep; /* the only fds a pool thread keeps in its table, or NULL */
-};
-
-/* Every pool thread first takes a private fd table (see fm__isolated): the
- * writable fds of copies never reach a child forked by another thread. */
-static void *pool_main(void *p)
-{
-    struct pool_arg *a = p;
-    if (a->keep != NULL)
-        fm__private_fd_table(a->keep, 3);
-    return a->fn(a->arg);
-}
-
-/* Runs fn on `n` new threads and waits for them; when not even one can be
- * created, the caller does the work. With keep (3 fds, negative ones
- * ignored) each thread first takes a private fd table holding only those;
- * NULL (fn opens no fd) skips that. Pool threads block every signal so that
- * Python's handlers run on its own threads. */
-static void run_pool(void *(*fn)(void *), void *arg, uint32_t n, const int *keep)
-{
-    pthread_t tid[MAX_THREADS];
-    struct pool_arg a = {fn, arg, keep};
-    uint32_t started = 0;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    for (uint32_t t = 0; t < n; t++) {
-        if (pthread_create(&tid[started], NULL, pool_main, &a) != 0)
-            break; /* fewer threads, same work */
-        started++;
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (started == 0)
-        fn(arg);
-    for (uint32_t t = 0; t < started; t++)
-        pthread_join(tid[t], NULL);
-}
-
-struct isolated {
-    int (*fn)(void *);
-    void *arg;
-    const int *keep;
-    int nkeep;
-    int rc;
-};
-
-static void *isolated_main(void *p)
-{
-    struct isolated *i = p;
-    fm__private_fd_table(i->keep, i->nkeep);
-    i->rc = i->fn(i->arg);
-    return NULL;
-}
-
-int fm__isolated(int (*fn)(void *), void *arg, const int *keep, int nkeep)
-{
-#ifdef __linux__
-    struct isolated i = {fn, arg, keep, nkeep, 0};
-    pthread_t tid;
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    int rc = pthread_create(&tid, NULL, isolated_main, &i);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (rc == 0) {
-        pthread_join(tid, NULL);
-        return i.rc;
-    }
-#else
-    (void)keep;
-    (void)nkeep;
-#endif /* __linux__ */
-    return fn(arg);
-}
-
 static void free_ctx(struct ctx *c)
 {
     free(c->dir_name);
@@ -585,7 +496,7 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     c.src_dirfd = src_dirfd;
     c.tmp_dirfd = opts != NULL ? opts->tmp_dirfd : -1;
     c.flags = opts != NULL ? opts->flags : 0;
-    uint32_t threads = clamp_threads(opts != NULL ? opts->threads : 0);
+    uint32_t threads = fm__clamp_threads(opts != NULL ? opts->threads : 0);
     uint32_t inflight = opts != NULL && opts->max_inflight ? opts->max_inflight : 64;
     if (inflight < threads)
         inflight = threads;
@@ -623,7 +534,7 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     int srcs_ok = 1;
     if ((c.flags & FM_EXEC_CHECK_SRCS) && c.n_chunks > 0) {
         if (n_threads > 1)
-            run_pool(check_worker, &c, n_threads, NULL);
+            fm__run_pool(check_worker, &c, n_threads, NULL);
         else
             check_worker(&c); /* opens no fd: no thread needed */
         srcs_ok = !atomic_load(&c.stop);
@@ -632,8 +543,8 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     if (srcs_ok && !exist)
         make_dirs(&c);
     if (srcs_ok && !stopped(&c) && c.n_chunks > 0) {
-        int keep[3] = {dest_dirfd, src_dirfd, c.tmp_dirfd};
-        run_pool(worker, &c, n_threads, keep);
+        int keep[FM_POOL_KEEP] = {dest_dirfd, src_dirfd, c.tmp_dirfd};
+        fm__run_pool(worker, &c, n_threads, keep);
     }
 
     rc = 0;
@@ -723,15 +634,15 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
     }
     f.dest_dirfd = dest_dirfd;
     f.src_dirfd = src_dirfd;
-    threads = clamp_threads(threads);
+    threads = fm__clamp_threads(threads);
 
     uint64_t t0 = now_ns();
     for (uint32_t d = 1; d < plan->n_dirs && rc == 0; d++)
         rc = fm__mkdirat(dest_dirfd, c.dir_path[d], plan->dir_mode);
     if (rc == 0 && f.n > 0) {
         uint32_t chunks = (f.n + MAX_CHUNK - 1) / MAX_CHUNK;
-        int keep[3] = {dest_dirfd, src_dirfd, -1};
-        run_pool(floor_worker, &f, threads < chunks ? threads : chunks, keep);
+        int keep[FM_POOL_KEEP] = {dest_dirfd, src_dirfd, -1};
+        fm__run_pool(floor_worker, &f, threads < chunks ? threads : chunks, keep);
         rc = atomic_load(&f.err);
     }
     uint64_t t1 = now_ns();

@@ -1,6 +1,7 @@
 /*
  * fm_file.c - single-file primitives: link, reflink, copy, and the durable
- * private-copy / write / publish recipe.
+ * private-copy / write / publish recipe. A file that may be executed is
+ * written on an fm__isolated thread (fm_thread.c).
  */
 #include "fm_internal.h"
 

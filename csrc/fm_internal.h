@@ -1,6 +1,18 @@
 /*
  * fm_internal.h - helpers shared by the C core's files (names fm__*).
  * Not part of the ABI; never fed to cffi.
+ *
+ * One section per defining file, in layer order. The files form a DAG (no
+ * file calls into one listed after it; tests/test_layout_c.py checks it):
+ *   fm_sys.c     syscall wrappers, the only reader of errno  calls: -
+ *   fm_inject.c  fault injection (tests)                     calls: -
+ *   fm_thread.c  bounded pool, private-fd-table threads      calls: sys
+ *   fm_file.c    single-file primitives, durable recipe      calls: sys inject thread
+ *   fm_exec.c    plan executor, benchmark floor              calls: sys inject thread file
+ *   fm_probe.c   version, capabilities, reflink probe        calls: sys file
+ *   fm_walk.c    remove_tree                                 calls: sys
+ *   fm_mount.c   overlay mounts, clone_tree                  calls: sys
+ * The last four define no fm__ helper, so they have no section here.
  */
 #ifndef FM_INTERNAL_H
 #define FM_INTERNAL_H
@@ -40,7 +52,6 @@ int fm__fstat(int fd, struct stat *st);
 int fm__fstatat(int dirfd, const char *path, struct stat *st, int flags);
 int fm__fchmod(int fd, unsigned mode);
 int fm__fchmodat(int dirfd, const char *path, unsigned mode);
-int fm__fchmodat_nofollow(int dirfd, const char *path, unsigned mode); /* glibc >= 2.32 */
 int fm__fsync(int fd);
 int fm__futimens_ns(int fd, int64_t mtime_ns); /* atime = mtime */
 int64_t fm__read(int fd, void *buf, size_t len);
@@ -63,7 +74,21 @@ int fm__mount(const char *source, const char *target, const char *type, unsigned
               const char *data);
 int fm__umount2(const char *target, int flags);
 
-/* ---- fm_exec.c ---- */
+/* ---- fm_inject.c: fault injection (tests) ---- */
+/* 0, or the injected negative errno when a pending injection at `site` fires. */
+int32_t fm__injected(uint32_t site);
+
+/* ---- fm_thread.c: the bounded pool and private-fd-table threads ---- */
+#define FM_POOL_KEEP 3 /* fds a pool thread keeps in its table (fm__run_pool) */
+/* threads, or the online cores for 0, clamped to [1, 256]. */
+uint32_t fm__clamp_threads(uint32_t threads);
+/* Runs fn(arg) on n new threads (n <= fm__clamp_threads' bound) and waits
+ * for them; when not even one can be created, the caller does the work.
+ * With keep (FM_POOL_KEEP fds, negative ones ignored) each thread first
+ * takes a private fd table holding only those; NULL (fn opens no fd) skips
+ * that. Pool threads block every signal so that Python's handlers run on
+ * its own threads. */
+void fm__run_pool(void *(*fn)(void *), void *arg, uint32_t n, const int *keep);
 /* Runs fn(arg) on a short-lived thread with a private file-descriptor table
  * holding only the fds in keep (fm__private_fd_table) and returns its
  * result: a child forked meanwhile by another thread cannot inherit the
@@ -74,11 +99,7 @@ int fm__umount2(const char *target, int flags);
  * process's locks. Runs fn directly where that is impossible. */
 int fm__isolated(int (*fn)(void *), void *arg, const int *keep, int nkeep);
 
-/* ---- fm_probe.c ---- */
-/* 0, or the injected negative errno when a pending injection at `site` fires. */
-int32_t fm__injected(uint32_t site);
-
-/* ---- fm_file.c ---- */
+/* ---- fm_file.c: single-file primitives ---- */
 /* Opens src for reading (O_NOFOLLOW); -EISDIR / -EINVAL unless a regular file. */
 int fm__open_src(int dirfd, const char *path, struct stat *st);
 /* Creates dst (O_EXCL, mode 0600) as a reflink of src_fd; returns the new fd

@@ -131,11 +131,6 @@ int fm__fchmodat(int dirfd, const char *path, unsigned mode)
     RETRY(fchmodat(dirfd, path, (mode_t)mode, 0));
 }
 
-int fm__fchmodat_nofollow(int dirfd, const char *path, unsigned mode)
-{
-    RETRY(fchmodat(dirfd, path, (mode_t)mode, AT_SYMLINK_NOFOLLOW));
-}
-
 int fm__fsync(int fd)
 {
     RETRY(fsync(fd));

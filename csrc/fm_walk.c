@@ -1,17 +1,15 @@
 /*
- * fm_walk.c - lstat-semantics tree walks: chmod of directories or files, and
- * tree removal. A walk holds O(1) file descriptors whatever the depth: it
- * reads a directory's entries into memory, closes the parent when it
- * descends and comes back up through ".." after checking that ".." is still
- * the directory it came from (-ESTALE if the tree was moved meanwhile).
+ * fm_walk.c - tree removal, with lstat semantics. The walk holds O(1) file
+ * descriptors whatever the depth: it reads a directory's entries into
+ * memory, closes the parent when it descends and comes back up through ".."
+ * after checking that ".." is still the directory it came from (-ESTALE if
+ * the tree was moved meanwhile).
  */
 #include "fm_internal.h"
 
 #include <dirent.h>
 #include <stdlib.h>
 #include <string.h>
-
-enum walk_kind { WALK_DIRS, WALK_FILES, WALK_REMOVE };
 
 struct frame {
     dev_t dev;
@@ -22,25 +20,9 @@ struct frame {
 };
 
 struct walk {
-    enum walk_kind kind;
-    mode_t mode;
     struct frame *stack;
     size_t depth, cap;
 };
-
-/* chmod of a regular file by name without ever following a symlink. */
-static int chmod_file(int dirfd, const char *name, mode_t mode)
-{
-    int rc = fm__fchmodat_nofollow(dirfd, name, mode);
-    if (rc != -EOPNOTSUPP && rc != -ENOTSUP && rc != -ENOSYS)
-        return rc == -ENOENT ? 0 : rc;
-    /* A symlink, or a C library that cannot do it race-free: check first. */
-    struct stat st;
-    rc = fm__fstatat(dirfd, name, &st, AT_SYMLINK_NOFOLLOW);
-    if (rc < 0 || !S_ISREG(st.st_mode))
-        return rc == -ENOENT ? 0 : rc;
-    return fm__fchmodat(dirfd, name, mode);
-}
 
 static int push(struct walk *w, int fd, const struct stat *st, const char *name)
 {
@@ -74,24 +56,12 @@ static void pop(struct walk *w)
     free(f->name);
 }
 
-/* Opens directory `name` under dirfd for the walk; makes it u+rwx first when
- * removing, chmods it first when walking dirs with a mode that keeps it
- * readable. */
-static int enter(struct walk *w, int dirfd, const char *name, const struct stat *st)
+/* Opens directory `name` under dirfd for the walk, making it u+rwx first. */
+static int enter(int dirfd, const char *name, const struct stat *st)
 {
-    if (w->kind == WALK_REMOVE && (st->st_mode & S_IRWXU) != S_IRWXU)
+    if ((st->st_mode & S_IRWXU) != S_IRWXU)
         fm__fchmodat(dirfd, name, (st->st_mode & 07777) | S_IRWXU);
-    int fd = fm__openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
-    if (fd < 0)
-        return fd;
-    if (w->kind == WALK_DIRS && (w->mode & (S_IRUSR | S_IXUSR)) == (S_IRUSR | S_IXUSR)) {
-        int rc = fm__fchmod(fd, w->mode);
-        if (rc < 0) {
-            fm__close(fd);
-            return rc;
-        }
-    }
-    return fd;
+    return fm__openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
 }
 
 /* Handles one entry of the directory fd. Returns 0, -errno, or a new fd
@@ -99,52 +69,42 @@ static int enter(struct walk *w, int dirfd, const char *name, const struct stat 
 static int visit(struct walk *w, int fd, unsigned char type, const char *name, struct stat *st)
 {
     int rc;
-    if (w->kind == WALK_REMOVE && type != DT_DIR && type != DT_UNKNOWN) {
+    if (type != DT_DIR && type != DT_UNKNOWN) {
         rc = fm__unlinkat(fd, name, 0);
         if (rc != -EISDIR && rc != -EPERM)
             return rc == -ENOENT ? 0 : rc;
+        if (type != DT_REG)
+            return 0; /* left in place: the parent's rmdir reports it */
     }
-    if (w->kind == WALK_FILES && type == DT_REG)
-        return chmod_file(fd, name, w->mode);
-    if (type != DT_DIR && type != DT_UNKNOWN && type != DT_REG)
-        return 0; /* symlinks, devices, fifos, sockets: never touched by a chmod walk */
-    if (w->kind == WALK_DIRS && type == DT_REG)
-        return 0;
     rc = fm__fstatat(fd, name, st, AT_SYMLINK_NOFOLLOW);
     if (rc < 0)
         return rc == -ENOENT ? 0 : rc;
     if (!S_ISDIR(st->st_mode)) {
-        if (w->kind == WALK_REMOVE)
-            rc = fm__unlinkat(fd, name, 0);
-        else if (w->kind == WALK_FILES && S_ISREG(st->st_mode))
-            rc = chmod_file(fd, name, w->mode);
+        rc = fm__unlinkat(fd, name, 0);
         return rc == -ENOENT ? 0 : rc;
     }
-    if (w->kind == WALK_REMOVE && st->st_dev != w->stack[w->depth - 1].dev)
+    if (st->st_dev != w->stack[w->depth - 1].dev)
         return -EBUSY; /* a mount point: never delete another filesystem's files */
-    rc = enter(w, fd, name, st);
+    rc = enter(fd, name, st);
     return rc == -ENOENT ? 0 : rc; /* removed meanwhile (a concurrent remover) */
 }
 
-/* Leaves the directory fd (the top frame): post-order chmod, then reopens
- * its parent through "..", checks it is still the one we came from, and
- * removes the directory when removing. Returns the parent fd or -errno. */
+/* Leaves the directory fd (the top frame): reopens its parent through "..",
+ * checks it is still the one we came from, and removes the directory.
+ * Returns the parent fd or -errno. */
 static int leave(struct walk *w, int fd)
 {
     struct frame *child = &w->stack[w->depth - 1];
     struct frame *parent = &w->stack[w->depth - 2];
-    int rc = 0;
-    if (w->kind == WALK_DIRS && (w->mode & (S_IRUSR | S_IXUSR)) != (S_IRUSR | S_IXUSR))
-        rc = fm__fchmod(fd, w->mode);
-    int pfd = rc < 0 ? rc : fm__openat(fd, "..", O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
+    int pfd = fm__openat(fd, "..", O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
     fm__close(fd);
     if (pfd < 0)
         return pfd;
     struct stat st;
-    rc = fm__fstat(pfd, &st);
+    int rc = fm__fstat(pfd, &st);
     if (rc == 0 && (st.st_dev != parent->dev || st.st_ino != parent->ino))
         rc = -ESTALE;
-    if (rc == 0 && w->kind == WALK_REMOVE) {
+    if (rc == 0) {
         rc = fm__unlinkat(pfd, child->name, AT_REMOVEDIR);
         if (rc == -ENOENT)
             rc = 0;
@@ -157,32 +117,23 @@ static int leave(struct walk *w, int fd)
     return pfd;
 }
 
-static int walk_tree(int dirfd, const char *path, enum walk_kind kind, mode_t mode)
+int32_t fm_remove_tree(int32_t dirfd, const char *path)
 {
-    struct walk w = {.kind = kind, .mode = mode};
+    struct walk w = {0};
     struct stat st;
     int rc = fm__fstatat(dirfd, path, &st, AT_SYMLINK_NOFOLLOW);
     if (rc < 0)
         return rc;
-    if (!S_ISDIR(st.st_mode)) {
-        if (kind == WALK_REMOVE)
-            return fm__unlinkat(dirfd, path, 0);
-        if (S_ISLNK(st.st_mode))
-            return -ELOOP;
-        if (kind == WALK_FILES && S_ISREG(st.st_mode))
-            return chmod_file(dirfd, path, mode);
-        return 0;
-    }
-    int fd = enter(&w, dirfd, path, &st);
+    if (!S_ISDIR(st.st_mode))
+        return fm__unlinkat(dirfd, path, 0);
+    int fd = enter(dirfd, path, &st);
     if (fd < 0)
         return fd;
-    if (kind == WALK_REMOVE) {
-        /* A mount point: removing would delete another filesystem's files. */
-        struct stat up;
-        rc = fm__fstatat(fd, "..", &up, 0);
-        if (rc == 0 && up.st_dev != st.st_dev)
-            rc = -EBUSY;
-    }
+    /* A mount point: removing would delete another filesystem's files. */
+    struct stat up;
+    rc = fm__fstatat(fd, "..", &up, 0);
+    if (rc == 0 && up.st_dev != st.st_dev)
+        rc = -EBUSY;
     if (rc == 0)
         rc = push(&w, fd, &st, NULL);
     while (rc == 0 && w.depth > 0) {
@@ -203,8 +154,6 @@ static int walk_tree(int dirfd, const char *path, enum walk_kind kind, mode_t mo
             continue;
         }
         if (w.depth == 1) {
-            if (kind == WALK_DIRS && (mode & (S_IRUSR | S_IXUSR)) != (S_IRUSR | S_IXUSR))
-                rc = fm__fchmod(fd, mode);
             pop(&w);
             break;
         }
@@ -217,23 +166,10 @@ static int walk_tree(int dirfd, const char *path, enum walk_kind kind, mode_t mo
     while (w.depth > 0)
         pop(&w);
     free(w.stack);
-    if (rc == 0 && kind == WALK_REMOVE) {
+    if (rc == 0) {
         rc = fm__unlinkat(dirfd, path, AT_REMOVEDIR);
         if (rc == -ENOENT)
             rc = 0; /* it existed when we started: a concurrent remover won */
     }
     return rc;
-}
-
-int32_t fm_walk_chmod(int32_t dirfd, const char *path, uint32_t what, uint32_t mode)
-{
-    if (what != FM_WALK_DIRS && what != FM_WALK_FILES)
-        return -EINVAL;
-    return walk_tree(dirfd, path, what == FM_WALK_DIRS ? WALK_DIRS : WALK_FILES,
-                     (mode_t)(mode & 07777));
-}
-
-int32_t fm_remove_tree(int32_t dirfd, const char *path)
-{
-    return walk_tree(dirfd, path, WALK_REMOVE, 0);
 }

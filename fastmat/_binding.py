@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -162,14 +162,6 @@ def publish(
     """Renames a complete file into place (RENAME_NOREPLACE when `noreplace`)."""
     flags = (lib.FM_F_FSYNC if fsync else 0) | (lib.FM_F_NOREPLACE if noreplace else 0)
     check(lib.fm_publish(src_dirfd, _b(src), dst_dirfd, _b(dst), flags), src, dst)
-
-
-def walk_chmod(dirfd: int, path: StrPath, what: Literal["dirs", "files"], mode: int) -> None:
-    """Sets `mode` on every directory or regular file under path (path included), lstat-wise."""
-    which = {"dirs": lib.FM_WALK_DIRS, "files": lib.FM_WALK_FILES}.get(what)
-    if which is None:
-        raise ValueError(f"walk_chmod: what must be 'dirs' or 'files', not {what!r}")
-    check(lib.fm_walk_chmod(dirfd, _b(path), which, mode), path)
 
 
 def remove_tree(path: StrPath, dirfd: int = AT_FDCWD) -> None:

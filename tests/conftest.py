@@ -1,5 +1,9 @@
 """Shared fixtures: a loop-mounted XFS with reflink, and a tmpfs, each mounted once
-per session (skipped with the reason where this machine cannot mount)."""
+per session (skipped with the reason where this machine cannot mount); for the C
+core's tests, a tiny stand-in CAS directory (``cas``) and a destination (``dest``).
+
+Test modules that work on a LocalCAS define their own ``cas`` fixture, which
+overrides this one."""
 
 from __future__ import annotations
 
@@ -15,6 +19,27 @@ from tests.helpers import run_cmd
 
 XFS_IMAGE_BYTES = 1 << 30  # sparse: only what the tests write uses disk
 TMPFS_SIZE = "512m"
+
+
+@pytest.fixture
+def cas(tmp_path: Path) -> Path:
+    """A tiny stand-in CAS: blobs/a (0444), blobs/b (0444), blobs/x (0555)."""
+    root = tmp_path / "cas"
+    (root / "blobs").mkdir(parents=True)
+    for name, data, mode in (("a", b"alpha\n", 0o444), ("b", b"bravo" * 1000, 0o444)):
+        (root / "blobs" / name).write_bytes(data)
+        (root / "blobs" / name).chmod(mode)
+    (root / "blobs" / "x").write_bytes(b"#!/bin/sh\necho x\n")
+    (root / "blobs" / "x").chmod(0o555)
+    return root
+
+
+@pytest.fixture
+def dest(tmp_path: Path) -> Path:
+    """An empty directory tmp_path/dest."""
+    d = tmp_path / "dest"
+    d.mkdir()
+    return d
 
 
 def _mount_or_skip(*cmd: str) -> None:

@@ -5,19 +5,31 @@
   The child can only reach paths that "other" may traverse: tmp_path's parents
   are 0700 root-owned, so chmod what the child needs (see :func:`open_to_all`).
 - :func:`can_mount` probes whether this process can mount an overlay here.
+- For the C core's tests (test_native_*.py): :func:`dirfd`, :func:`raises_errno`,
+  :func:`mode_of`, :func:`leftovers`, :func:`open_fds`, :func:`make_plan` /
+  :func:`run_plan` (a flat plan, run through ``fm_plan_exec``) and
+  :func:`deny_syscall` (a seccomp filter that plays an older kernel).
 """
 
 from __future__ import annotations
 
+import array
+import errno
 import functools
 import os
 import pickle
 import shutil
+import stat
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
+
+import pytest
+
+from fastmat import _binding as nb
 
 NOBODY = 65534
 
@@ -120,3 +132,105 @@ def can_mount() -> bool:
 def run_cmd(*cmd: str) -> subprocess.CompletedProcess[str]:
     """Runs a system tool, capturing its output (never raises on failure)."""
     return _run(*cmd)
+
+
+# ---------------------------------------------------------------- the C core
+
+MiB = 1 << 20
+
+
+@contextmanager
+def dirfd(path: Path) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def raises_errno(*errs: int) -> Iterator[pytest.ExceptionInfo[OSError]]:
+    """pytest.raises(OSError) for exactly these errno values."""
+    with pytest.raises(OSError, match=r"^\[Errno \d+\]") as info:
+        yield info
+    assert info.value.errno in errs, f"{info.value!r}: expected errno {errs}"
+
+
+def mode_of(p: Path) -> int:
+    return stat.S_IMODE(p.lstat().st_mode)
+
+
+def leftovers(d: Path) -> list[str]:
+    return sorted(n for n in os.listdir(d) if n.startswith(".fm-tmp"))
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+Entry = tuple[int, int, str, str, int]  # op, dir, name, src, mode
+
+
+def make_plan(
+    dirs: list[tuple[int, str]], entries: list[Entry], mtimes: list[int] | None = None
+) -> nb.PlanArrays:
+    """dirs: (parent, name) of directories 1..n; entries: (op, dir, name, src, mode)."""
+    return nb.PlanArrays(
+        dir_parent=array.array("i", [-1] + [p for p, _ in dirs]),
+        dir_names=b"\0" + b"".join(n.encode() + b"\0" for _, n in dirs),
+        op=bytes(e[0] for e in entries),
+        entry_dir=array.array("i", [e[1] for e in entries]),
+        mode=array.array("I", [e[4] for e in entries]),
+        mtime_ns=None if mtimes is None else array.array("q", mtimes),
+        names=b"".join(e[2].encode() + b"\0" for e in entries),
+        srcs=b"".join(e[3].encode() + b"\0" for e in entries),
+    )
+
+
+def run_plan(dest: Path, src: Path, plan: nb.PlanArrays, **kw: object) -> nb.ExecResult:
+    with dirfd(dest) as d, dirfd(src) as s:
+        return nb.exec_plan(d, s, plan, **kw)  # type: ignore[arg-type]
+
+
+# Syscall numbers for the seccomp filters below, by machine.
+_SYSCALLS = {
+    "x86_64": {"openat2": 437, "renameat2": 316, "copy_file_range": 326},
+    "aarch64": {"openat2": 437, "renameat2": 276, "copy_file_range": 285},
+}
+
+
+def deny_syscall(name: str) -> None:
+    """Installs a seccomp filter: syscall `name` fails with ENOSYS (an older kernel)."""
+    import ctypes
+    import platform
+
+    nr = _SYSCALLS.get(platform.machine(), {}).get(name)
+    if nr is None:
+        raise NotImplementedError(f"no syscall number for {name} on {platform.machine()}")
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [
+            ("code", ctypes.c_uint16),
+            ("jt", ctypes.c_uint8),
+            ("jf", ctypes.c_uint8),
+            ("k", ctypes.c_uint32),
+        ]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [
+            ("len", ctypes.c_uint16),
+            ("filter", ctypes.POINTER(SockFilter)),
+        ]
+
+    prog = (SockFilter * 4)(
+        SockFilter(0x20, 0, 0, 0),  # BPF_LD|BPF_W|BPF_ABS: A = seccomp_data.nr
+        SockFilter(0x15, 0, 1, nr),  # BPF_JMP|BPF_JEQ|BPF_K
+        SockFilter(0x06, 0, 0, 0x00050000 | errno.ENOSYS),  # SECCOMP_RET_ERRNO
+        SockFilter(0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+    )
+    fprog = SockFprog(4, prog)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
