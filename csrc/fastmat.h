@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 4
+#define FM_ABI_VERSION 5
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -88,6 +88,7 @@ struct fm_exec_opts {
     uint32_t max_inflight; /* entries claimed but unfinished; 0 = 64; >= threads */
     uint32_t flags;        /* FM_EXEC_* */
     int32_t tmp_dirfd;     /* where EMLINK rotation builds its copy; -1 = beside src */
+    const int32_t *cancel; /* or NULL; set nonzero (any thread) to stop between chunks */
 };
 
 uint32_t fm_abi_version(void);
@@ -104,6 +105,17 @@ uint32_t fm_capabilities(void);
  * (-ECANCELED if never attempted after a failure), how[i] an FM_HOW_* value,
  * dir_status[d] 0 or -errno per directory. Returns 0, or the first failure
  * in plan order (directories before entries), or -EINVAL for a malformed plan.
+ * Directory paths are rebuilt from the names when needed (memory linear in the
+ * names); a directory whose path exceeds PATH_MAX gets -ENAMETOOLONG.
+ *
+ * Link check: once the entries are done, every LINK entry must have made a
+ * regular file (one getdents per directory): one that made a symlink (its src
+ * was swapped for one after any check) gets status -ELOOP, anything else
+ * non-regular -EINVAL; the caller discards the tree.
+ *
+ * opts->cancel: when the flag it points to becomes nonzero, no new chunk is
+ * started; entries never attempted stay -ECANCELED and, if nothing failed,
+ * -ECANCELED is returned.
  *
  * FM_EXEC_CHECK_SRCS: first, on the same pool, fstatat(src_dirfd, src,
  * AT_SYMLINK_NOFOLLOW) of every LINK and COPY entry's src; it must be a

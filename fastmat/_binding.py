@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -221,6 +221,20 @@ class PlanArrays:
         return len(self.op)
 
 
+class CancelFlag:
+    """A flag the executor reads between chunks (``exec_plan(cancel=...)``): ``set()``
+    from any thread stops it early (entries never started stay -ECANCELED)."""
+
+    def __init__(self) -> None:
+        self.ptr = ffi.new("int32_t[1]")
+
+    def set(self) -> None:
+        self.ptr[0] = 1
+
+    def is_set(self) -> bool:
+        return bool(self.ptr[0])
+
+
 @dataclass
 class ExecResult:
     rc: int  # 0 or the first -errno (directories first, then entries, in plan order)
@@ -296,14 +310,18 @@ def exec_plan(
     keep_going: bool = False,
     tmp_dirfd: int = -1,
     check_srcs: bool = False,
+    cancel: CancelFlag | None = None,
 ) -> ExecResult:
     """Runs the plan on the C pool. Per-item failures are in the result, never raised.
 
     ``check_srcs`` (FM_EXEC_CHECK_SRCS): every LINK / COPY src must be a regular
     file under ``src_dirfd`` before anything is created; otherwise nothing is, each
     failing entry's status says why (-ENOENT absent, -ELOOP symlink, -EISDIR,
-    -EINVAL other), all else stays -ECANCELED. Raises ``OSError(EINVAL)`` for a
-    malformed plan (nothing is done then).
+    -EINVAL other), all else stays -ECANCELED. After the entries, every LINK is
+    checked to have made a regular file (-ELOOP for a symlink, -EINVAL otherwise:
+    its src was swapped after any check). ``cancel`` (a :class:`CancelFlag`) stops
+    it between chunks: entries never started stay -ECANCELED, rc -ECANCELED.
+    Raises ``OSError(EINVAL)`` for a malformed plan (nothing is done then).
     """
     cplan = _CPlan(plan)
     ne, nd = plan.n_entries, plan.n_dirs
@@ -316,6 +334,7 @@ def exec_plan(
         | (lib.FM_EXEC_CHECK_SRCS if check_srcs else 0)
     )
     opts.tmp_dirfd = tmp_dirfd
+    opts.cancel = cancel.ptr if cancel is not None else ffi.NULL
     status = array.array("i", bytes(4 * ne))
     how = bytearray(ne)
     dir_status = array.array("i", bytes(4 * nd))
