@@ -141,16 +141,21 @@ def check_blobs(
             raise _not_found(plan, cas.relpath(e.digest).encode()) from None
 
 
-def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> BlobNotFoundError | None:
-    """``BlobNotFoundError`` (digest, tree path) when the first failing entry is a
-    LINK / COPY that failed with ENOENT because its CAS file is indeed absent."""
-    i = next((i for i, rc in enumerate(res.status) if rc < 0 and rc != -errno.ECANCELED), None)
-    if i is None or res.status[i] != -errno.ENOENT:
+def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> Exception | None:
+    """The error about the CAS when the first failing entry is a LINK / COPY whose CAS
+    file is the cause: ``BlobNotFoundError`` (digest, tree path) when it is absent, an
+    ``OSError`` naming it when it is not a regular file (replaced by a symlink or
+    something else after any check: the link check refused it)."""
+    i = _first_failure(res.status)
+    if i is None or plan.arrays.op[i] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
         return None
-    if plan.arrays.op[i] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
-        return None
+    rc = res.status[i]
     src = plan.arrays.srcs.split(b"\0")[i]
-    if os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
+    if rc in (-errno.ELOOP, -errno.EINVAL) and plan.arrays.op[i] == _H.FM_OP_LINK:
+        where = os.path.join(cas.root, os.fsdecode(src))
+        why = f"CAS file is not a regular file (needed at {plan.path_of_entry(i)!r}); run verify"
+        return OSError(-rc, f"{os.strerror(-rc)}: {why}", where)
+    if rc != -errno.ENOENT or os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
         return None  # ENOENT for another reason (the destination vanished)
     return BlobNotFoundError(digest_of_rel(src), plan.path_of_entry(i))
 
@@ -233,16 +238,17 @@ def materialize(
     threads: int = 0,
     max_inflight: int = 64,
     limits: TreeLimits | None = None,
-    check_blobs_first: bool = True,
+    check_blobs_first: bool = False,
 ) -> MaterializeStats:
     """Builds the tree ``root`` at ``dest`` (which must not exist; its parent must).
 
     Directories 0755; plain files hardlinked to the CAS blob, executables to its
     shared 0555 variant; empty files fresh read-only inodes; symlinks verbatim;
     NodeProperties on private inodes (``unix_mode & 0o777`` wins over
-    ``is_executable``; mtime to the nanosecond). The tree and every blob are checked before
-    anything is created in ``dest``. ``threads`` 0 = one per core; at most ``max_inflight``
-    entries in flight.
+    ``is_executable``; mtime to the nanosecond). The tree is validated before anything is
+    created; it is built beside ``dest`` and published by one rename, so ``dest`` is
+    absent or complete for every observer, also after a crash. ``threads`` 0 = one per
+    core; at most ``max_inflight`` entries in flight.
 
     ``fetcher``: missing Directory messages and blobs come from it. Any object
     with the ``fastmat.tree.Fetcher`` methods is asked once for what is missing
@@ -250,12 +256,11 @@ def materialize(
     instead overlaps fetching and linking (:class:`PipelinedFetcher`): present
     files are linked while the rest arrive; ``dest`` is still removed on failure.
 
-    Without a fetcher, the presence check is done by the native call (every
-    file's source, on its thread pool) before anything is created inside
-    ``dest``; a missing blob removes the still empty ``dest``.
-    ``check_blobs_first=False`` (local blobs only) skips it: a missing blob
-    then fails its link, ``dest`` is removed and the same ``BlobNotFoundError``
-    is raised, after the work was done in vain.
+    Without a fetcher, blobs are linked optimistically: a missing one fails its link,
+    the unpublished tree is discarded and ``BlobNotFoundError`` names it (digest and
+    tree path). ``check_blobs_first=True`` checks every blob natively first (one
+    ``fstatat`` per file) so that a missing blob costs no work; without a fetcher
+    only.
 
     Raises ``FileExistsError`` / ``FileNotFoundError`` (dest), ``InvalidTreeError``,
     ``DigestMismatchError``, ``BlobNotFoundError``, or the ``OSError`` of the first

@@ -232,16 +232,20 @@ def test_missing_blobs_create_nothing(cas: LocalCAS, tmp_path: Path, threads: in
     assert os.listdir(dest.parent) == []
 
 
-def test_non_regular_blob_fails_before_creating_anything(cas: LocalCAS, tmp_path: Path) -> None:
+def test_non_regular_blob_fails_and_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
+    """A CAS blob replaced by a symlink: the link check refuses the entry (it would link
+    the symlink itself), the error names the CAS file and the tree path, nothing
+    appears at dest."""
     root = _nested(cas, tmp_path)
     blob = cas.path(Digest.of(b"file 5\n"))
     os.unlink(blob)
     os.symlink("/etc/passwd", blob)
     dest = tmp_path / "out" / "dest"
     dest.parent.mkdir()
-    with pytest.raises(OSError, match="materializing 'd1/f005'") as info:
+    with pytest.raises(OSError, match="not a regular file .needed at 'd1/f005'") as info:
         materialize(cas, root, dest)
     assert info.value.errno == errno.ELOOP
+    assert info.value.filename == str(blob)
     assert os.listdir(dest.parent) == []
 
 
