@@ -242,7 +242,7 @@ def test_non_regular_blob_fails_and_leaves_nothing(cas: LocalCAS, tmp_path: Path
     os.symlink("/etc/passwd", blob)
     dest = tmp_path / "out" / "dest"
     dest.parent.mkdir()
-    with pytest.raises(OSError, match="not a regular file .needed at 'd1/f005'") as info:
+    with pytest.raises(OSError, match=r"not a regular file \(needed at 'd1/f005'") as info:
         materialize(cas, root, dest)
     assert info.value.errno == errno.ELOOP
     assert info.value.filename == str(blob)
