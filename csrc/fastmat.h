@@ -83,12 +83,19 @@ struct fm_plan {
     const char *srcs;         /* n_entries strings: path under src_dirfd, or target */
 };
 
+/* Shared with the caller while fm_plan_exec runs (any thread may read it). */
+struct fm_exec_ctl {
+    int32_t cancel; /* set nonzero to stop between chunks */
+    uint32_t reserved;
+    uint64_t done; /* entries finished so far (added once per chunk) */
+};
+
 struct fm_exec_opts {
-    uint32_t threads;      /* worker threads; 0 = online cores; clamped [1, 256] */
-    uint32_t max_inflight; /* entries claimed but unfinished; 0 = 64; >= threads */
-    uint32_t flags;        /* FM_EXEC_* */
-    int32_t tmp_dirfd;     /* where EMLINK rotation builds its copy; -1 = beside src */
-    const int32_t *cancel; /* or NULL; set nonzero (any thread) to stop between chunks */
+    uint32_t threads;        /* worker threads; 0 = online cores; clamped [1, 256] */
+    uint32_t max_inflight;   /* entries claimed but unfinished; 0 = 64; >= threads */
+    uint32_t flags;          /* FM_EXEC_* */
+    int32_t tmp_dirfd;       /* where EMLINK rotation builds its copy; -1 = beside src */
+    struct fm_exec_ctl *ctl; /* or NULL: cancellation and progress */
 };
 
 uint32_t fm_abi_version(void);
@@ -113,9 +120,10 @@ uint32_t fm_capabilities(void);
  * was swapped for one after any check) gets status -ELOOP, anything else
  * non-regular -EINVAL; the caller discards the tree.
  *
- * opts->cancel: when the flag it points to becomes nonzero, no new chunk is
- * started; entries never attempted stay -ECANCELED and, if nothing failed,
- * -ECANCELED is returned.
+ * opts->ctl: when ctl->cancel becomes nonzero, no new chunk is started;
+ * entries never attempted stay -ECANCELED and, if nothing failed, -ECANCELED
+ * is returned. ctl->done counts the entries finished, chunk by chunk (read it
+ * for progress; nothing is ever called back per file).
  *
  * FM_EXEC_CHECK_SRCS: first, on the same pool, fstatat(src_dirfd, src,
  * AT_SYMLINK_NOFOLLOW) of every LINK and COPY entry's src; it must be a

@@ -49,7 +49,7 @@ struct ctx {
     int dest_dirfd, src_dirfd, tmp_dirfd;
     const struct fm_plan *p;
     uint32_t flags;
-    const int32_t *cancel; /* nonzero: stop between chunks (FM opts), or NULL */
+    struct fm_exec_ctl *ctl; /* the caller's cancel flag and progress counter, or NULL */
     const char **dir_name;
     const char **name; /* per entry */
     const char **src;  /* per entry */
@@ -395,7 +395,7 @@ static void fail(struct ctx *c)
 
 static int cancelled(const struct ctx *c)
 {
-    return c->cancel != NULL && __atomic_load_n(c->cancel, __ATOMIC_RELAXED) != 0;
+    return c->ctl != NULL && __atomic_load_n(&c->ctl->cancel, __ATOMIC_RELAXED) != 0;
 }
 
 static int stopped(struct ctx *c)
@@ -458,12 +458,15 @@ static void *worker(void *arg)
             fd = dir_fd(c, d);
             cur_dir = d;
         }
-        for (uint32_t i = a; i < b && !stopped(c); i++) {
+        uint32_t i = a;
+        for (; i < b && !stopped(c); i++) {
             int rc = fd < 0 ? fd : do_entry(c, fd, i, &c->how[i]);
             c->status[i] = rc;
             if (rc < 0)
                 fail(c);
         }
+        if (c->ctl != NULL)
+            __atomic_fetch_add(&c->ctl->done, (uint64_t)(i - a), __ATOMIC_RELAXED);
     }
     put_dir_fd(c, fd);
     return NULL;
@@ -670,7 +673,7 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     c.src_dirfd = src_dirfd;
     c.tmp_dirfd = opts != NULL ? opts->tmp_dirfd : -1;
     c.flags = opts != NULL ? opts->flags : 0;
-    c.cancel = opts != NULL ? opts->cancel : NULL;
+    c.ctl = opts != NULL ? opts->ctl : NULL;
     uint32_t threads = fm__clamp_threads(opts != NULL ? opts->threads : 0);
     uint32_t inflight = opts != NULL && opts->max_inflight ? opts->max_inflight : 64;
     if (inflight < threads)

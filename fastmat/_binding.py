@@ -221,18 +221,24 @@ class PlanArrays:
         return len(self.op)
 
 
-class CancelFlag:
-    """A flag the executor reads between chunks (``exec_plan(cancel=...)``): ``set()``
-    from any thread stops it early (entries never started stay -ECANCELED)."""
+class ExecControl:
+    """Shared with the executor while it runs (``exec_plan(ctl=...)``), from any thread:
+    ``cancel()`` stops it between chunks (entries never started stay -ECANCELED);
+    ``done`` is the number of entries finished so far (updated chunk by chunk)."""
 
     def __init__(self) -> None:
-        self.ptr = ffi.new("int32_t[1]")
+        self.c = ffi.new("struct fm_exec_ctl *")
 
-    def set(self) -> None:
-        self.ptr[0] = 1
+    def cancel(self) -> None:
+        self.c.cancel = 1
 
-    def is_set(self) -> bool:
-        return bool(self.ptr[0])
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.c.cancel)
+
+    @property
+    def done(self) -> int:
+        return int(self.c.done)
 
 
 @dataclass
@@ -310,7 +316,7 @@ def exec_plan(
     keep_going: bool = False,
     tmp_dirfd: int = -1,
     check_srcs: bool = False,
-    cancel: CancelFlag | None = None,
+    ctl: ExecControl | None = None,
 ) -> ExecResult:
     """Runs the plan on the C pool. Per-item failures are in the result, never raised.
 
@@ -319,8 +325,9 @@ def exec_plan(
     failing entry's status says why (-ENOENT absent, -ELOOP symlink, -EISDIR,
     -EINVAL other), all else stays -ECANCELED. After the entries, every LINK is
     checked to have made a regular file (-ELOOP for a symlink, -EINVAL otherwise:
-    its src was swapped after any check). ``cancel`` (a :class:`CancelFlag`) stops
-    it between chunks: entries never started stay -ECANCELED, rc -ECANCELED.
+    its src was swapped after any check). ``ctl`` (an :class:`ExecControl`) counts
+    the entries done and can stop it between chunks: entries never started stay
+    -ECANCELED, rc -ECANCELED.
     Raises ``OSError(EINVAL)`` for a malformed plan (nothing is done then).
     """
     cplan = _CPlan(plan)
@@ -334,7 +341,7 @@ def exec_plan(
         | (lib.FM_EXEC_CHECK_SRCS if check_srcs else 0)
     )
     opts.tmp_dirfd = tmp_dirfd
-    opts.cancel = cancel.ptr if cancel is not None else ffi.NULL
+    opts.ctl = ctl.c if ctl is not None else ffi.NULL
     status = array.array("i", bytes(4 * ne))
     how = bytearray(ne)
     dir_status = array.array("i", bytes(4 * nd))

@@ -556,40 +556,42 @@ def test_link_check_reads_each_directory_once_not_each_file(cas: Path, dest: Pat
 
 
 def test_cancel_before_the_call_creates_nothing(cas: Path, dest: Path) -> None:
-    flag = nb.CancelFlag()
-    flag.set()
+    ctl = nb.ExecControl()
+    ctl.cancel()
     plan = make_plan([(0, "d")], [(nb.FM_OP_LINK, 1, "a", "blobs/a", 0o444)])
-    res = run_plan(dest, cas, plan, cancel=flag)
+    res = run_plan(dest, cas, plan, ctl=ctl)
+    assert ctl.done == 0
     assert res.rc == -errno.ECANCELED
     assert list(res.status) == [-errno.ECANCELED]
     assert os.listdir(dest) == []
 
 
 def test_cancel_from_another_thread_stops_between_chunks(cas: Path, dest: Path) -> None:
-    """Set while the pool runs: the call returns early, -ECANCELED, most entries never
-    attempted (each chunk is at most 64 entries)."""
+    """Cancelled while the pool runs: the call returns early, -ECANCELED, most entries
+    never attempted (each chunk is at most 64 entries); ``done`` counts the rest."""
     import threading
 
     n = 60_000
     entries: list[Entry] = [(nb.FM_OP_LINK, 0, f"f{i}", "blobs/a", 0o444) for i in range(n)]
     plan = make_plan([], entries)
-    flag = nb.CancelFlag()
-    started = threading.Event()
+    ctl = nb.ExecControl()
+    seen: list[int] = []
 
     def cancel_soon() -> None:
-        started.wait()
-        while len(os.listdir(dest)) < 100:  # the links have begun
+        while ctl.done < 128:  # the progress counter moves, chunk by chunk
             pass
-        flag.set()
+        seen.append(ctl.done)
+        ctl.cancel()
 
     t = threading.Thread(target=cancel_soon)
     t.start()
-    started.set()
-    res = run_plan(dest, cas, plan, threads=2, max_inflight=64, cancel=flag)
+    res = run_plan(dest, cas, plan, threads=2, max_inflight=64, ctl=ctl)
     t.join()
     assert res.rc == -errno.ECANCELED
     done = sum(1 for s in res.status if s == 0)
-    assert 100 <= done < n
+    assert seen[0] >= 128
+    assert seen[0] <= done < n
+    assert ctl.done == done
     assert all(s in (0, -errno.ECANCELED) for s in res.status)
     assert len(os.listdir(dest)) == done
 
