@@ -9,6 +9,8 @@ Public API (everything else is internal):
 - ``DirectoryCache``: whole-tree cache with pinning, single-flight, eviction, workspaces.
 - ``RemoteCAS``: a REAPI v2 client, usable as ``fetcher`` (imported on first use, so
   ``import fastmat`` does not load grpc).
+- ``Progress`` (what ``progress=`` callbacks receive) and ``Cancelled`` (what a set
+  ``cancel=`` token raises).
 - ``FastmatError`` and its subclasses.
 
 Where things are: docs/design.md ("Where things are").
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastmat.cache import CacheResult, CacheStats, DirectoryCache
 from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
+from fastmat.control import Cancelled, Progress
 from fastmat.digest import (
     EMPTY_DIGEST,
     BlobNotFoundError,
@@ -41,6 +44,7 @@ __all__ = [
     "CASCounters",
     "CacheResult",
     "CacheStats",
+    "Cancelled",
     "DamagedBlob",
     "Digest",
     "DigestMismatchError",
@@ -51,6 +55,7 @@ __all__ = [
     "LocalCAS",
     "MaterializeStats",
     "NativeBuildError",
+    "Progress",
     "RemoteCAS",
     "RemoteError",
     "TreeLimits",

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
+from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, check_cancel, watching
 from fastmat.digest import BlobNotFoundError
 from fastmat.fs.staging import staged
 from fastmat.tree import Fetcher, Plan, TreeLimits, load_plan
@@ -49,10 +50,17 @@ class PipelinedFetcher(Fetcher, Protocol):
     """A fetcher that builds the tree itself, linking files as their blobs land."""
 
     def materialize_plan(
-        self, plan: Plan, dest: str, *, threads: int, max_inflight: int
+        self,
+        plan: Plan,
+        dest: str,
+        *,
+        threads: int,
+        max_inflight: int,
+        reporter: Reporter | None = None,
+        cancel: CancelToken | None = None,
     ) -> _binding.ExecResult:
         """Creates ``dest`` and executes ``plan`` into it, fetching what is missing
-        meanwhile; removes ``dest`` and raises on any failure (see :func:`run_plan`)."""
+        meanwhile; ``dest`` never appears on failure (see :func:`run_plan`)."""
 
 
 @runtime_checkable
@@ -196,28 +204,39 @@ def run_plan(
     threads: int = 0,
     max_inflight: int = 64,
     check_srcs: bool = False,
+    reporter: Reporter | None = None,
+    cancel: CancelToken | None = None,
 ) -> _binding.ExecResult:
     """Executes ``plan`` into a new directory beside ``dest`` and publishes it as
     ``dest`` (0755; it must not exist) by one rename (:mod:`fastmat.fs.staging`).
     Executable variants must exist (:func:`check_blobs`, ``presence=False`` is
     enough). Blobs are linked optimistically; ``check_srcs`` checks every one
-    natively before creating anything. On any failure ``dest`` never appears and
-    the first failure is raised: ``BlobNotFoundError`` (digest, tree path) for an
-    absent blob, else ``OSError`` with the full path."""
+    natively before creating anything. ``reporter`` is told the entries done,
+    ``cancel`` stops the native call between chunks (:class:`Cancelled`). On any
+    failure ``dest`` never appears and the first failure is raised:
+    ``BlobNotFoundError`` (digest, tree path) for an absent blob, else ``OSError``
+    with the full path."""
     path = os.fspath(dest)
+    ctl = _binding.ExecControl()
     with staged(path) as st:
-        res = _binding.exec_plan(
-            st.fd,
-            cas.root_fd,
-            plan.arrays,
-            threads=threads,
-            max_inflight=max_inflight,
-            tmp_dirfd=cas.tmp_fd,
-            check_srcs=check_srcs,
-        )
+        with watching(lambda: ctl.done, ctl.cancel, reporter, cancel):
+            res = _binding.exec_plan(
+                st.fd,
+                cas.root_fd,
+                plan.arrays,
+                threads=threads,
+                max_inflight=max_inflight,
+                tmp_dirfd=cas.tmp_fd,
+                check_srcs=check_srcs,
+                ctl=ctl,
+            )
+        if res.rc == -errno.ECANCELED and ctl.cancelled:
+            raise Cancelled(f"materialize of {plan.root} at {path} cancelled")
         if res.rc != 0:
             raise _blob_failure(cas, plan, res) or failure(plan, path, res)
         st.publish()
+    if reporter is not None:
+        reporter.set(ctl.done)
     return res
 
 
@@ -239,6 +258,8 @@ def materialize(
     max_inflight: int = 64,
     limits: TreeLimits | None = None,
     check_blobs_first: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
 ) -> MaterializeStats:
     """Builds the tree ``root`` at ``dest`` (which must not exist; its parent must).
 
@@ -262,9 +283,14 @@ def materialize(
     ``fstatat`` per file) so that a missing blob costs no work; without a fetcher
     only.
 
+    ``progress`` is called with :class:`~fastmat.control.Progress` (entries done of
+    the tree's entries) at most every 0.1 s and once at the end; ``cancel`` (e.g. a
+    ``threading.Event``) stops the work soon after it is set: :class:`Cancelled`,
+    nothing at ``dest``.
+
     Raises ``FileExistsError`` / ``FileNotFoundError`` (dest), ``InvalidTreeError``,
-    ``DigestMismatchError``, ``BlobNotFoundError``, or the ``OSError`` of the first
-    entry that failed (after removing ``dest``).
+    ``DigestMismatchError``, ``BlobNotFoundError``, ``Cancelled``, or the ``OSError``
+    of the first entry that failed (``dest`` never appears).
     """
     t0 = time.perf_counter()
     if threads < 0 or max_inflight < 1:
@@ -278,12 +304,21 @@ def materialize(
     else:
         f = fetcher
     try:
+        check_cancel(cancel, "materialize")
         plan = load_plan(cas, root, fetcher=f, limits=limits)
+        check_cancel(cancel, "materialize")
+        reporter = Reporter(progress, "materialize", plan.arrays.n_entries, "entries")
         if isinstance(f, PipelinedFetcher):
             t1 = time.perf_counter()
-            res = f.materialize_plan(plan, path, threads=threads, max_inflight=max_inflight)
+            res = f.materialize_plan(
+                plan,
+                path,
+                threads=threads,
+                max_inflight=max_inflight,
+                reporter=reporter,
+                cancel=cancel,
+            )
         else:
-            # Without a fetcher, the native call checks presence (check_srcs).
             check_blobs(cas, plan, f, presence=f is not None)
             t1 = time.perf_counter()
             res = run_plan(
@@ -293,7 +328,10 @@ def materialize(
                 threads=threads,
                 max_inflight=max_inflight,
                 check_srcs=f is None and check_blobs_first,
+                reporter=reporter,
+                cancel=cancel,
             )
+        reporter.finish()
     finally:
         if owned is not None:
             owned.close()

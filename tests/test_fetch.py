@@ -582,3 +582,12 @@ def test_named_instance(buildgrid: BuildGrid, tmp_path: Path, cas: LocalCAS) -> 
     finally:
         server.stop()
     check_tree(tmp_path / "out", spec)
+
+
+def test_remote_fetcher_is_a_pipelined_fetcher_for_mypy(cas: LocalCAS) -> None:
+    """A static check as much as a runtime one: mypy verifies the assignment."""
+    from fastmat.materialize import PipelinedFetcher
+
+    with RemoteCAS("127.0.0.1:1") as remote, RemoteFetcher(remote, cas) as f:
+        as_protocol: PipelinedFetcher = f
+        assert isinstance(as_protocol, PipelinedFetcher)

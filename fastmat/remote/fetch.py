@@ -40,6 +40,7 @@ from fastmat.remote.stats import FetchStats
 if TYPE_CHECKING:
     from fastmat import _binding
     from fastmat.cas import LocalCAS
+    from fastmat.control import CancelToken, Reporter
     from fastmat.tree import Plan
 
 __all__ = ["DEFAULT_MAX_INFLIGHT", "BlobSource", "FetchStats", "RemoteFetcher"]
@@ -266,8 +267,24 @@ class RemoteFetcher:
     # ---- the pipeline ----
 
     def materialize_plan(
-        self, plan: Plan, dest: str, *, threads: int = 0, max_inflight: int = 64
+        self,
+        plan: Plan,
+        dest: str,
+        *,
+        threads: int = 0,
+        max_inflight: int = 64,
+        reporter: Reporter | None = None,
+        cancel: CancelToken | None = None,
     ) -> _binding.ExecResult:
         """Builds ``plan`` at ``dest``, linking files while the missing blobs arrive
         (:func:`fastmat.remote.pipeline.run_pipelined`)."""
-        return run_pipelined(self.cas, plan, dest, self, threads=threads, max_inflight=max_inflight)
+        return run_pipelined(
+            self.cas,
+            plan,
+            dest,
+            self,
+            threads=threads,
+            max_inflight=max_inflight,
+            reporter=reporter,
+            cancel=cancel,
+        )

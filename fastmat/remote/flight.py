@@ -21,19 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from fastmat.control import Cancelled
 from fastmat.digest import Digest
 from fastmat.fs.locks import LOCK_MODE, LOCK_OPEN
 
-__all__ = ["Cancelled", "FetchHost", "FetchJob", "FetchLocks", "OnReady"]
+__all__ = ["FetchHost", "FetchJob", "FetchLocks", "OnReady"]
 
 _OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # Linux >= 3.15; 0: absent
 _OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
 
 OnReady = Callable[[list[Digest]], None]
-
-
-class Cancelled(Exception):
-    """A ``fetch_blobs`` call stopped early because its ``cancel`` event was set."""
 
 
 class FetchLocks:
@@ -219,7 +216,7 @@ class FetchJob:
         if self.errors:
             raise self.errors[0]
         if self.cancel.is_set():
-            raise Cancelled
+            raise Cancelled("fetch cancelled")
 
     def worker(self) -> None:
         while (item := self.work.get()) is not None:
