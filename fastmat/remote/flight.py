@@ -28,6 +28,7 @@ __all__ = ["Cancelled", "FetchHost", "FetchJob", "FetchLocks", "OnReady"]
 
 _OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # Linux >= 3.15; 0: absent
 _OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+_DIR_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC  # macOS: no O_PATH
 
 OnReady = Callable[[list[Digest]], None]
 
@@ -48,7 +49,7 @@ class FetchLocks:
     """
 
     def __init__(self, locks_dir: Path) -> None:
-        self._dir_fd = os.open(locks_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._dir_fd = os.open(locks_dir, _DIR_PATH)
         self._ofd = _OFD_SETLK != 0
         self._local = threading.local()
         self._fds: list[int] = []
