@@ -136,35 +136,39 @@ class DirectoryCache:
         self._entries_fd, self._locks_fd, self._tmp_parent_fd = fds
         self._tmp = self.path / "tmp" / self._owned.name
         self._trasher = Trasher()
-        self._disk = Disk(
-            entries=self.path / "entries",
-            entries_fd=self._entries_fd,
-            locks_fd=self._locks_fd,
-            trash=self.path / "trash",
-            trasher=self._trasher,
-            tmp=self._tmp,
-            tmp_fd=self._owned.fd,
-        )
-        self._mu = threading.Lock()
-        self._index = CacheIndex(self.limits)
-        self._flights: dict[str, Flight] = {}
-        self._n: Counter[str] = Counter()
-        self._builder = EntryBuilder(
-            cas,
-            self._disk,
-            fetcher=fetcher,
-            threads=threads,
-            max_inflight=max_inflight,
-            limits=limits,
-            fsync=fsync,
-        )
-        self.overlay = overlay  # None: probed at the first workspace; False: never mount
         self._closed = False
-        protocol.sweep_dead_instances(self._tmp_parent_fd, self._owned.name, self._disk)
-        for e in protocol.adopt_all(self._disk):
-            self._index.insert(e)
-        with self._mu:
-            self._evict_locked()
+        try:  # from here on, a failure releases the directories and the scratch
+            self._disk = Disk(
+                entries=self.path / "entries",
+                entries_fd=self._entries_fd,
+                locks_fd=self._locks_fd,
+                trash=self.path / "trash",
+                trasher=self._trasher,
+                tmp=self._tmp,
+                tmp_fd=self._owned.fd,
+            )
+            self._mu = threading.Lock()
+            self._index = CacheIndex(self.limits)
+            self._flights: dict[str, Flight] = {}
+            self._n: Counter[str] = Counter()
+            self._builder = EntryBuilder(
+                cas,
+                self._disk,
+                fetcher=fetcher,
+                threads=threads,
+                max_inflight=max_inflight,
+                limits=limits,
+                fsync=fsync,
+            )
+            self.overlay = overlay  # None: probed at the first workspace; False: never mount
+            protocol.sweep_dead_instances(self._tmp_parent_fd, self._owned.name, self._disk)
+            for e in protocol.adopt_all(self._disk):
+                self._index.insert(e)
+            with self._mu:
+                self._evict_locked()
+        except BaseException:
+            self._close_disk()
+            raise
 
     # -- public API ---------------------------------------------------------------
 
@@ -180,15 +184,22 @@ class DirectoryCache:
             return
         self._closed = True
         self._trasher.drain()
-        self._trasher.close()
         with self._mu:
             for e in self._index:
                 if e.lock_fd >= 0:
                     os.close(e.lock_fd)
                     e.lock_fd = -1
-        self._owned.release(self._tmp_parent_fd)
-        for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
-            os.close(fd)
+        self._close_disk()
+
+    def _close_disk(self) -> None:
+        """Stops the deleter, removes the scratch dir, closes the directory fds."""
+        self._closed = True
+        try:
+            self._trasher.close()
+            self._owned.release(self._tmp_parent_fd)
+        finally:
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
+                os.close(fd)
 
     def stats(self) -> CacheStats:
         with self._mu:

@@ -45,7 +45,8 @@ class OwnedDir:
 
     @classmethod
     def create(cls, parent_fd: int, mode: int = 0o755) -> OwnedDir:
-        """Creates ``<pid>.<random>/`` with a held ``owner.lock`` inside."""
+        """Creates ``<pid>.<random>/`` with a held ``owner.lock`` inside. On failure
+        nothing is left: no fd open, no directory."""
         for _ in range(16):
             name = unique("")
             os.mkdir(name, mode, dir_fd=parent_fd)
@@ -53,20 +54,41 @@ class OwnedDir:
                 fd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
             except FileNotFoundError:
                 continue  # swept in the instant before owner.lock existed; take another
-            # owner.lock is locked under a temp name and renamed into place, so an
-            # owner.lock that a sweeper can see is always locked while we live.
-            tmp = f".{OWNER_LOCK}.{secrets.token_hex(4)}"
+            except BaseException:
+                _rmdir_quietly(parent_fd, name)
+                raise
+            try:
+                got = cls._claim(parent_fd, name, fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    _binding.remove_tree(name, parent_fd)
+                raise
+            if got is not None:
+                return got
+            os.close(fd)
+        raise OSError(errno.EAGAIN, "could not claim a temp directory", name)
+
+    @classmethod
+    def _claim(cls, parent_fd: int, name: str, fd: int) -> OwnedDir | None:
+        """Locks owner.lock in the new directory (open at ``fd``); None if a sweeper
+        removed the directory meanwhile. The caller closes ``fd`` on None or raise."""
+        # owner.lock is locked under a temp name and renamed into place, so an
+        # owner.lock that a sweeper can see is always locked while we live.
+        tmp = f".{OWNER_LOCK}.{secrets.token_hex(4)}"
+        lock_fd = -1
+        try:
             lock_fd = os.open(tmp, LOCK_OPEN | os.O_EXCL, 0o644, dir_fd=fd)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            try:
-                os.rename(tmp, OWNER_LOCK, src_dir_fd=fd, dst_dir_fd=fd)
-                os.stat(name, dir_fd=parent_fd)
-            except FileNotFoundError:
+            os.rename(tmp, OWNER_LOCK, src_dir_fd=fd, dst_dir_fd=fd)
+            os.stat(name, dir_fd=parent_fd)
+        except BaseException as e:
+            if lock_fd >= 0:
                 os.close(lock_fd)
-                os.close(fd)
-                continue
-            return cls(name, fd, lock_fd)
-        raise OSError(errno.EAGAIN, "could not claim a temp directory", name)
+            if isinstance(e, FileNotFoundError):
+                return None
+            raise
+        return cls(name, fd, lock_fd)
 
     def release(self, parent_fd: int) -> None:
         """Removes the directory (still holding the lock), then drops the lock."""
@@ -76,6 +98,11 @@ class OwnedDir:
         finally:
             os.close(self.fd)
             os.close(self.lock_fd)
+
+
+def _rmdir_quietly(parent_fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=parent_fd)
 
 
 def _pid_alive(pid: int) -> bool:
