@@ -14,7 +14,10 @@ import pytest
 from fastmat.cache import DirectoryCache
 from fastmat.cache import protocol as cache_protocol
 from fastmat.cas import LocalCAS
+from fastmat.fs import owned
 from fastmat.fs.owned import OwnedDir
+from tests.cache_helpers import BASIC, ingest
+from tests.helpers import in_child
 
 
 def open_fds() -> set[int]:
@@ -65,3 +68,62 @@ def test_directory_cache_init_leaks_nothing_when_it_fails(
         assert os.listdir(tmp_path / "cache" / "tmp") == []  # its owned dir is gone too
         with DirectoryCache(cas, tmp_path / "cache") as cache:
             assert cache.stats().entries == 0
+
+
+class _SweepFirst:
+    """Stands in for a module (``os``, ``fcntl``) in fastmat.fs.owned: before each of
+    ``calls`` it runs a sweep of ``tmp`` in a forked child, as another process opening
+    the cache at the worst instant would."""
+
+    def __init__(self, real: object, calls: set[str], sweep: Callable[[], int]) -> None:
+        self._real, self._calls, self._sweep = real, calls, sweep
+        self.pid = os.getpid()
+
+    def __getattr__(self, name: str) -> object:
+        attr = getattr(self._real, name)
+        if name not in self._calls or os.getpid() != self.pid:
+            return attr
+
+        def sweep_then(*args: object, **kwargs: object) -> object:
+            self._sweep()
+            return attr(*args, **kwargs)
+
+        return sweep_then
+
+
+def test_a_concurrent_sweep_never_trashes_a_live_caches_scratch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 10, item 10: the cache created owner.lock and only then locked it, so a sweep
+    in between took the lock and trashed a live instance's scratch. OwnedDir locks it
+    under a temp name and renames it into place: a sweep at every step finds nothing."""
+    with LocalCAS(tmp_path / "cas") as cas:
+        root = ingest(cas, tmp_path / "src", BASIC)
+        DirectoryCache(cas, tmp_path / "cache").close()
+        tmp = tmp_path / "cache" / "tmp"
+        swept: list[int] = []
+
+        def sweep() -> int:
+            def in_other_process() -> int:
+                fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                try:
+                    return owned.sweep_dead(fd, keep="")
+                finally:
+                    os.close(fd)
+
+            n = in_child(in_other_process)
+            swept.append(n)
+            return n
+
+        steps = {"mkdir", "open", "rename", "stat", "flock"}
+        monkeypatch.setattr("fastmat.fs.owned.os", _SweepFirst(os, steps, sweep))
+        monkeypatch.setattr("fastmat.fs.owned.fcntl", _SweepFirst(fcntl, steps, sweep))
+        cache = DirectoryCache(cas, tmp_path / "cache")
+        monkeypatch.undo()
+        with cache:
+            assert len(swept) >= 5  # a sweep before each step of claiming the scratch
+            assert swept == [0] * len(swept)
+            scratch = cache.path / "tmp" / os.listdir(tmp)[0]
+            assert (scratch / "owner.lock").is_file()
+            assert not cache.materialize(root, tmp_path / "d").hit  # built in the scratch
+            assert cache.materialize(root, tmp_path / "d2").hit
