@@ -43,6 +43,7 @@ from fastmat.cache.types import CacheResult, CacheStats
 from fastmat.cache.workspace import Workspace
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
+from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir
 from fastmat.fs.trash import Trasher
 
@@ -91,7 +92,8 @@ class DirectoryCache:
     whether workspaces can mount overlays, False never mounts.
 
     Thread-safe; several processes may share ``path`` (construction single-flight and
-    pins are flock-based). Not fork-safe: open the cache after forking.
+    pins are flock-based), each opening its own instance. Open it after fork: any use
+    of an instance in a forked child (but ``close``) raises ``FastmatError``.
 
     A hit re-checks a sample of the entry's files (``entry.check_samples``: type,
     inode, size, mode, mtime of up to 9 files) and treats a replay failing with ENOENT
@@ -120,6 +122,7 @@ class DirectoryCache:
     ) -> None:
         self.cas = cas
         self.path = Path(path).absolute()
+        self._opened = OpenedHere(f"DirectoryCache {self.path}")
         self.limits = Limits(max_bytes, max_entries, policy)
         self.threads, self.max_inflight = threads, max_inflight
         for d in ("entries", "tmp", "trash", "locks"):
@@ -179,10 +182,21 @@ class DirectoryCache:
         self.close()
 
     def close(self) -> None:
-        """Finishes pending background deletions and releases the cache's fds."""
+        """Finishes pending background deletions and releases the cache's fds. In a
+        forked child it only closes the child's copies of the fds: the scratch dir,
+        pins and deleter belong to the parent."""
         if self._closed:
             return
         self._closed = True
+        if not self._opened.here:
+            for e in self._index:
+                if e.lock_fd >= 0:
+                    os.close(e.lock_fd)  # the parent's pin lives on in its own fd
+            for fd in (self._owned.fd, self._owned.lock_fd):
+                os.close(fd)
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
+                os.close(fd)
+            return
         self._trasher.drain()
         with self._mu:
             for e in self._index:
@@ -202,21 +216,25 @@ class DirectoryCache:
                 os.close(fd)
 
     def stats(self) -> CacheStats:
+        self._opened.check()
         with self._mu:
             ix = self._index
             return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
     def entry_path(self, root: Digest) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
+        self._opened.check()
         with self._mu:
             return self._disk.entries / root.key if self._index.get(root.key) else None
 
     def drain(self) -> None:
         """Waits for the background deleter (tests and benchmarks)."""
+        self._opened.check()
         self._trasher.drain()
 
     def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
         """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+        self._opened.check()
         t0 = time.perf_counter()
         dest = Path(dest)
         if self.limits.max_entries == 0:
@@ -257,6 +275,7 @@ class DirectoryCache:
         protects the CAS from an action running as the worker's user that chmods an
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
         """
+        self._opened.check()
         dest = Path(dest)
         mounted = None
         if self.limits.max_entries and self.can_overlay():
@@ -355,6 +374,7 @@ class DirectoryCache:
 
     def can_overlay(self) -> bool:
         """Whether workspaces mount overlays here (probed once, for real)."""
+        self._opened.check()
         if self.overlay is None:
             self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._disk.entries)
         return self.overlay

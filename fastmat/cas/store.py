@@ -31,6 +31,7 @@ from fastmat.cas import layout
 from fastmat.cas.verify import VerifyReport, verify_cas
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
+from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
 __all__ = ["CASCounters", "LocalCAS"]
@@ -82,6 +83,10 @@ class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe.
 
     ``fsync=False`` skips every fsync (faster, not crash-safe).
+
+    Open it after fork: an instance belongs to the process that opened it, and any use
+    in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
+    each opening it.
     """
 
     exec_writers_timeout_s: float = 2.0  # see _build_variant
@@ -90,8 +95,9 @@ class LocalCAS:
         self.root = Path(path).absolute()
         self._fsync = fsync
         layout.create(self.root)
-        self.root_fd = os.open(self.root, _DIR_PATH)
-        fds = [self.root_fd]
+        self._opened = OpenedHere(f"LocalCAS {self.root}")
+        self._root_fd = os.open(self.root, _DIR_PATH)
+        fds = [self._root_fd]
         try:
             self._tmp_parent_fd = os.open(layout.TMP, _DIR, dir_fd=self.root_fd)
             fds.append(self._tmp_parent_fd)
@@ -103,7 +109,7 @@ class LocalCAS:
                 os.close(fd)
             raise
         self.tmp_dir = self.root / layout.TMP / self._owned.name
-        self.tmp_fd = self._owned.fd
+        self._tmp_fd = self._owned.fd
         self._finalizer = weakref.finalize(
             self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
         )
@@ -133,11 +139,25 @@ class LocalCAS:
         self._finalizer()
 
     @property
+    def root_fd(self) -> int:
+        """An fd of the CAS root (``O_PATH`` where there is one), for ``*at()`` calls."""
+        self._opened.check()
+        return self._root_fd
+
+    @property
+    def tmp_fd(self) -> int:
+        """An fd of this instance's own temp directory."""
+        self._opened.check()
+        return self._tmp_fd
+
+    @property
     def counters(self) -> CASCounters:
+        self._opened.check()
         with self._mutex:
             return CASCounters(**vars(self._counters))
 
     def _count(self, **deltas: int) -> None:
+        self._opened.check()
         with self._mutex:
             for name, delta in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + delta)
@@ -218,6 +238,7 @@ class LocalCAS:
 
     def read(self, d: Digest) -> bytes:
         """The blob's bytes. BlobNotFoundError if absent."""
+        self._opened.check()
         if d.size_bytes == 0:
             return b""
         try:
