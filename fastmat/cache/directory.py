@@ -43,6 +43,7 @@ from fastmat.cache.types import CacheResult, CacheStats
 from fastmat.cache.workspace import Workspace
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
+from fastmat.fs.access import Access
 from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir
 from fastmat.fs.trash import Trasher
@@ -89,7 +90,9 @@ class DirectoryCache:
     ``fetcher`` fetches missing Directory messages and blobs on a miss; ``threads`` /
     ``max_inflight`` / ``limits`` are passed to the executor and the tree loader.
     ``fsync`` makes sidecars and entry renames durable. ``overlay``: None probes once
-    whether workspaces can mount overlays, False never mounts.
+    whether workspaces can mount overlays, False never mounts. A new cache directory
+    is private (0700, lock files 0600); ``group`` (a name or gid) shares it with that
+    group's members (2770, group-owned, lock files 0660; :mod:`fastmat.fs.access`).
 
     Thread-safe; several processes may share ``path`` (construction single-flight and
     pins are flock-based), each opening its own instance. Open it after fork: any use
@@ -119,19 +122,22 @@ class DirectoryCache:
         policy: str = "least-recently-used",
         fsync: bool = True,
         overlay: bool | None = None,
+        group: str | int | None = None,
     ) -> None:
         self.cas = cas
         self.path = Path(path).absolute()
         self._opened = OpenedHere(f"DirectoryCache {self.path}")
         self.limits = Limits(max_bytes, max_entries, policy)
         self.threads, self.max_inflight = threads, max_inflight
+        self.access = Access.of(group)
+        self.access.make_root(self.path)
         for d in ("entries", "tmp", "trash", "locks"):
-            (self.path / d).mkdir(parents=True, exist_ok=True)
+            self.access.make_dir(self.path / d)
         fds: list[int] = []
         try:
             for d in ("entries", "locks", "tmp"):
                 fds.append(os.open(self.path / d, _O_DIR))
-            self._owned = OwnedDir.create(fds[2], 0o700)
+            self._owned = OwnedDir.create(fds[2], self.access.dir_mode, self.access.lock_mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -149,6 +155,7 @@ class DirectoryCache:
                 trasher=self._trasher,
                 tmp=self._tmp,
                 tmp_fd=self._owned.fd,
+                lock_mode=self.access.lock_mode,
             )
             self._mu = threading.Lock()
             self._index = CacheIndex(self.limits)

@@ -59,6 +59,7 @@ class Disk:
     trasher: Trasher
     tmp: Path  # this instance's own scratch (constructions, workspace upper layers)
     tmp_fd: int
+    lock_mode: int = locks.LOCK_MODE  # of the lock files it creates (fastmat.fs.access)
 
 
 def lock_name(key: str) -> str:
@@ -68,7 +69,7 @@ def lock_name(key: str) -> str:
 def lock_key(disk: Disk, key: str, how: int, *, block: bool) -> int | None:
     """An fd holding flock ``how`` on ``locks/<key>.lock``; None if ``block`` is False
     and another process holds a conflicting lock."""
-    return locks.lock_file(disk.locks_fd, lock_name(key), how, block=block)
+    return locks.lock_file(disk.locks_fd, lock_name(key), how, block=block, mode=disk.lock_mode)
 
 
 def try_pin(disk: Disk, key: str) -> int | None:
@@ -125,7 +126,7 @@ def acquire(
     while another process holds LOCK_EX building it."""
     key = root.key
     for _ in range(_ADOPT_ATTEMPTS):
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_SH)
+        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_SH, mode=disk.lock_mode)
         try:
             e = _from_disk(disk, root, damaged, exclusive=False)
         except BaseException:
@@ -135,7 +136,7 @@ def acquire(
             e.pins, e.lock_fd = 1, fd
             return e, False
         os.close(fd)
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_EX)
+        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_EX, mode=disk.lock_mode)
         try:
             e = _from_disk(disk, root, damaged, exclusive=True)
             built = e is None

@@ -31,6 +31,7 @@ from fastmat.cas import layout
 from fastmat.cas.verify import VerifyReport, verify_cas
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
+from fastmat.fs.access import Access
 from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
@@ -82,7 +83,10 @@ def _read_chunks(fd: int) -> Iterable[bytes]:
 class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe.
 
-    ``fsync=False`` skips every fsync (faster, not crash-safe).
+    ``fsync=False`` skips every fsync (faster, not crash-safe). A new root is private
+    (0700, lock files 0600); ``group`` (a name or gid) shares it with that group's
+    members instead (2770 and group-owned, lock files 0660): see
+    :mod:`fastmat.fs.access`.
 
     Open it after fork: an instance belongs to the process that opened it, and any use
     in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
@@ -91,10 +95,13 @@ class LocalCAS:
 
     exec_writers_timeout_s: float = 2.0  # see _build_variant
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, fsync: bool = True, group: str | int | None = None
+    ) -> None:
         self.root = Path(path).absolute()
         self._fsync = fsync
-        layout.create(self.root)
+        self.access = Access.of(group)
+        layout.create(self.root, self.access)
         self._opened = OpenedHere(f"LocalCAS {self.root}")
         self._root_fd = os.open(self.root, _DIR_PATH)
         fds = [self._root_fd]
@@ -103,7 +110,9 @@ class LocalCAS:
             fds.append(self._tmp_parent_fd)
             self._locks_fd = os.open(layout.LOCKS, _DIR_PATH, dir_fd=self.root_fd)
             fds.append(self._locks_fd)
-            self._owned = OwnedDir.create(self._tmp_parent_fd)
+            self._owned = OwnedDir.create(
+                self._tmp_parent_fd, self.access.dir_mode, self.access.lock_mode
+            )
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -113,7 +122,7 @@ class LocalCAS:
         self._finalizer = weakref.finalize(
             self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
         )
-        self._locks = locks.KeyedLock(self._locks_fd)
+        self._locks = locks.KeyedLock(self._locks_fd, mode=self.access.lock_mode)
         self._names = itertools.count()
         self._mutex = threading.Lock()
         self._counters = CASCounters()

@@ -25,7 +25,8 @@ import time
 from collections.abc import Iterator
 
 LOCK_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-LOCK_MODE = 0o644
+LOCK_MODE = 0o600  # only the owner may open, and so flock, a lock file (issue 10, item 4)
+SHARED_LOCK_MODE = 0o660  # and a shared group's members (fastmat.fs.access)
 
 
 def try_lock(fd: int, how: int) -> bool:
@@ -47,11 +48,28 @@ def still_linked(dir_fd: int, name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def lock_file(dir_fd: int, name: str, how: int, *, block: bool) -> int | None:
-    """An fd holding flock ``how`` on ``dir_fd/name`` (created if absent); None if
-    ``block`` is False and another open file description holds a conflicting lock."""
+def open_lock(dir_fd: int, name: str, mode: int = LOCK_MODE) -> int:
+    """Opens (creating it with ``mode`` if absent) the lock file ``dir_fd/name``."""
+    fd = os.open(name, LOCK_OPEN, mode, dir_fd=dir_fd)
+    if mode & 0o070:  # shared: the umask may have taken the group bits
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:
+            pass  # another member created it, and set them
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def lock_file(
+    dir_fd: int, name: str, how: int, *, block: bool, mode: int = LOCK_MODE
+) -> int | None:
+    """An fd holding flock ``how`` on ``dir_fd/name`` (created with ``mode`` if
+    absent); None if ``block`` is False and another open file description holds a
+    conflicting lock."""
     while True:
-        fd = os.open(name, LOCK_OPEN, LOCK_MODE, dir_fd=dir_fd)
+        fd = open_lock(dir_fd, name, mode)
         try:
             if block:
                 fcntl.flock(fd, how)
@@ -66,9 +84,9 @@ def lock_file(dir_fd: int, name: str, how: int, *, block: bool) -> int | None:
         os.close(fd)  # unlinked by its holder while we waited: lock the new file
 
 
-def wait_file(dir_fd: int, name: str, how: int) -> int:
+def wait_file(dir_fd: int, name: str, how: int, *, mode: int = LOCK_MODE) -> int:
     """:func:`lock_file`, blocking until the lock is held."""
-    fd = lock_file(dir_fd, name, how, block=True)
+    fd = lock_file(dir_fd, name, how, block=True, mode=mode)
     if fd is None:  # pragma: no cover - a blocking flock returns only once held
         raise AssertionError("blocking flock returned without the lock")
     return fd
@@ -83,12 +101,14 @@ def unlink_file(dir_fd: int, name: str) -> None:
 class KeyedLock:
     """Mutual exclusion per key, across the threads of this process and across processes.
 
-    ``dir_fd`` is a directory fd (``O_PATH`` is fine) holding the lock files; it must
-    stay open while this object is used. Keys must be valid file names.
+    ``dir_fd`` is a directory fd (``O_PATH`` is fine) holding the lock files (created
+    with ``mode``); it must stay open while this object is used. Keys must be valid
+    file names.
     """
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(self, dir_fd: int, *, mode: int = LOCK_MODE) -> None:
         self._dir_fd = dir_fd
+        self._mode = mode
         self._mutex = threading.Lock()
         self._held: dict[str, tuple[threading.Lock, int]] = {}
 
@@ -124,7 +144,7 @@ class KeyedLock:
                 self._held[key] = (tlock, users - 1)
 
     def _flock(self, key: str) -> int:
-        return wait_file(self._dir_fd, key, fcntl.LOCK_EX)
+        return wait_file(self._dir_fd, key, fcntl.LOCK_EX, mode=self._mode)
 
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux: F_LINUX_SPECIFIC_BASE + 0

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fastmat import _binding
-from fastmat.fs.locks import LOCK_OPEN
+from fastmat.fs.locks import LOCK_MODE, open_lock
 
 log = logging.getLogger("fastmat")
 
@@ -44,9 +44,10 @@ class OwnedDir:
     lock_fd: int  # flock'ed owner.lock, held until release()
 
     @classmethod
-    def create(cls, parent_fd: int, mode: int = 0o755) -> OwnedDir:
-        """Creates ``<pid>.<random>/`` with a held ``owner.lock`` inside. On failure
-        nothing is left: no fd open, no directory."""
+    def create(cls, parent_fd: int, mode: int = 0o700, lock_mode: int = LOCK_MODE) -> OwnedDir:
+        """Creates ``<pid>.<random>/`` (``mode``, group bits kept whatever the umask)
+        with a held ``owner.lock`` (``lock_mode``) inside. On failure nothing is left:
+        no fd open, no directory."""
         for _ in range(16):
             name = unique("")
             os.mkdir(name, mode, dir_fd=parent_fd)
@@ -58,7 +59,9 @@ class OwnedDir:
                 _rmdir_quietly(parent_fd, name)
                 raise
             try:
-                got = cls._claim(parent_fd, name, fd)
+                if mode & 0o070:  # shared: the umask may have taken the group bits
+                    os.fchmod(fd, mode)
+                got = cls._claim(parent_fd, name, fd, lock_mode)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):
@@ -70,7 +73,7 @@ class OwnedDir:
         raise OSError(errno.EAGAIN, "could not claim a temp directory", name)
 
     @classmethod
-    def _claim(cls, parent_fd: int, name: str, fd: int) -> OwnedDir | None:
+    def _claim(cls, parent_fd: int, name: str, fd: int, lock_mode: int) -> OwnedDir | None:
         """Locks owner.lock in the new directory (open at ``fd``); None if a sweeper
         removed the directory meanwhile. The caller closes ``fd`` on None or raise."""
         # owner.lock is locked under a temp name and renamed into place, so an
@@ -78,7 +81,7 @@ class OwnedDir:
         tmp = f".{OWNER_LOCK}.{secrets.token_hex(4)}"
         lock_fd = -1
         try:
-            lock_fd = os.open(tmp, LOCK_OPEN | os.O_EXCL, 0o644, dir_fd=fd)
+            lock_fd = open_lock(fd, tmp, lock_mode)
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             os.rename(tmp, OWNER_LOCK, src_dir_fd=fd, dst_dir_fd=fd)
             os.stat(name, dir_fd=parent_fd)

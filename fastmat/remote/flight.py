@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Protocol
 
 from fastmat.digest import Digest
-from fastmat.fs.locks import LOCK_MODE, LOCK_OPEN
+from fastmat.fs.locks import LOCK_MODE, open_lock
 
 __all__ = ["Cancelled", "FetchHost", "FetchJob", "FetchLocks", "OnReady"]
 
@@ -45,10 +45,13 @@ class FetchLocks:
     collision only serializes two fetches). Each thread locks through its own
     fd, so threads exclude each other too. Two syscalls per blob, no files
     created. Elsewhere: one flock'ed file per digest, unlinked by its holder
-    (the ``fastmat.fs.locks.KeyedLock`` recipe).
+    (the ``fastmat.fs.locks.KeyedLock`` recipe). Lock files are created with
+    ``mode`` (the CAS's: 0600, or 0660 for a shared group), and ``fetch.ofd``, which
+    outlives its creator, is brought to that mode when this process owns it.
     """
 
-    def __init__(self, locks_dir: Path) -> None:
+    def __init__(self, locks_dir: Path, *, mode: int = LOCK_MODE) -> None:
+        self._mode = mode
         self._dir_fd = os.open(locks_dir, _DIR_PATH)
         self._ofd = _OFD_SETLK != 0
         self._local = threading.local()
@@ -73,7 +76,14 @@ class FetchLocks:
     def _thread_fd(self) -> int:
         fd: int | None = getattr(self._local, "fd", None)
         if fd is None:
-            fd = os.open("fetch.ofd", LOCK_OPEN, LOCK_MODE, dir_fd=self._dir_fd)
+            fd = open_lock(self._dir_fd, "fetch.ofd", self._mode)
+            try:
+                st = os.fstat(fd)
+                if st.st_mode & 0o777 != self._mode and st.st_uid == os.geteuid():
+                    os.fchmod(fd, self._mode)  # an older fastmat's, 0644: anyone could lock
+            except BaseException:
+                os.close(fd)
+                raise
             with self._mutex:
                 self._fds.append(fd)
             self._local.fd = fd
@@ -130,7 +140,7 @@ class FetchLocks:
     def _flock(self, d: Digest, how: int) -> int | None:
         key = f"{d.key}.fetch"
         while True:
-            fd = os.open(key, LOCK_OPEN, LOCK_MODE, dir_fd=self._dir_fd)
+            fd = open_lock(self._dir_fd, key, self._mode)
             try:
                 fcntl.flock(fd, how)
                 st = os.fstat(fd)
