@@ -27,7 +27,13 @@ from fastmat.digest import (
     DigestMismatchError,
     InvalidDigestError,
 )
-from fastmat.errors import FastmatError, InvalidTreeError, NativeBuildError, RemoteError
+from fastmat.errors import (
+    FastmatError,
+    InvalidTreeError,
+    LockTimeoutError,
+    NativeBuildError,
+    RemoteError,
+)
 from fastmat.materialize import MaterializeStats, materialize
 from fastmat.tree import TreeLimits, ingest_tree
 from fastmat.version import __version__
@@ -49,6 +55,7 @@ __all__ = [
     "InvalidDigestError",
     "InvalidTreeError",
     "LocalCAS",
+    "LockTimeoutError",
     "MaterializeStats",
     "NativeBuildError",
     "RemoteCAS",

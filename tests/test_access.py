@@ -137,5 +137,3 @@ def test_group_names_and_gids() -> None:
         Access.of("no-such-group-here")
     assert (Access().dir_mode, Access().lock_mode) == (0o700, 0o600)
     assert (Access(7).dir_mode, Access(7).lock_mode) == (0o2770, 0o660)
-
-

@@ -45,6 +45,7 @@ from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 from fastmat.fs.access import Access
 from fastmat.fs.forks import OpenedHere
+from fastmat.fs.locks import DEFAULT_LOCK_TIMEOUT_S
 from fastmat.fs.owned import OwnedDir
 from fastmat.fs.trash import Trasher
 
@@ -93,6 +94,9 @@ class DirectoryCache:
     whether workspaces can mount overlays, False never mounts. A new cache directory
     is private (0700, lock files 0600); ``group`` (a name or gid) shares it with that
     group's members (2770, group-owned, lock files 0660; :mod:`fastmat.fs.access`).
+    ``lock_timeout_s`` bounds every wait for another process's lock (its construction
+    of the same tree, its eviction): then ``LockTimeoutError`` names the lock file and
+    the holder's pid.
 
     Thread-safe; several processes may share ``path`` (construction single-flight and
     pins are flock-based), each opening its own instance. Open it after fork: any use
@@ -123,6 +127,7 @@ class DirectoryCache:
         fsync: bool = True,
         overlay: bool | None = None,
         group: str | int | None = None,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     ) -> None:
         self.cas = cas
         self.path = Path(path).absolute()
@@ -156,6 +161,7 @@ class DirectoryCache:
                 tmp=self._tmp,
                 tmp_fd=self._owned.fd,
                 lock_mode=self.access.lock_mode,
+                lock_timeout_s=lock_timeout_s,
             )
             self._mu = threading.Lock()
             self._index = CacheIndex(self.limits)

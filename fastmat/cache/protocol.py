@@ -4,8 +4,8 @@ Several processes may share one cache directory. One lock file
 ``locks/<hash>-<size>.lock`` per digest (flock, the recipe of
 :func:`fastmat.fs.locks.lock_file`) carries the protocol:
 
-- LOCK_EX (blocking) around a construction or adoption (:func:`acquire`): one process
-  builds, the others wait and then adopt the entry it renamed into place
+- LOCK_EX (waited for) around a construction or adoption (:func:`acquire`): one
+  process builds, the others wait and then adopt the entry it renamed into place
   (single-flight across processes, invariant 8);
 - LOCK_SH, taken non-blocking (:func:`try_pin`), for as long as a process has the entry
   pinned (cloning from it, or it is a mounted workspace's lower layer);
@@ -13,6 +13,10 @@ Several processes may share one cache directory. One lock file
   (:func:`evict`, :func:`adopt_all`): it fails while any other process pins or builds
   that digest, so nobody's clone source or mounted lower layer is ever taken away
   (invariant 7).
+
+Every wait is bounded by ``Disk.lock_timeout_s`` (tried without blocking first, then
+polled; :func:`fastmat.fs.locks.wait_file`): a holder that never lets go makes the
+waiter fail with LockTimeoutError naming the lock file and the holder's pid.
 
 A lock file is unlinked when its entry is evicted or discarded, by the holder of
 LOCK_EX. That is safe because every acquirer checks, once it holds the flock, that the
@@ -60,22 +64,31 @@ class Disk:
     tmp: Path  # this instance's own scratch (constructions, workspace upper layers)
     tmp_fd: int
     lock_mode: int = locks.LOCK_MODE  # of the lock files it creates (fastmat.fs.access)
+    lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S  # bound of every lock wait
 
 
 def lock_name(key: str) -> str:
     return f"{key}.lock"
 
 
-def lock_key(disk: Disk, key: str, how: int, *, block: bool) -> int | None:
-    """An fd holding flock ``how`` on ``locks/<key>.lock``; None if ``block`` is False
-    and another process holds a conflicting lock."""
-    return locks.lock_file(disk.locks_fd, lock_name(key), how, block=block, mode=disk.lock_mode)
+def lock_key(disk: Disk, key: str, how: int) -> int | None:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``, taken without waiting; None
+    if another process holds a conflicting lock."""
+    return locks.lock_file(disk.locks_fd, lock_name(key), how, mode=disk.lock_mode)
+
+
+def wait_key(disk: Disk, key: str, how: int) -> int:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``, waiting up to the cache's
+    lock timeout for it (LockTimeoutError)."""
+    return locks.wait_file(
+        disk.locks_fd, lock_name(key), how, timeout_s=disk.lock_timeout_s, mode=disk.lock_mode
+    )
 
 
 def try_pin(disk: Disk, key: str) -> int | None:
     """LOCK_SH on ``key`` without waiting (None: another process is evicting or
     rebuilding it); the returned fd holds the pin until closed."""
-    return lock_key(disk, key, fcntl.LOCK_SH, block=False)
+    return lock_key(disk, key, fcntl.LOCK_SH)
 
 
 def parse_key(key: str) -> Digest | None:
@@ -122,11 +135,11 @@ def acquire(
     build: Callable[[Digest], Entry],
 ) -> tuple[Entry, bool]:
     """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
-    if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, blocking)
-    while another process holds LOCK_EX building it."""
+    if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, up to the
+    lock timeout) while another process holds LOCK_EX building it."""
     key = root.key
     for _ in range(_ADOPT_ATTEMPTS):
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_SH, mode=disk.lock_mode)
+        fd = wait_key(disk, key, fcntl.LOCK_SH)
         try:
             e = _from_disk(disk, root, damaged, exclusive=False)
         except BaseException:
@@ -136,13 +149,19 @@ def acquire(
             e.pins, e.lock_fd = 1, fd
             return e, False
         os.close(fd)
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_EX, mode=disk.lock_mode)
+        fd = wait_key(disk, key, fcntl.LOCK_EX)
         try:
             e = _from_disk(disk, root, damaged, exclusive=True)
             built = e is None
             if e is None:
                 e = build(root)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
+            # a downgrade is not atomic (another process may slip in): look again after
+            locks.flock_within(
+                fd,
+                fcntl.LOCK_SH,
+                disk.lock_timeout_s,
+                lambda: locks.lock_path(disk.locks_fd, lock_name(key)),
+            )
             st = entry.stat_at(disk.entries_fd, key)
             if (
                 locks.still_linked(disk.locks_fd, lock_name(key), fd)
@@ -164,7 +183,7 @@ def evict(index: CacheIndex, disk: Disk) -> int:
     the background trasher. Returns how many were evicted."""
     n = 0
     for v in index.victims():
-        fd = lock_key(disk, v.key, fcntl.LOCK_EX, block=False)
+        fd = lock_key(disk, v.key, fcntl.LOCK_EX)
         if fd is None:
             continue  # pinned or being rebuilt by another process: keep it
         try:
@@ -212,7 +231,7 @@ def adopt_all(disk: Disk) -> list[Entry]:
             continue
         found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
     for key in orphans | bad:
-        lfd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+        lfd = lock_key(disk, key, fcntl.LOCK_EX)
         if lfd is None:
             continue  # somebody builds, adopts or pins it right now
         try:
@@ -236,7 +255,7 @@ def _sweep_locks(disk: Disk, keys: set[str]) -> None:
         key = name[: -len(lock_name(""))]
         if not name.endswith(lock_name("")) or key in keys or parse_key(key) is None:
             continue
-        fd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+        fd = lock_key(disk, key, fcntl.LOCK_EX)
         if fd is None:
             continue
         try:

@@ -86,7 +86,9 @@ class LocalCAS:
     ``fsync=False`` skips every fsync (faster, not crash-safe). A new root is private
     (0700, lock files 0600); ``group`` (a name or gid) shares it with that group's
     members instead (2770 and group-owned, lock files 0660): see
-    :mod:`fastmat.fs.access`.
+    :mod:`fastmat.fs.access`. ``lock_timeout_s`` bounds every wait for a lock another
+    thread or process holds (a variant being built, a blob being fetched): then
+    ``LockTimeoutError`` names the lock and its holder.
 
     Open it after fork: an instance belongs to the process that opened it, and any use
     in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
@@ -96,10 +98,16 @@ class LocalCAS:
     exec_writers_timeout_s: float = 2.0  # see _build_variant
 
     def __init__(
-        self, path: str | os.PathLike[str], *, fsync: bool = True, group: str | int | None = None
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        group: str | int | None = None,
+        lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
     ) -> None:
         self.root = Path(path).absolute()
         self._fsync = fsync
+        self.lock_timeout_s = lock_timeout_s
         self.access = Access.of(group)
         layout.create(self.root, self.access)
         self._opened = OpenedHere(f"LocalCAS {self.root}")
@@ -122,7 +130,9 @@ class LocalCAS:
         self._finalizer = weakref.finalize(
             self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
         )
-        self._locks = locks.KeyedLock(self._locks_fd, mode=self.access.lock_mode)
+        self._locks = locks.KeyedLock(
+            self._locks_fd, mode=self.access.lock_mode, timeout_s=lock_timeout_s
+        )
         self._names = itertools.count()
         self._mutex = threading.Lock()
         self._counters = CASCounters()
