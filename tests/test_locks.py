@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -170,6 +171,7 @@ def test_a_held_fetch_lock_fails_the_waiter_naming_lock_and_holder(
 ) -> None:
     d = Digest("ab" * 32, 1)
     locks = FetchLocks(tmp_path, timeout_s=0.3)
+    args: tuple[str, ...]
     try:
         if kind == "flock":  # the recipe used where OFD locks do not exist
             locks._ofd = False
@@ -195,7 +197,7 @@ def test_an_uncontended_wait_never_sleeps(tmp_path: Path, monkeypatch: pytest.Mo
     def no_sleep(s: float) -> None:
         raise AssertionError("slept waiting for a free lock")
 
-    monkeypatch.setattr(fs_locks.time, "sleep", no_sleep)
+    monkeypatch.setattr(time, "sleep", no_sleep)
     dir_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fd = fs_locks.wait_file(dir_fd, "k.lock", fcntl.LOCK_EX, timeout_s=0.1)
