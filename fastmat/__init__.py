@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cache import CacheResult, CacheStats, DirectoryCache
+from fastmat.cache import CacheResult, CacheStats, DeadMount, DirectoryCache
 from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
 from fastmat.digest import (
     EMPTY_DIGEST,
@@ -48,6 +48,7 @@ __all__ = [
     "CacheResult",
     "CacheStats",
     "DamagedBlob",
+    "DeadMount",
     "Digest",
     "DigestMismatchError",
     "DirectoryCache",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import threading
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding
-from fastmat.cache import entry, protocol, replay, workspace
+from fastmat.cache import entry, mounts, protocol, replay, workspace
 from fastmat.cache.build import EntryBuilder
 from fastmat.cache.entry import Damaged
 from fastmat.cache.index import CacheIndex, Entry, Limits
@@ -136,18 +137,18 @@ class DirectoryCache:
         self.threads, self.max_inflight = threads, max_inflight
         self.access = Access.of(group)
         self.access.make_root(self.path)
-        for d in ("entries", "tmp", "trash", "locks"):
+        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS):
             self.access.make_dir(self.path / d)
         fds: list[int] = []
         try:
-            for d in ("entries", "locks", "tmp"):
+            for d in ("entries", "locks", "tmp", mounts.MOUNTS):
                 fds.append(os.open(self.path / d, _O_DIR))
             self._owned = OwnedDir.create(fds[2], self.access.dir_mode, self.access.lock_mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self._entries_fd, self._locks_fd, self._tmp_parent_fd = fds
+        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds
         self._tmp = self.path / "tmp" / self._owned.name
         self._trasher = Trasher()
         self._closed = False
@@ -160,6 +161,7 @@ class DirectoryCache:
                 trasher=self._trasher,
                 tmp=self._tmp,
                 tmp_fd=self._owned.fd,
+                mounts_fd=self._mounts_fd,
                 lock_mode=self.access.lock_mode,
                 lock_timeout_s=lock_timeout_s,
             )
@@ -177,7 +179,19 @@ class DirectoryCache:
                 fsync=fsync,
             )
             self.overlay = overlay  # None: probed at the first workspace; False: never mount
-            protocol.sweep_dead_instances(self._tmp_parent_fd, self._owned.name, self._disk)
+            self._sweeper = mounts.Sweeper(
+                self._mounts_fd,
+                self.path / "tmp",
+                self._tmp_parent_fd,
+                self._owned.name,
+                self._disk.trash,
+                self._trasher,
+            )
+            # what the sweep at open found: dead owners' workspaces (cleaned or not)
+            self.dead_mounts, kept = mounts.sweep(self._sweeper)
+            protocol.sweep_dead_instances(
+                self._tmp_parent_fd, {self._owned.name, *kept}, self._disk
+            )
             for e in protocol.adopt_all(self._disk):
                 self._index.insert(e)
             with self._mu:
@@ -207,7 +221,7 @@ class DirectoryCache:
                     os.close(e.lock_fd)  # the parent's pin lives on in its own fd
             for fd in (self._owned.fd, self._owned.lock_fd):
                 os.close(fd)
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
                 os.close(fd)
             return
         self._trasher.drain()
@@ -225,7 +239,7 @@ class DirectoryCache:
             self._trasher.close()
             self._owned.release(self._tmp_parent_fd)
         finally:
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
                 os.close(fd)
 
     def stats(self) -> CacheStats:
@@ -303,12 +317,13 @@ class DirectoryCache:
                 with contextlib.suppress(FileNotFoundError):  # the action removed it
                     _binding.remove_tree(dest)
             return
-        e, hit, ws = mounted
+        e, hit, ws, rec = mounted
         try:
             yield Workspace(dest, "overlay", root, hit, ws / "upper")
         finally:
             try:
                 gone = workspace.unmount(dest, ws, self._disk.trash)
+                mounts.forget(self._mounts_fd, rec)  # kept if unmounting failed: a later sweep
                 if gone is not None:
                     self._trasher.put(gone)
             finally:
@@ -392,30 +407,40 @@ class DirectoryCache:
             self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._disk.entries)
         return self.overlay
 
-    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path] | None:
-        """The pinned entry, hit, and scratch dir of an overlay now mounted at ``dest``;
-        None if the mount itself failed (the caller falls back to a hardlinked copy)."""
+    def _record(self, into: list[str], key: str, dest: Path, ws_name: str) -> None:
+        into.append(mounts.record(self._mounts_fd, self._owned.name, key, ws_name, dest))
+
+    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path, str] | None:
+        """The pinned entry, hit, scratch dir and mount record of an overlay now mounted
+        at ``dest``; None if the mount itself failed (the caller falls back to a
+        hardlinked copy)."""
         damaged: tuple[int, int] | None = None
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
+            recs: list[str] = []
+            rec = functools.partial(self._record, recs, e.key, dest)
             try:
                 os.close(replay.open_entry(self._disk, e))
-                ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest)
+                ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest, rec)
             except Damaged as d:
                 self._release(e)
                 damaged = self._invalidate(e, d)
                 continue
             except OSError as err:
+                for r in recs:
+                    mounts.forget(self._mounts_fd, r)
                 self._release(e)
                 if err.errno in _DEST_ERRORS and err.filename in (str(dest), dest):
                     raise  # about dest itself: the caller's problem, not the overlay's
                 log.warning("overlay workspace at %s failed (%s): hardlinking instead", dest, err)
                 return None
             except BaseException:
+                for r in recs:
+                    mounts.forget(self._mounts_fd, r)
                 self._release(e)
                 raise
             if hit:
                 entry.touch(self._entries_fd, e.key)
                 self._count("overlay")
-            return e, hit, ws
+            return e, hit, ws, recs[0]
         raise FastmatError(f"cache entry for {root} keeps failing its checks")

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastmat.cache import entry
+from fastmat.cache import entry, mounts
 from fastmat.cache.index import CacheIndex, Entry
 from fastmat.digest import Digest, InvalidDigestError
 from fastmat.errors import FastmatError
@@ -63,6 +63,7 @@ class Disk:
     trasher: Trasher
     tmp: Path  # this instance's own scratch (constructions, workspace upper layers)
     tmp_fd: int
+    mounts_fd: int  # mounts/: a record per overlay workspace (fastmat.cache.mounts)
     lock_mode: int = locks.LOCK_MODE  # of the lock files it creates (fastmat.fs.access)
     lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S  # bound of every lock wait
 
@@ -101,12 +102,20 @@ def parse_key(key: str) -> Digest | None:
 
 
 def discard(disk: Disk, key: str) -> None:
-    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key."""
+    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key.
+
+    An entry under a mount record (a dead owner's workspace not yet swept: a live one
+    pins it) is renamed all the same, which the mount does not notice, but not
+    deleted: its files are the lower layer of that overlay. The next opener's sweep
+    detaches the mount first, then deletes the trash (:func:`sweep_dead_instances`)."""
     gone = to_trash(disk.entries_fd, key, disk.trash)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(entry.sidecar_name(key), dir_fd=disk.entries_fd)
     if gone is not None:
-        disk.trasher.put(gone)
+        if key in mounts.keys(disk.mounts_fd):
+            log.warning("cache entry %s is under a dead workspace's mount: kept in %s", key, gone)
+        else:
+            disk.trasher.put(gone)
 
 
 def _from_disk(
@@ -182,7 +191,12 @@ def evict(index: CacheIndex, disk: Disk) -> int:
     them to the trash (cheap; the caller holds the cache lock), leaving the deletion to
     the background trasher. Returns how many were evicted."""
     n = 0
+    mounted: set[str] | None = None
     for v in index.victims():
+        if mounted is None:
+            mounted = mounts.keys(disk.mounts_fd)  # listed once per call, only when over the limits
+        if v.key in mounted:
+            continue  # a workspace's lower layer (its owner may be dead: no pin left)
         fd = lock_key(disk, v.key, fcntl.LOCK_EX)
         if fd is None:
             continue  # pinned or being rebuilt by another process: keep it
@@ -230,7 +244,8 @@ def adopt_all(disk: Disk) -> list[Entry]:
             bad.add(key)
             continue
         found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
-    for key in orphans | bad:
+    mounted = mounts.keys(disk.mounts_fd)
+    for key in (orphans | bad) - mounted:
         lfd = lock_key(disk, key, fcntl.LOCK_EX)
         if lfd is None:
             continue  # somebody builds, adopts or pins it right now
@@ -266,17 +281,21 @@ def _sweep_locks(disk: Disk, keys: set[str]) -> None:
             os.close(fd)
 
 
-def sweep_dead_instances(tmp_fd: int, mine: str, disk: Disk) -> int:
-    """Moves dead instances' temp dirs to the trash and queues the whole trash for the
-    background deleter; returns how many trash items were queued."""
+def sweep_dead_instances(tmp_fd: int, keep: set[str], disk: Disk) -> int:
+    """Moves dead instances' temp dirs (but those in ``keep``: this instance's, and
+    dead owners' whose mounts could not be cleaned) to the trash and queues the trash
+    for the background deleter, but entries still under a mount record; returns how
+    many trash items were queued. Run after :func:`fastmat.cache.mounts.sweep`."""
 
     def to_bin(parent_fd: int, name: str) -> None:
         if to_trash(parent_fd, name, disk.trash) is None:
             raise FileNotFoundError(name)
 
-    sweep_dead(tmp_fd, keep=mine, remove=to_bin)
+    sweep_dead(tmp_fd, keep=keep, remove=to_bin)
+    mounted = mounts.keys(disk.mounts_fd)
     n = 0
     for t in disk.trash.iterdir():
-        disk.trasher.put(t)
-        n += 1
+        if t.name.split(".", 1)[0] not in mounted:
+            disk.trasher.put(t)
+            n += 1
     return n

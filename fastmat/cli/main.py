@@ -151,17 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "gc",
         parents=[common, cas],
-        help="evict cache entries down to a size",
-        description="Evict unpinned directory-cache entries (least recently used first) "
-        "until the cache holds at most --max-bytes.",
+        help="clean up a directory cache, evict entries down to a size",
+        description="Clean up after dead processes: workspaces whose owner was killed "
+        "(their overlay detached, then their upper layer removed), dead instances' "
+        "scratch, orphans; each dead workspace is reported (exit status 1 if one could "
+        "not be cleaned). With --max-bytes, also evict unpinned entries (least recently "
+        "used first) until the cache holds at most that.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--max-bytes",
         type=parse_size,
-        required=True,
+        default=None,
         metavar="SIZE",
-        help="bound, e.g. 500M, 10G, 2GB",
+        help="bound, e.g. 500M, 10G, 2GB (default: evict nothing)",
     )
 
     s = sub.add_parser(

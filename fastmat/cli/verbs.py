@@ -262,26 +262,36 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
     if args.cache is None:
         raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
     with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
+        # Opening a cache sweeps: dead owners' workspaces (detached, then their upper
+        # layers trashed), dead instances' scratch dirs, orphans; close() waits for
+        # the background deletions.
         with _open_cache_readonly(cas, args.cache) as cache:
             before = cache.stats()
-        # Opening with the bound evicts unpinned entries (least recently used first);
-        # close() waits for the background deletions.
-        with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
-            cache.drain()
-            after = cache.stats()
+            dead = cache.dead_mounts
+        after = before
+        if args.max_bytes is not None:  # reopening with the bound evicts unpinned entries
+            with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
+                cache.drain()
+                after = cache.stats()
     payload = {
         "max_bytes": args.max_bytes,
         "evicted": before.entries - after.entries,
         "freed_bytes": before.bytes - after.bytes,
+        "dead_mounts": jsonable(dead),
         "before": jsonable(before),
         "after": jsonable(after),
     }
-    text = (
+    lines = [
         f"evicted {before.entries - after.entries} of {before.entries} cache entries, "
         f"freed {human_bytes(before.bytes - after.bytes)}; "
         f"{after.entries} entries ({human_bytes(after.bytes)}) remain"
-    )
-    return 0, payload, text
+    ]
+    for m in dead:
+        how = "detached and removed" if m.was_mounted else "removed (no longer mounted)"
+        what = how if m.cleaned else f"left in place: {m.problem}"
+        lines.append(f"dead workspace {m.dest} (entry {m.key}, instance {m.owner}): {what}")
+    kept = [m for m in dead if not m.cleaned]
+    return (1 if kept else 0), payload, "\n".join(lines)
 
 
 def cmd_bench(args: argparse.Namespace) -> Outcome:

@@ -16,7 +16,7 @@ import fcntl
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from fastmat import _binding
@@ -118,8 +118,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_dead(parent_fd: int, keep: str, remove: Remover | None = None) -> int:
-    """Removes the temp dirs under ``parent_fd`` whose owner is dead; returns how many.
+def sweep_dead(parent_fd: int, keep: str | Collection[str], remove: Remover | None = None) -> int:
+    """Removes the temp dirs under ``parent_fd`` whose owner is dead, but ``keep`` (one
+    name or several); returns how many.
 
     ``remove(parent_fd, name)`` does the removal (default: ``remove_tree`` right here;
     the directory cache moves them to its trash instead); it raises
@@ -131,7 +132,8 @@ def sweep_dead(parent_fd: int, keep: str, remove: Remover | None = None) -> int:
     (another user's, say) is left for a later opener and logged.
     """
     with os.scandir(parent_fd) as it:
-        names = [e.name for e in it if e.name != keep and e.is_dir(follow_symlinks=False)]
+        kept = {keep} if isinstance(keep, str) else set(keep)
+        names = [e.name for e in it if e.name not in kept and e.is_dir(follow_symlinks=False)]
     swept = 0
     failed: list[str] = []
     for name in names:
