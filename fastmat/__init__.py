@@ -18,7 +18,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cache import CacheResult, CacheStats, DeadMount, DirectoryCache
+from fastmat.cache import (
+    CacheResult,
+    CacheStats,
+    CacheVerifyReport,
+    DeadMount,
+    DirectoryCache,
+)
 from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
 from fastmat.digest import (
     EMPTY_DIGEST,
@@ -47,6 +53,7 @@ __all__ = [
     "CASCounters",
     "CacheResult",
     "CacheStats",
+    "CacheVerifyReport",
     "DamagedBlob",
     "DeadMount",
     "Digest",

@@ -10,12 +10,21 @@ threads and processes of a worker.
 - :mod:`.index`: the in-memory index and eviction policy;
 - :mod:`.workspace`: overlay workspaces; :mod:`.mounts`: their records, and the sweep
   of a dead owner's ones;
+- :mod:`.verify`: never serving what verify found bad, and verifying entries;
 - :mod:`.types`: results and statistics.
 """
 
 from fastmat.cache.directory import DirectoryCache
 from fastmat.cache.mounts import DeadMount
 from fastmat.cache.types import CacheResult, CacheStats
+from fastmat.cache.verify import CacheVerifyReport
 from fastmat.cache.workspace import Workspace
 
-__all__ = ["CacheResult", "CacheStats", "DeadMount", "DirectoryCache", "Workspace"]
+__all__ = [
+    "CacheResult",
+    "CacheStats",
+    "CacheVerifyReport",
+    "DeadMount",
+    "DirectoryCache",
+    "Workspace",
+]

@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding
-from fastmat.cache import entry, mounts, protocol, replay, workspace
+from fastmat.cache import entry, mounts, protocol, replay, verify, workspace
 from fastmat.cache.build import EntryBuilder
 from fastmat.cache.entry import Damaged
 from fastmat.cache.index import CacheIndex, Entry, Limits
 from fastmat.cache.protocol import Disk
 from fastmat.cache.types import CacheResult, CacheStats
+from fastmat.cache.verify import CacheVerifyReport, QuarantineWatch
 from fastmat.cache.workspace import Workspace
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
@@ -166,6 +167,7 @@ class DirectoryCache:
                 lock_timeout_s=lock_timeout_s,
             )
             self._mu = threading.Lock()
+            self._watch = QuarantineWatch(cas)
             self._index = CacheIndex(self.limits)
             self._flights: dict[str, Flight] = {}
             self._n: Counter[str] = Counter()
@@ -276,6 +278,8 @@ class DirectoryCache:
                 entry.touch(self._entries_fd, e.key)
             t1 = time.perf_counter()
             try:
+                if hit:
+                    self._refuse_quarantined(e)
                 method, fell_back = replay.clone(
                     self._disk, e, dest, threads=self.threads, max_inflight=self.max_inflight
                 )
@@ -400,6 +404,84 @@ class DirectoryCache:
             self._n["stale" if d.stale else "damaged"] += 1
         return e.ident
 
+    def _refuse_quarantined(self, e: Entry) -> None:
+        """Raises ``Damaged`` if the (pinned) entry links an inode that verify moved to
+        the CAS's quarantine: one stat per hit, one lstat pass per entry and change of
+        the quarantine (:mod:`.verify`)."""
+        gen, bad = self._watch.current()
+        if not bad or e.quarantine_checked == gen:
+            return
+        fd = verify.open_dir(self._entries_fd, e.key)
+        if fd is None:
+            return  # gone: the replay's checks say so
+        try:
+            if entry.file_ident(os.fstat(fd)) != e.ident:
+                return  # replaced: likewise
+            if e.replay is None:
+                try:
+                    e.replay = entry.load(self._entries_fd, e.key)
+                except entry.SidecarError:
+                    return  # likewise
+            where = verify.links_quarantined(e.replay, fd, bad)
+        finally:
+            os.close(fd)
+        if where is not None:
+            raise Damaged(f"{where}: links a blob verify quarantined")
+        e.quarantine_checked = gen
+
+    def verify(self) -> CacheVerifyReport:
+        """Verifies the CAS (``LocalCAS.verify``: damaged blobs are quarantined), then
+        every entry on disk (:func:`.verify.check_entry`: no quarantined inode, CAS
+        inodes where the tree links the CAS, private files hashed against their
+        digests); a bad entry is invalidated, or reported ``busy`` while another
+        process uses it. Slow: reads every private file and stats every entry file."""
+        self._opened.check()
+        t0 = time.monotonic()
+        report = CacheVerifyReport(self.cas.verify())
+        bad = frozenset(q.ino for q in self.cas.quarantined())
+        for key in protocol.complete_keys(self._disk):
+            fd = verify.open_dir(self._entries_fd, key)
+            if fd is None:
+                continue  # evicted meanwhile
+            try:
+                try:
+                    r = entry.load(self._entries_fd, key)
+                except entry.SidecarError as err:
+                    problem: str | None = f"sidecar: {err}"
+                else:
+                    c = verify.check_entry(self.cas, r, fd, bad, self._builder.limits)
+                    report.files_checked += c.files
+                    report.files_hashed += c.hashed
+                    problem = c.problem
+            finally:
+                os.close(fd)
+            report.entries_checked += 1
+            if problem is not None:
+                self._invalidate_bad(key, problem, report)
+        report.duration_s = time.monotonic() - t0
+        log.info(
+            "cache %s verified: %d entries, %d files (%d hashed), %d invalidated, %d busy",
+            self.path,
+            report.entries_checked,
+            report.files_checked,
+            report.files_hashed,
+            len(report.invalidated),
+            len(report.busy),
+        )
+        return report
+
+    def _invalidate_bad(self, key: str, problem: str, report: CacheVerifyReport) -> None:
+        log.warning("cache entry %s failed verification: %s", key, problem)
+        with self._mu:
+            if not protocol.invalidate(self._disk, key):
+                report.busy.append((key, problem))
+                return
+            e = self._index.get(key)
+            if e is not None:
+                self._index.remove(e)
+            self._n["damaged"] += 1
+        report.invalidated.append((key, problem))
+
     def can_overlay(self) -> bool:
         """Whether workspaces mount overlays here (probed once, for real)."""
         self._opened.check()
@@ -420,6 +502,8 @@ class DirectoryCache:
             recs: list[str] = []
             rec = functools.partial(self._record, recs, e.key, dest)
             try:
+                if hit:
+                    self._refuse_quarantined(e)
                 os.close(replay.open_entry(self._disk, e))
                 ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest, rec)
             except Damaged as d:

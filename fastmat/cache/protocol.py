@@ -186,6 +186,26 @@ def acquire(
     raise FastmatError(f"cache entry for {root} vanished three times while adopting")
 
 
+def invalidate(disk: Disk, key: str) -> bool:
+    """Discards entry ``key`` (``verify`` found it bad) unless another process (or
+    another pin of this one) holds its lock; returns whether it did."""
+    fd = lock_key(disk, key, fcntl.LOCK_EX)
+    if fd is None:
+        return False
+    try:
+        discard(disk, key)
+        locks.unlink_file(disk.locks_fd, lock_name(key))
+    finally:
+        os.close(fd)
+    return True
+
+
+def complete_keys(disk: Disk) -> list[str]:
+    """The entries on disk with both their tree and their sidecar, sorted."""
+    names = set(os.listdir(disk.entries_fd))
+    return sorted(n for n in names if entry.sidecar_name(n) in names and parse_key(n) is not None)
+
+
 def evict(index: CacheIndex, disk: Disk) -> int:
     """Takes unpinned victims out of the index while it is over its limits and renames
     them to the trash (cheap; the caller holds the cache lock), leaving the deletion to

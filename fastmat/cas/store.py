@@ -28,7 +28,13 @@ from types import TracebackType
 
 from fastmat import _binding
 from fastmat.cas import layout
-from fastmat.cas.verify import VerifyReport, verify_cas
+from fastmat.cas.verify import (
+    Quarantined,
+    VerifyReport,
+    quarantine_stamp,
+    quarantined,
+    verify_cas,
+)
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
 from fastmat.fs.access import Access
@@ -494,3 +500,12 @@ class LocalCAS:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
         one to ``quarantine/`` (it then reads as missing) and reports it."""
         return verify_cas(self.root, self.root_fd)
+
+    def quarantine_stamp(self) -> tuple[int, int, int, int]:
+        """A fingerprint of ``quarantine/`` (one stat): it changes when verify
+        quarantines something (what a cache checks before serving a hit)."""
+        return quarantine_stamp(self.root_fd)
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every file ``verify`` moved to ``quarantine/``, with its inode."""
+        return quarantined(self.root_fd)

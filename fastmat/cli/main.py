@@ -140,13 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
-    sub.add_parser(
+    s = sub.add_parser(
         "verify",
         parents=[common, cas],
-        help="re-hash every blob, quarantine damage",
+        help="re-hash every blob (and cache entry), quarantine damage",
         description="Check every blob and executable variant (type, mode, size, SHA-256); "
-        "damaged ones are moved to <cas>/quarantine/ and reported. Exit status 1 if any.",
+        "damaged ones are moved to <cas>/quarantine/ and reported. With --cache, then "
+        "check every cache entry (no file links a quarantined blob, private files hash to "
+        "their digests) and invalidate the bad ones. Exit status 1 if anything was bad.",
     )
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
     s = sub.add_parser(
         "gc",

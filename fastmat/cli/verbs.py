@@ -223,30 +223,59 @@ def cmd_stats(args: argparse.Namespace) -> Outcome:
 
 def cmd_verify(args: argparse.Namespace) -> Outcome:
 
-    with _open_cas(args.cas) as cas, Progress("verifying the CAS", enabled=_bars(args)):
-        report = cas.verify()
-    payload = {
-        "ok": report.ok,
-        "blobs_checked": report.blobs_checked,
-        "exec_checked": report.exec_checked,
-        "bytes_checked": report.bytes_checked,
-        "damaged": [
-            {"digest": str(b.digest), "reason": b.reason, "kind": b.kind} for b in report.damaged
-        ],
-        "unexpected": list(report.unexpected),
-        "quarantined": [str(p) for p in report.quarantined],
-        "duration_s": round(report.duration_s, 3),
-    }
-    lines = [
-        f"checked {report.blobs_checked:,} blobs and {report.exec_checked:,} executable "
-        f"variants ({human_bytes(report.bytes_checked)}) in {report.duration_s:.1f} s"
-    ]
-    lines += [f"damaged {b.kind} {b.digest}: {b.reason}" for b in report.damaged]
-    lines += [f"unexpected file: {name}" for name in report.unexpected]
-    if report.quarantined:
-        lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
-    lines.append("OK" if report.ok else "DAMAGED")
-    return (0 if report.ok else 1), payload, "\n".join(lines)
+    with contextlib.ExitStack() as stack:
+        cas = stack.enter_context(_open_cas(args.cas))
+        cache_report = None
+        if args.cache is None:
+            with Progress("verifying the CAS", enabled=_bars(args)):
+                report = cas.verify()
+        else:
+            cache = stack.enter_context(_open_cache_readonly(cas, args.cache))
+            with Progress("verifying the CAS and the cache", enabled=_bars(args)):
+                cache_report = cache.verify()
+            report = cache_report.cas
+        payload: dict[str, Any] = {
+            "ok": report.ok,
+            "blobs_checked": report.blobs_checked,
+            "exec_checked": report.exec_checked,
+            "bytes_checked": report.bytes_checked,
+            "damaged": [
+                {"digest": str(b.digest), "reason": b.reason, "kind": b.kind}
+                for b in report.damaged
+            ],
+            "unexpected": list(report.unexpected),
+            "quarantined": [str(p) for p in report.quarantined],
+            "duration_s": round(report.duration_s, 3),
+        }
+        lines = [
+            f"checked {report.blobs_checked:,} blobs and {report.exec_checked:,} executable "
+            f"variants ({human_bytes(report.bytes_checked)}) in {report.duration_s:.1f} s"
+        ]
+        lines += [f"damaged {b.kind} {b.digest}: {b.reason}" for b in report.damaged]
+        lines += [f"unexpected file: {name}" for name in report.unexpected]
+        if report.quarantined:
+            lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
+        ok = report.ok
+        if cache_report is not None:
+            c = cache_report
+            ok = c.ok
+            payload["ok"] = ok
+            payload["cache"] = {
+                "path": str(args.cache),
+                "entries_checked": c.entries_checked,
+                "files_checked": c.files_checked,
+                "files_hashed": c.files_hashed,
+                "invalidated": [{"key": k, "reason": r} for k, r in c.invalidated],
+                "busy": [{"key": k, "reason": r} for k, r in c.busy],
+            }
+            lines.append(
+                f"checked {c.entries_checked:,} cache entries ({c.files_checked:,} files, "
+                f"{c.files_hashed:,} private ones hashed)"
+            )
+            lines += [f"invalidated cache entry {k}: {r}" for k, r in c.invalidated]
+            lines += [f"bad cache entry {k} is in use, not invalidated: {r}" for k, r in c.busy]
+    lines.append("OK" if ok else "DAMAGED")
+    return (0 if ok else 1), payload, "\n".join(lines)
 
 
 def _open_cache_readonly(cas: Any, path: Path) -> Any:
