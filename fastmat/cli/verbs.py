@@ -1,7 +1,7 @@
 """The verbs of the ``fastmat`` command: each returns (exit status, JSON payload, text).
 
 ``fastmat.cli`` parses the arguments and prints; nothing here prints except a held
-workspace's banner, and nothing here exits.
+workspace's banner and a workspace's warning on stderr, and nothing here exits.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,12 @@ if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
 
 _NO_BOUND = 1 << 62
+ROOT_HARDLINK_WARNING = (
+    "fastmat: warning: no overlay could be mounted: the workspace at {dest} is hardlinked "
+    "to the CAS, and an action running as root writes through its read-only inputs into "
+    "the CAS and every tree that shares them. Run the action as another user, or where "
+    "overlays can be mounted (see the README, 'Root actions and the CAS')."
+)
 
 
 class UsageError(Exception):
@@ -155,6 +162,8 @@ def _workspace(
     """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
     with cache.workspace(args.digest, dest) as ws:
         method = ws.method
+        if method != "overlay" and os.geteuid() == 0:
+            print(ROOT_HARDLINK_WARNING.format(dest=dest), file=sys.stderr, flush=True)
         info = {"root": str(args.digest), "dest": str(dest), "method": method}
         if command:
             rc = subprocess.run(command, cwd=dest, check=False).returncode
