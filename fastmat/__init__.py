@@ -20,7 +20,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cache import CacheResult, CacheStats, DirectoryCache
+from fastmat.cache import (
+    CacheResult,
+    CacheStats,
+    CacheVerifyReport,
+    DeadMount,
+    DirectoryCache,
+)
 from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
 from fastmat.control import Cancelled, Progress
 from fastmat.digest import (
@@ -30,7 +36,13 @@ from fastmat.digest import (
     DigestMismatchError,
     InvalidDigestError,
 )
-from fastmat.errors import FastmatError, InvalidTreeError, NativeBuildError, RemoteError
+from fastmat.errors import (
+    FastmatError,
+    InvalidTreeError,
+    LockTimeoutError,
+    NativeBuildError,
+    RemoteError,
+)
 from fastmat.materialize import MaterializeStats, materialize
 from fastmat.tree import TreeLimits, ingest_tree
 from fastmat.version import __version__
@@ -44,8 +56,10 @@ __all__ = [
     "CASCounters",
     "CacheResult",
     "CacheStats",
+    "CacheVerifyReport",
     "Cancelled",
     "DamagedBlob",
+    "DeadMount",
     "Digest",
     "DigestMismatchError",
     "DirectoryCache",
@@ -53,6 +67,7 @@ __all__ = [
     "InvalidDigestError",
     "InvalidTreeError",
     "LocalCAS",
+    "LockTimeoutError",
     "MaterializeStats",
     "NativeBuildError",
     "Progress",

@@ -28,9 +28,17 @@ from types import TracebackType
 
 from fastmat import _binding
 from fastmat.cas import layout
-from fastmat.cas.verify import VerifyReport, verify_cas
+from fastmat.cas.verify import (
+    Quarantined,
+    VerifyReport,
+    quarantine_stamp,
+    quarantined,
+    verify_cas,
+)
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
+from fastmat.fs.access import Access
+from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
 __all__ = ["CASCounters", "LocalCAS"]
@@ -81,33 +89,56 @@ def _read_chunks(fd: int) -> Iterable[bytes]:
 class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe.
 
-    ``fsync=False`` skips every fsync (faster, not crash-safe).
+    ``fsync=False`` skips every fsync (faster, not crash-safe). A new root is private
+    (0700, lock files 0600); ``group`` (a name or gid) shares it with that group's
+    members instead (2770 and group-owned, lock files 0660): see
+    :mod:`fastmat.fs.access`. ``lock_timeout_s`` bounds every wait for a lock another
+    thread or process holds (a variant being built, a blob being fetched): then
+    ``LockTimeoutError`` names the lock and its holder.
+
+    Open it after fork: an instance belongs to the process that opened it, and any use
+    in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
+    each opening it.
     """
 
     exec_writers_timeout_s: float = 2.0  # see _build_variant
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        group: str | int | None = None,
+        lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
         self.root = Path(path).absolute()
         self._fsync = fsync
-        layout.create(self.root)
-        self.root_fd = os.open(self.root, _DIR_PATH)
-        fds = [self.root_fd]
+        self.lock_timeout_s = lock_timeout_s
+        self.access = Access.of(group)
+        layout.create(self.root, self.access)
+        self._opened = OpenedHere(f"LocalCAS {self.root}")
+        self._root_fd = os.open(self.root, _DIR_PATH)
+        fds = [self._root_fd]
         try:
             self._tmp_parent_fd = os.open(layout.TMP, _DIR, dir_fd=self.root_fd)
             fds.append(self._tmp_parent_fd)
             self._locks_fd = os.open(layout.LOCKS, _DIR_PATH, dir_fd=self.root_fd)
             fds.append(self._locks_fd)
-            self._owned = OwnedDir.create(self._tmp_parent_fd)
+            self._owned = OwnedDir.create(
+                self._tmp_parent_fd, self.access.dir_mode, self.access.lock_mode
+            )
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         self.tmp_dir = self.root / layout.TMP / self._owned.name
-        self.tmp_fd = self._owned.fd
+        self._tmp_fd = self._owned.fd
         self._finalizer = weakref.finalize(
             self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
         )
-        self._locks = locks.KeyedLock(self._locks_fd)
+        self._locks = locks.KeyedLock(
+            self._locks_fd, mode=self.access.lock_mode, timeout_s=lock_timeout_s
+        )
         self._names = itertools.count()
         self._mutex = threading.Lock()
         self._counters = CASCounters()
@@ -133,11 +164,25 @@ class LocalCAS:
         self._finalizer()
 
     @property
+    def root_fd(self) -> int:
+        """An fd of the CAS root (``O_PATH`` where there is one), for ``*at()`` calls."""
+        self._opened.check()
+        return self._root_fd
+
+    @property
+    def tmp_fd(self) -> int:
+        """An fd of this instance's own temp directory."""
+        self._opened.check()
+        return self._tmp_fd
+
+    @property
     def counters(self) -> CASCounters:
+        self._opened.check()
         with self._mutex:
             return CASCounters(**vars(self._counters))
 
     def _count(self, **deltas: int) -> None:
+        self._opened.check()
         with self._mutex:
             for name, delta in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + delta)
@@ -218,6 +263,7 @@ class LocalCAS:
 
     def read(self, d: Digest) -> bytes:
         """The blob's bytes. BlobNotFoundError if absent."""
+        self._opened.check()
         if d.size_bytes == 0:
             return b""
         try:
@@ -454,3 +500,12 @@ class LocalCAS:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
         one to ``quarantine/`` (it then reads as missing) and reports it."""
         return verify_cas(self.root, self.root_fd)
+
+    def quarantine_stamp(self) -> tuple[int, int, int, int]:
+        """A fingerprint of ``quarantine/`` (one stat): it changes when verify
+        quarantines something (what a cache checks before serving a hit)."""
+        return quarantine_stamp(self.root_fd)
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every file ``verify`` moved to ``quarantine/``, with its inode."""
+        return quarantined(self.root_fd)

@@ -101,7 +101,9 @@ class RemoteFetcher:
         self._inflight = 0
         # the bound holds per fetcher, however many fetch_blobs calls run at once
         self._slots = threading.BoundedSemaphore(max_inflight)
-        self.locks = FetchLocks(cas.root / "locks")
+        self.locks = FetchLocks(
+            cas.root / "locks", mode=cas.access.lock_mode, timeout_s=cas.lock_timeout_s
+        )
 
     def close(self) -> None:
         self.locks.close()
