@@ -105,6 +105,25 @@ def _deep_by_reuse(cas: LocalCAS) -> Digest:
     return node(cas, dirs=[("a", x), ("b", y)])
 
 
+def _long_path(cas: LocalCAS, path_bytes: int) -> tuple[Digest, str]:
+    """16 directories of 250-byte names, then a file: its path is ``path_bytes`` long."""
+    leaf = "f" * (path_bytes - 16 * 251)
+    d = node(cas, files=[(leaf, _file(cas), False)])
+    for i in range(16):
+        d = node(cas, dirs=[(chr(ord("a") + i) * 250, d)])
+    return d, "/".join(chr(ord("a") + i) * 250 for i in reversed(range(16))) + "/" + leaf
+
+
+def _long_only_through_reuse(cas: LocalCAS, deep: bool) -> Digest:
+    """One Directory (a 14-byte file name) reused as "a" (path 16 bytes) and at a place whose
+    path is 66 bytes (deep) or 64 (not deep: as deep, a longer name). The breadth-first
+    load sees it first as "a"; only the other place is too long for a tighter limit."""
+    x = node(cas, files=[("leaf" + "e" * 10, _file(cas), False)])
+    if not deep:  # the long place is as deep as the short one, its name longer
+        return node(cas, dirs=[("a", x), ("b" * 49, x)])
+    return node(cas, dirs=[("a", x), ("b" * 30, node(cas, dirs=[("c" * 20, x)]))])
+
+
 def _width_bomb(cas: LocalCAS, levels: int) -> Digest:
     d = node(cas, files=[("f", _file(cas), False)])
     for _ in range(levels):
@@ -271,6 +290,30 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     "width bomb (2**64 via reused digests)": lambda c: Case(
         _width_bomb(c, 64), InvalidTreeError, "max_total_entries"
     ),
+    "path one byte too long": lambda c: Case(
+        _long_path(c, 4096)[0], InvalidTreeError, "max_path_bytes", _long_path(c, 4096)[1]
+    ),
+    "path too long only at a deeper place of a reused digest": lambda c: Case(
+        _long_only_through_reuse(c, deep=True),
+        InvalidTreeError,
+        r"path of 66 bytes .*max_path_bytes \(64\)",
+        "b" * 30 + "/" + "c" * 20 + "/" + "leaf" + "e" * 10,
+        TreeLimits(max_path_bytes=64),
+    ),
+    "path too long only at a longer-named place of a reused digest": lambda c: Case(
+        _long_only_through_reuse(c, deep=False),
+        InvalidTreeError,
+        "max_path_bytes",
+        "b" * 49 + "/leaf" + "e" * 10,
+        TreeLimits(max_path_bytes=63),
+    ),
+    "path too long through an empty directory's name": lambda c: Case(
+        node(c, dirs=[("d" * 40, node(c, dirs=[("e" * 30, node(c))]))]),
+        InvalidTreeError,
+        "max_path_bytes",
+        "d" * 40 + "/" + "e" * 30,
+        TreeLimits(max_path_bytes=70),
+    ),
     "too many entries in one directory": lambda c: Case(
         node(c, files=[(f"f{i:02d}", _file(c), False) for i in range(11)]),
         InvalidTreeError,
@@ -404,3 +447,21 @@ def test_depth_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "b/d/d/x/d/d/d/d/d/leaf").read_bytes() == b"data\n"
     assert stats.directories == 1 + 1 + 5 + 1 + 3 + 5
     materialize(cas, _chain(cas, 8), tmp_path / "b", limits=TreeLimits(max_depth=8))
+
+
+def test_path_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
+    """A path of exactly max_path_bytes is made, with and without a reused digest."""
+    root, path = _long_path(cas, 4095)
+    materialize(cas, root, tmp_path / "a")
+    fd = os.open(tmp_path / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.stat(path, dir_fd=fd).st_size == 5
+    finally:
+        os.close(fd)
+    limits = TreeLimits(max_path_bytes=66)
+    materialize(cas, _long_only_through_reuse(cas, deep=True), tmp_path / "b", limits=limits)
+    materialize(cas, _long_only_through_reuse(cas, deep=False), tmp_path / "c", limits=limits)
+    assert (tmp_path / "c" / ("b" * 49) / "leafeeeeeeeeee").read_bytes() == b"data\n"
+    empty = node(cas, dirs=[("d" * 40, node(cas, dirs=[("e" * 30, node(cas))]))])
+    materialize(cas, empty, tmp_path / "d", limits=TreeLimits(max_path_bytes=71))
+    assert os.listdir(tmp_path / "d" / ("d" * 40) / ("e" * 30)) == []

@@ -53,6 +53,7 @@ class Node:
     n_bytes: int
     exec_digests: list[Digest]
     blobs: list[bytes]  # the ``blobs/..`` relpaths its files read (exec: the plain blob)
+    longest_name: int  # UTF-8 bytes of its longest entry name (directories too); 0: empty
 
 
 def _name_problem(name: str, limits: TreeLimits) -> str | None:
@@ -65,7 +66,9 @@ def _name_problem(name: str, limits: TreeLimits) -> str | None:
     return None
 
 
-def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> None:
+def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> int:
+    """Raises :class:`BadNode` for a bad, unsorted or duplicate name; returns the UTF-8
+    byte length of the longest name (0 for none)."""
     for kind, lst in zip(("files", "directories", "symlinks"), lists, strict=True):
         if lst != sorted(lst):
             i = next(i for i in range(len(lst) - 1) if lst[i] > lst[i + 1])
@@ -75,12 +78,12 @@ def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimi
     if n > limits.max_entries_per_dir:
         raise BadNode(f"more than max_entries_per_dir ({limits.max_entries_per_dir}) entries")
     if not n:
-        return
+        return 0
     joined = "/".join(names)
     unique = set(names)
     longest = max(map(len, names))
-    if longest * 4 > limits.max_name_bytes and len(joined.encode()) != len(joined):
-        longest = max(len(x.encode()) for x in names)
+    if not joined.isascii():  # O(1): CPython knows whether a str is ASCII
+        longest = max(map(len, map(str.encode, names)))
     if (
         "\0" in joined
         or joined.count("/") != n - 1
@@ -97,6 +100,7 @@ def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimi
             if x in seen:
                 raise BadNode(f"duplicate name {x!r} (files, directories, symlinks)", x)
             seen.add(x)
+    return longest
 
 
 def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
@@ -133,7 +137,7 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
     fnames = [f.name for f in files]
     snames = [s.name for s in syms]
     dnames = [x.name for x in dirs]
-    _check_names((fnames, dnames, snames), limits)
+    longest = _check_names((fnames, dnames, snames), limits)
     digests = [f.digest for f in files]
     hashes = [x.hash for x in digests]
     sizes = [x.size_bytes for x in digests]
@@ -223,4 +227,5 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
         n_bytes=sum(sizes),
         exec_digests=exec_digests,
         blobs=blobs,
+        longest_name=longest,
     )
