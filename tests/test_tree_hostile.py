@@ -20,7 +20,7 @@ from fastmat.cas import LocalCAS
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
 from fastmat.errors import InvalidTreeError
 from fastmat.materialize import materialize
-from fastmat.tree import TreeLimits
+from fastmat.tree import TreeLimits, load_plan
 from fastmat.tree.nodecache import node_cache
 
 HEX = "ab" * 32
@@ -352,6 +352,23 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
         "mtime",
         "f",
     ),
+    "mtime of 2**63 ns": lambda c: Case(
+        _in_sub(
+            c,
+            node(
+                c, files=[("f", _file(c), False)], edit=_props(sec=9_223_372_036, nanos=854_775_808)
+            ),
+        ),
+        InvalidTreeError,
+        "mtime",
+        "sub/f",
+    ),
+    "mtime seconds at the int64 maximum": lambda c: Case(
+        node(c, files=[("f", _file(c), False)], edit=_props(sec=2**63 - 1)),
+        InvalidTreeError,
+        "mtime",
+        "f",
+    ),
 }
 
 
@@ -465,3 +482,15 @@ def test_path_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
     empty = node(cas, dirs=[("d" * 40, node(cas, dirs=[("e" * 30, node(cas))]))])
     materialize(cas, empty, tmp_path / "d", limits=TreeLimits(max_path_bytes=71))
     assert os.listdir(tmp_path / "d" / ("d" * 40) / ("e" * 30)) == []
+
+
+def test_latest_mtime_is_kept_to_the_nanosecond(cas: LocalCAS) -> None:
+    """2**63 - 1 ns (in 2262) is the last mtime the executor's int64 carries."""
+    root = node(
+        cas,
+        files=[("f", _file(cas), False)],
+        edit=_props(sec=9_223_372_036, nanos=854_775_807),
+    )
+    plan = load_plan(cas, root)
+    assert plan.arrays.mtime_ns is not None
+    assert list(plan.arrays.mtime_ns) == [2**63 - 1]

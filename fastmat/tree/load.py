@@ -15,8 +15,9 @@ Decisions, all checked before anything is created:
   (``InvalidTreeError``), not normalised: a canonical tree has one digest.
 - ``unix_mode``: permission bits only. setuid/setgid/sticky are dropped
   silently (a private inode gets ``unix_mode & 0o777``); bits above
-  ``0o7777`` (file-type bits) are refused. A negative ``mtime`` or
-  ``nanos`` outside ``[0, 1e9)`` is refused. ``node_properties`` of
+  ``0o7777`` (file-type bits) are refused. An ``mtime`` before 1970 (the
+  executor's "none" is -1), ``nanos`` outside ``[0, 1e9)`` or past 2**63 - 1
+  ns (in 2262: the executor's int64) is refused. ``node_properties`` of
   directories and symlinks are ignored: directories are always 0755
   (invariant 4) and Linux has no symlink modes.
 - Symlink targets are kept verbatim (absolute, ``..``, dangling are fine:

@@ -27,6 +27,7 @@ _HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _RESERVED = ("", ".", "..")
 _MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
+_MAX_MTIME_NS = 2**63 - 1  # the executor's int64 (-1: none)
 
 
 class BadNode(Exception):
@@ -115,9 +116,9 @@ def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
     mtime = -1
     if has_mtime:
         sec, nanos = node.mtime.seconds, node.mtime.nanos
-        if sec < 0 or not 0 <= nanos < 1_000_000_000:
-            raise BadNode(f"mtime {sec}s {nanos}ns out of range")
         mtime = sec * 1_000_000_000 + nanos
+        if sec < 0 or not 0 <= nanos < 1_000_000_000 or mtime > _MAX_MTIME_NS:
+            raise BadNode(f"mtime {sec}s {nanos}ns out of range (0 to 2**63 - 1 ns)")
     return mode & 0o777, mtime  # setuid / setgid / sticky dropped (see fastmat.tree.load)
 
 
