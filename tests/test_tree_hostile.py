@@ -90,6 +90,17 @@ def _props(
     return edit
 
 
+def _two_hashes(field: str, i: int) -> Callable[[Any], None]:
+    """Makes entry i's hash two valid hashes joined by a newline (the rest of the list
+    valid: all of them joined by newlines still look like a list of hashes)."""
+
+    def edit(msg: Any) -> None:
+        d = getattr(msg, field)[i].digest
+        d.hash = f"{d.hash}\n{HEX}"
+
+    return edit
+
+
 def _chain(cas: LocalCAS, depth: int) -> Digest:
     d = node(cas, files=[("leaf", _file(cas), False)])
     for _ in range(depth):
@@ -250,6 +261,20 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
         InvalidTreeError,
         "not 64 lowercase hex",
         "f",
+    ),
+    "file hash: two digests joined by a newline": lambda c: Case(
+        node(c, files=[("f", _file(c), False)], edit=_two_hashes("files", 0)),
+        InvalidTreeError,
+        "not 64 lowercase hex",
+        "f",
+    ),
+    "directory hash: two digests joined by a newline": lambda c: Case(
+        _in_sub(
+            c, node(c, dirs=[("a", node(c)), ("d", node(c))], edit=_two_hashes("directories", 1))
+        ),
+        InvalidTreeError,
+        "not 64 lowercase hex",
+        "sub/d",
     ),
     "negative size": lambda c: Case(
         node(

@@ -24,6 +24,7 @@ __all__ = ["OP_COPY", "OP_EMPTY", "OP_LINK", "OP_SYMLINK", "BadNode", "Node", "b
 # FM_OP_* from csrc/fastmat.h (repeated here so validation never needs the C core).
 OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
 _HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _RESERVED = ("", ".", "..")
 _MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
@@ -123,8 +124,11 @@ def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
 
 
 def _check_hashes(hashes: list[str], names: list[str], what: str) -> None:
-    if hashes and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
-        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
+    """One regex over all hashes joined; the length check makes sure no hash holds a
+    newline (two hashes in one would otherwise pass as two items of the list)."""
+    joined = "\n".join(hashes) + "\n"
+    if hashes and (len(joined) != 65 * len(hashes) or _HASHES.fullmatch(joined) is None):
+        i = next(i for i, h in enumerate(hashes) if _HEX64.fullmatch(h) is None)
         raise BadNode(f"{what} digest hash {hashes[i]!r} is not 64 lowercase hex digits", names[i])
 
 
