@@ -290,6 +290,23 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     "size 0 with a non-empty hash": lambda c: Case(
         node(c, files=[("f", Digest(HEX, 0), False)]), InvalidTreeError, "impossible", "f"
     ),
+    "directory size 0 with a non-empty hash": lambda c: Case(
+        _in_sub(c, node(c, dirs=[("d", Digest(HEX, 0))])),
+        InvalidTreeError,
+        "directory digest .* is impossible",
+        "sub/d",
+    ),
+    "negative directory size": lambda c: Case(
+        node(
+            c,
+            edit=lambda m: m.directories.add(name="d").digest.MergeFrom(
+                proto.Digest(hash=HEX, size_bytes=-(2**63))
+            ),
+        ),
+        InvalidTreeError,
+        "directory digest .* is impossible",
+        "d",
+    ),
     "bad directory digest": lambda c: Case(
         node(
             c,

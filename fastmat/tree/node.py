@@ -209,9 +209,10 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
         dhashes = [x.hash for x in ddigests]
         dsizes = [x.size_bytes for x in ddigests]
         _check_hashes(dhashes, dnames, "directory")
-        if min(dsizes) < 0:
-            i = dsizes.index(min(dsizes))
-            raise BadNode(f"directory digest size {dsizes[i]} is negative", dnames[i])
+        if min(dsizes) <= 0:  # size 0 is only the empty Directory's
+            for name, h, size in zip(dnames, dhashes, dsizes, strict=True):
+                if size < 0 or (size == 0 and h != _EMPTY_HASH):
+                    raise BadNode(f"directory digest {h}/{size} is impossible", name)
         children = [
             (name.encode(), f"{h}-{size}")
             for name, h, size in zip(dnames, dhashes, dsizes, strict=True)
