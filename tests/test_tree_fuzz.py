@@ -39,6 +39,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+from hypothesis.configuration import set_hypothesis_home_dir
 
 from fastmat import proto
 from fastmat.cache import DirectoryCache
@@ -47,6 +48,10 @@ from fastmat.digest import EMPTY_DIGEST, BlobNotFoundError, Digest, DigestMismat
 from fastmat.errors import FastmatError, InvalidTreeError
 from fastmat.materialize import materialize
 from fastmat.tree import TreeLimits
+
+# Hypothesis keeps caches (unicode tables, constants) under ./.hypothesis by default;
+# with database=None below, nothing else: keep them out of the worktree.
+set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "fastmat-hypothesis")
 
 DEFAULT = TreeLimits()
 SMALL = TreeLimits(
