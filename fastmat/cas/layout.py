@@ -43,6 +43,11 @@ def blob_rel(h: str, size: int) -> str:
     return f"blobs/{h[:2]}/{h}-{size}"
 
 
+def blob_rels(hashes: list[str], sizes: list[int]) -> list[str]:
+    """:func:`blob_rel` of each (hash, size): one call per directory on the hot path."""
+    return [f"blobs/{h[:2]}/{h}-{s}" for h, s in zip(hashes, sizes, strict=True)]
+
+
 def exec_rel(h: str, size: int) -> str:
     """``exec/<hh>/<hash>-<size>``: the executable variant of the same blob."""
     return f"exec/{h[:2]}/{h}-{size}"

@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cas.layout import blob_rel, exec_rel
+from fastmat.cas.layout import blob_rel, blob_rels, exec_rel
 from fastmat.digest import EMPTY_DIGEST, Digest
 
 if TYPE_CHECKING:
@@ -192,7 +192,7 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
     else:
         fops = b"\x01" * nf
         modes = array("I", _MODE_444) * nf
-        srcs = [blob_rel(h, s) for h, s in zip(hashes, sizes, strict=True)]
+        srcs = blob_rels(hashes, sizes)
     ns = len(snames)
     if ns:
         targets = [s.target for s in syms]
