@@ -189,3 +189,22 @@ def test_sigkill_leaves_dest_absent_or_complete(mode: str, tmp_path: Path) -> No
 @pytest.mark.parametrize("mode", MODES)
 def test_sigkill_many(mode: str, tmp_path: Path) -> None:
     _kills(20, mode, tmp_path)
+
+
+def test_a_sweep_never_takes_a_live_builders_fresh_staging_dir(tmp_path: Path) -> None:
+    """Between its mkdir and its flock a staging directory is unlocked: a sweeper in
+    another process must leave it alone while its builder lives (two processes staging
+    in one parent failed with FileNotFoundError about once in 25 runs)."""
+    from fastmat.fs import staging
+
+    live = tmp_path / f"{PREFIX}{os.getpid()}.0123456789ab"
+    live.mkdir()  # as _make leaves it, before the flock
+    dead = tmp_path / f"{PREFIX}999999999.0123456789ab"
+    dead.mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert staging.sweep(fd) == 1
+    finally:
+        os.close(fd)
+    assert live.is_dir()
+    assert not dead.exists()

@@ -108,7 +108,8 @@ def _rmdir_quietly(parent_fd: int, name: str) -> None:
         os.rmdir(name, dir_fd=parent_fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (in our pid namespace)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -161,7 +162,7 @@ def _sweep_one(parent_fd: int, name: str, remove: Remover) -> bool:
             lfd = os.open(OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         except FileNotFoundError:
             pid = name.split(".", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 return False  # its creator is between mkdir and locking
         if lfd >= 0:
             try:
