@@ -19,8 +19,8 @@ poll short when a lease finishes or a signal arrives, so results go out at once.
   (the second signal) returns them at once. ``run`` ends once every lease is reported.
 
 On start the worker takes ``<work>/lock`` (one worker per work directory) and clears
-what a killed predecessor left in ``<work>/actions`` (overlay mounts included) before
-its directory cache is opened.
+what a killed predecessor left in ``<work>/actions``: processes still running in it
+(SIGKILL), overlay mounts, directories; before its directory cache is opened.
 """
 
 from __future__ import annotations
@@ -97,6 +97,26 @@ def _mounts_under(root: Path) -> list[str]:
     return sorted(out, key=lambda p: p.count("/"), reverse=True)
 
 
+def _kill_orphans(root: Path) -> int:
+    """SIGKILLs processes whose working directory is under ``root``: the actions of a
+    worker that was itself killed (they outlive it in their own sessions). Returns how
+    many were signalled."""
+    prefix = str(root.absolute()).rstrip("/") + "/"
+    n = 0
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            cwd = os.readlink(d / "cwd")
+        except OSError:
+            continue
+        if (cwd + "/").startswith(prefix):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(int(d.name), signal.SIGKILL)
+                n += 1
+    return n
+
+
 class Worker:
     """A Remote Workers API bot (see the module docstring). ``stager``: how inputs are
     staged (default: :class:`~fastmat.worker.staging.FastmatStager` with the config's
@@ -159,7 +179,11 @@ class Worker:
         config.check_reachable(self.actions_dir, self.user)
         self.cas = config.open_cas(cfg.cas, max_bytes=cfg.cas_max_bytes, fsync=cfg.fsync)
         st.callback(self.cas.close)
-        self.remote = RemoteCAS(cfg.cas_server or cfg.server, cfg.instance)
+        # Patient retries: a result waiting out a short outage beats running the action
+        # again (8 retries from 0.25 s, doubling: about a minute).
+        self.remote = RemoteCAS(
+            cfg.cas_server or cfg.server, cfg.instance, retries=8, backoff_s=0.25
+        )
         st.callback(self.remote.close)
         if self._stager_factory is not None:
             self.stager = self._stager_factory(self.cas, self.remote)
@@ -192,6 +216,9 @@ class Worker:
         """Removes a dead predecessor's action directories (unmounting its overlays)."""
         if not self.actions_dir.exists():
             return
+        killed = _kill_orphans(self.actions_dir)
+        if killed:
+            log.warning("killed %d process(es) left running by a previous worker", killed)
         for mnt in _mounts_under(self.actions_dir):
             log.warning("unmounting %s, left by a previous worker", mnt)
             with contextlib.suppress(OSError):

@@ -363,15 +363,19 @@ class LeaseRunner:
 
 
 def _make_output_dirs(wd_fd: int, command: Any, user: tuple[int, int] | None) -> None:
-    """Creates the parents of every output (and the output directories themselves)
-    before the command runs, owned by the action's user so that it can write there."""
-    dirs: list[list[str]] = []
+    """Creates, before the command runs, the parents of every output and the output
+    directories themselves (Bazel's tree artifacts expect them, as they do locally),
+    owned by the action's user along with the working directory: the action can create
+    (and replace) its outputs there, while the input files stay read-only to it."""
+    dirs: set[tuple[str, ...]] = {()}
     if command.output_paths:
-        dirs += [paths.split(p, "output path")[:-1] for p in command.output_paths]
+        dirs |= {tuple(paths.split(p, "output path")[:-1]) for p in command.output_paths}
     else:
-        dirs += [paths.split(p, "output file")[:-1] for p in command.output_files]
-        dirs += [paths.split(p, "output directory") for p in command.output_directories]
-    for parts in sorted({tuple(p) for p in dirs}):
+        dirs |= {tuple(paths.split(p, "output file")[:-1]) for p in command.output_files}
+        for p in command.output_directories:
+            parts = tuple(paths.split(p, "output directory"))
+            dirs |= {parts, parts[:-1]}
+    for parts in sorted(dirs):
         try:
             fd = paths.make_dirs(wd_fd, list(parts), user)
         except OSError as e:
