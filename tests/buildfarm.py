@@ -687,6 +687,16 @@ def started(w: WorkerProc) -> Iterator[WorkerProc]:
         w.stop()
 
 
+def skip_or_fail(problem: str | None) -> None:
+    """Skips with ``problem`` (None: nothing to do); with ``FASTMAT_NO_SKIP=1`` (CI,
+    which installs everything) fails instead, so a broken install cannot pass as a skip."""
+    if problem is None:
+        return
+    if os.environ.get("FASTMAT_NO_SKIP") == "1":
+        pytest.fail(f"{problem} (FASTMAT_NO_SKIP=1: CI installs it)")
+    pytest.skip(problem)
+
+
 def open_tmpdir(prefix: str) -> Path:
     """A new directory under the system temp dir that every user may traverse (0755):
     PostgreSQL runs as ``postgres`` and actions as ``nobody``."""
@@ -699,9 +709,7 @@ def open_tmpdir(prefix: str) -> Path:
 def farm() -> Iterator[Farm]:
     """PostgreSQL + BuildGrid (Execution, Bots, CAS, ActionCache) for the session;
     skipped with the reason where either is missing."""
-    problem = farm_problem()
-    if problem is not None:
-        pytest.skip(problem)
+    skip_or_fail(farm_problem())
     base = open_tmpdir("fastmat-farm-")
     pg = Postgres(base / "pg")
     pg.start()

@@ -33,6 +33,7 @@ from tests.buildfarm import (
     instance,
     open_tmpdir,
     pids_alive,
+    skip_or_fail,
     started,
     wait_for,
     wdir,
@@ -44,9 +45,7 @@ _ = (farm, instance, wdir)  # fixtures, imported for pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _bazel_here() -> None:
-    problem = bazel_problem()
-    if problem is not None:
-        pytest.skip(problem)
+    skip_or_fail(bazel_problem())
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from fastmat import proto
 from fastmat.cas import LocalCAS
 from fastmat.worker import config
 from fastmat.worker import proto as wproto
-from tests.buildfarm import open_tmpdir
+from tests.buildfarm import open_tmpdir, skip_or_fail
 from tests.reapi_server import find_bgd, venv_dir
 
 ROOT = os.geteuid() == 0
@@ -129,9 +129,8 @@ _ENUM, _INT32 = 14, 5  # FieldDescriptor.TYPE_ENUM / TYPE_INT32: the same varint
 
 
 def test_every_field_matches_buildgrids_generated_descriptors() -> None:
-    bgd = find_bgd()
-    if bgd is None:
-        pytest.skip(f"BuildGrid is not installed in {venv_dir()}")
+    if find_bgd() is None:
+        skip_or_fail(f"BuildGrid is not installed in {venv_dir()}")
     python = venv_dir() / "bin" / "python"
     names = [full for _, full in _OURS]
     res = subprocess.run(
