@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastmat import proto
 from fastmat.cas import LocalCAS
 from fastmat.worker import config
 from fastmat.worker import proto as wproto
-from tests.buildfarm import open_tmpdir, skip_or_fail
+from tests.buildfarm import REPO, open_tmpdir, skip_or_fail
 from tests.reapi_server import find_bgd, venv_dir
 
 ROOT = os.geteuid() == 0
@@ -79,6 +80,24 @@ def test_cas_max_bytes_reaches_localcas_or_is_refused(tmp_path: Path) -> None:
             config.open_cas(tmp_path / "c", max_bytes=1 << 30, fsync=False)
     with config.open_cas(tmp_path / "d", max_bytes=None, fsync=False) as cas:
         assert cas.root == tmp_path / "d"
+
+
+def test_the_worker_refuses_to_fork_with_grpcs_fork_handlers_on() -> None:
+    from fastmat.worker.bot import fork_handlers_on
+
+    assert not fork_handlers_on(False, None)  # fastmat.worker switched them off first
+    assert fork_handlers_on(True, None)  # grpc came first: its default (on) holds
+    assert not fork_handlers_on(True, "false")
+    assert not fork_handlers_on(True, "0")
+    assert fork_handlers_on(False, "true")  # asked for explicitly
+    env = {**os.environ, "GRPC_ENABLE_FORK_SUPPORT": "true", "PYTHONPATH": str(REPO)}
+    r = subprocess.run(
+        [sys.executable, "-m", "fastmat", "worker", "--server", "grpc://127.0.0.1:1",
+         "--cas", "/nonexistent/c", "--work", "/nonexistent/w"],
+        capture_output=True, text=True, env=env, timeout=60, check=False,
+    )  # fmt: skip
+    assert r.returncode == 1
+    assert "GRPC_ENABLE_FORK_SUPPORT=false" in r.stderr
 
 
 # ---- the wire messages against BuildGrid's generated descriptors -------------------

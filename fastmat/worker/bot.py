@@ -59,6 +59,7 @@ log = logging.getLogger("fastmat.worker")
 
 StagerFactory = Callable[["LocalCAS", RemoteCAS], Stager]
 _QUICK_S = 0.5  # an answer faster than this that changed nothing: the server did not wait
+_REPORT_GRACE_S = 30.0  # draining, server unreachable: how long results wait to be reported
 
 
 class WorkerError(FastmatError):
@@ -117,12 +118,33 @@ def _kill_orphans(root: Path) -> int:
     return n
 
 
+_FALSE = frozenset({"0", "false", "no", "off"})
+
+
+def fork_handlers_on(grpc_loaded_before: bool, env_value: str | None) -> bool:
+    """Whether gRPC's fork handlers are active, given whether grpc was imported before
+    ``fastmat.worker`` (which switches them off when it can) and the value of
+    ``GRPC_ENABLE_FORK_SUPPORT`` then: explicitly set, it decides; unset, grpcio's
+    default (on) holds if grpc was already loaded."""
+    if env_value is not None:
+        return env_value.strip().lower() not in _FALSE
+    return grpc_loaded_before
+
+
 class Worker:
     """A Remote Workers API bot (see the module docstring). ``stager``: how inputs are
     staged (default: :class:`~fastmat.worker.staging.FastmatStager` with the config's
     cache); the benchmark passes another."""
 
     def __init__(self, cfg: config.WorkerConfig, *, stager: StagerFactory | None = None) -> None:
+        from fastmat import worker as pkg
+
+        if fork_handlers_on(pkg.GRPC_LOADED_BEFORE, pkg.GRPC_FORK_ENV):
+            raise WorkerError(
+                "gRPC's fork handlers are on (GRPC_ENABLE_FORK_SUPPORT, or grpc imported "
+                "before fastmat.worker): actions forked by the worker can crash; set "
+                "GRPC_ENABLE_FORK_SUPPORT=false in the environment"
+            )
         self.cfg = cfg
         self.bot_id = cfg.resolved_bot_id()
         self.user = config.resolve_user(cfg.run_as)
@@ -353,9 +375,15 @@ class Worker:
             self._session = None
             return self._draining
         if code in session.RETRY or code in session.LOST:
-            if self._draining and time.monotonic() > self._drain_deadline + 10:
-                log.error("server unreachable while draining (%s); exiting", code.name)
-                return True
+            if self._draining:
+                with self._mu:
+                    pending = bool(self._slots)
+                if not pending or time.monotonic() > self._drain_deadline + _REPORT_GRACE_S:
+                    log.error(
+                        "server unreachable while draining (%s); exiting%s", code.name,
+                        " with unreported leases (the server re-queues them)" if pending else "",
+                    )  # fmt: skip
+                    return True
             delay = backoff.wait(self._wake)
             level = logging.WARNING if backoff.failures in (1, 5) else logging.DEBUG
             log.log(level, "%s: %s: %s (retried after %.1f s)", call, code.name, e.details(), delay)
