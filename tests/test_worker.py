@@ -7,6 +7,7 @@ Bazel builds through the worker are in ``test_worker_bazel.py``.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import signal
 import subprocess
@@ -318,6 +319,11 @@ def test_a_cache_hit_fetches_nothing(
         records = w.records()
     assert client.read(r2.result.stdout_digest) == b"file 2\n" * 50
     assert [r["cache"] for r in records] == ["miss", "hit"]
+    stats = _fastmat("stats", "--cas", str(wdir / "cas"), "--cache", str(wdir / "cache"), "--json")
+    assert stats.returncode == 0, stats.stderr
+    payload = json.loads(stats.stdout)
+    assert payload["cas"]["blobs"] >= 30  # the inputs, the outputs
+    assert payload["cache"]["entries"] == 1
     assert records[0]["fetched"]["blobs"] >= 30
     assert records[1]["fetched"]["blobs"] == 0
     assert r1.status.code == 0

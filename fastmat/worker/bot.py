@@ -397,7 +397,9 @@ class Worker:
     def _create(self, backoff: session.Backoff) -> bool:
         s = session.new_session(self.bot_id, self.cfg.platform, self.cfg.jobs)
         try:
-            resp = self._call(self.bots.create(s, session.CREATE_DEADLINE_S))
+            # Never cut short (it answers within its few seconds): a session registered
+            # by a call this worker gave up on would be given work until it expired.
+            resp = self.bots.create(s, session.CREATE_DEADLINE_S).result()
         except grpc.RpcError as e:
             code = e.code()
             if code in session.LOST and self.sessions_created == 0:
@@ -406,8 +408,6 @@ class Worker:
                     f"{code.name}: {e.details()}"
                 ) from e
             self._on_error(e, backoff, "CreateBotSession")
-            return False
-        if resp is None:
             return False
         self._session = resp
         self.sessions_created += 1
