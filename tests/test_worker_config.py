@@ -83,7 +83,7 @@ def test_cas_max_bytes_reaches_localcas_or_is_refused(tmp_path: Path) -> None:
 
 
 def test_the_worker_refuses_to_fork_with_grpcs_fork_handlers_on() -> None:
-    from fastmat.worker.bot import fork_handlers_on
+    from fastmat.worker.forking import fork_handlers_on
 
     assert not fork_handlers_on(False, None)  # fastmat.worker switched them off first
     assert fork_handlers_on(True, None)  # grpc came first: its default (on) holds

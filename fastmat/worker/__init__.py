@@ -9,23 +9,16 @@ stages each action's inputs with fastmat.
 - :mod:`.outputs`: outputs into the local CAS, ``ActionResult``, ``Tree``, uploads;
 - :mod:`.paths`: the Command's paths, handled relative to directory fds;
 - :mod:`.config`: ``WorkerConfig`` and start-up decisions; :mod:`.log`: the JSON-lines
-  action log; :mod:`.proto`: the execution and Remote Workers API messages.
+  action log; :mod:`.proto`: the execution and Remote Workers API messages;
+  :mod:`.forking`: gRPC's fork handlers, off.
 """
 
-import os
-import sys
+# First: switches gRPC's fork handlers off before grpc is imported (see .forking).
+from fastmat.worker import forking  # noqa: F401, I001
 
-# The worker forks actions (as another user) while gRPC threads run. gRPC's fork
-# handlers then crash the children now and then (gcc "segfaults" in Bazel builds);
-# they are off when this is set before grpc is first imported. Worker() refuses to
-# run if grpc was imported earlier with them on (see bot.fork_handlers_on).
-GRPC_LOADED_BEFORE = "grpc" in sys.modules
-GRPC_FORK_ENV = os.environ.get("GRPC_ENABLE_FORK_SUPPORT")  # as grpc read it, if loaded
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
-from fastmat.worker.bot import Worker, WorkerError, run_until_signalled  # noqa: E402
-from fastmat.worker.config import ConfigError, WorkerConfig, parse_platform  # noqa: E402
-from fastmat.worker.staging import FastmatStager, Staged, Stager  # noqa: E402
+from fastmat.worker.bot import Worker, WorkerError, run_until_signalled
+from fastmat.worker.config import ConfigError, WorkerConfig, parse_platform
+from fastmat.worker.staging import FastmatStager, Staged, Stager
 
 __all__ = [
     "ConfigError",

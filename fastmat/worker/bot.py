@@ -44,7 +44,7 @@ import grpc
 from fastmat import _binding, proto
 from fastmat.errors import FastmatError
 from fastmat.remote import RemoteCAS
-from fastmat.worker import config, session
+from fastmat.worker import config, forking, session
 from fastmat.worker import proto as wproto
 from fastmat.worker.lease import Code, LeaseContext, LeaseOutcome, LeaseRunner
 from fastmat.worker.log import ActionLog, ActionRecord
@@ -118,28 +118,13 @@ def _kill_orphans(root: Path) -> int:
     return n
 
 
-_FALSE = frozenset({"0", "false", "no", "off"})
-
-
-def fork_handlers_on(grpc_loaded_before: bool, env_value: str | None) -> bool:
-    """Whether gRPC's fork handlers are active, given whether grpc was imported before
-    ``fastmat.worker`` (which switches them off when it can) and the value of
-    ``GRPC_ENABLE_FORK_SUPPORT`` then: explicitly set, it decides; unset, grpcio's
-    default (on) holds if grpc was already loaded."""
-    if env_value is not None:
-        return env_value.strip().lower() not in _FALSE
-    return grpc_loaded_before
-
-
 class Worker:
     """A Remote Workers API bot (see the module docstring). ``stager``: how inputs are
     staged (default: :class:`~fastmat.worker.staging.FastmatStager` with the config's
     cache); the benchmark passes another."""
 
     def __init__(self, cfg: config.WorkerConfig, *, stager: StagerFactory | None = None) -> None:
-        from fastmat import worker as pkg
-
-        if fork_handlers_on(pkg.GRPC_LOADED_BEFORE, pkg.GRPC_FORK_ENV):
+        if forking.fork_handlers_on():
             raise WorkerError(
                 "gRPC's fork handlers are on (GRPC_ENABLE_FORK_SUPPORT, or grpc imported "
                 "before fastmat.worker): actions forked by the worker can crash; set "

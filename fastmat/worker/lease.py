@@ -252,7 +252,8 @@ class LeaseRunner:
             pf = wproto.PreconditionFailure()
             pf.violations.add(
                 type="MISSING",
-                subject=f"blobs/{missing.hash}/{missing.size_bytes}",
+                # REAPI's subject for a missing blob (a wire name, not the CAS layout)
+                subject="/".join(("blobs", missing.hash, str(missing.size_bytes))),
                 description=message,
             )
             st.details.add().CopyFrom(wproto.pack(pf))
