@@ -264,6 +264,16 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
                 k: f[k] / b[k] if b[k] else float("nan")
                 for k in ("wall_s", "stage_sum_s", "stage_median_s")
             },
+            # each round's two builds ran back to back: their ratio, then the median
+            # (steadier than a ratio of medians when the machine's load drifts)
+            "paired_ratio": {
+                k: statistics.median(
+                    fr[k] / br[k]
+                    for fr, br in zip(by_variant["fastmat"], by_variant["buildgrid"], strict=True)
+                    if br[k]
+                )
+                for k in ("wall_s", "stage_sum_s")
+            },
             "range": {
                 v: {
                     k: [min(r[k] for r in runs), max(r[k] for r in runs)]
@@ -274,6 +284,10 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
             "methods": {v: runs[0]["methods"] for v, runs in by_variant.items()},
         }
     return out
+
+
+def _x(ratio: float) -> str:
+    return "<0.01x" if ratio < 0.01 else f"{ratio:.2f}x"
 
 
 def table(summary: dict[str, Any], runs: int, markdown: bool) -> str:
@@ -289,10 +303,10 @@ def table(summary: dict[str, Any], runs: int, markdown: bool) -> str:
                 f"{rng['buildgrid']['wall_s'][1]:.1f})",
                 f"{f['wall_s']:.1f} s ({rng['fastmat']['wall_s'][0]:.1f}-"
                 f"{rng['fastmat']['wall_s'][1]:.1f})",
-                f"{r['wall_s']:.2f}x",
+                f"{r['wall_s']:.2f}x (paired {s['paired_ratio']['wall_s']:.2f}x)",
                 f"{b['stage_sum_s']:.2f} s / {b['stage_median_s'] * 1e3:.0f} ms",
                 f"{f['stage_sum_s']:.2f} s / {f['stage_median_s'] * 1e3:.1f} ms",
-                f"{r['stage_sum_s']:.2f}x / {r['stage_median_s']:.2f}x",
+                f"{_x(r['stage_sum_s'])} / {_x(r['stage_median_s'])}",
             ]
         )
     head = [
@@ -312,7 +326,10 @@ def table(summary: dict[str, Any], runs: int, markdown: bool) -> str:
         lines = [
             "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *rows]
         ]
-    return "\n".join(lines) + f"\n(medians of {runs} runs, ranges in parentheses)\n"
+    return "\n".join(lines) + (
+        f"\n(medians of {runs} runs, ranges in parentheses; paired: the median of each "
+        "round's fastmat / downloader ratio)\n"
+    )
 
 
 def main() -> int:
@@ -330,7 +347,14 @@ def main() -> int:
     ap.add_argument("--no-fsync", action="store_true", help="the worker's CAS without fsync")
     ap.add_argument("--json", type=Path, help="write every sample here")
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--report", type=Path, help="only print the tables of a --json file")
     args = ap.parse_args()
+    if args.report is not None:
+        saved = json.loads(args.report.read_text())
+        runs = len(next(iter(saved["samples"].values()))["fastmat"])
+        print(saved["setting"])
+        print(table(summarize(saved["samples"]), runs, args.markdown))
+        return 0
     for problem in (farm_problem(), bazel_problem()):
         if problem:
             print(f"cannot run: {problem}", file=sys.stderr)

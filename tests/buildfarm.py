@@ -605,6 +605,7 @@ class Outage:
         self.port = free_port()
         self._conns: list[socket.socket] = []
         self._sock: socket.socket | None = None
+        self.accepted = 0  # connections proxied so far
         self.up()
 
     @property
@@ -638,6 +639,7 @@ class Outage:
             except OSError:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            self.accepted += 1
             self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()

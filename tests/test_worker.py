@@ -182,7 +182,10 @@ def test_a_failing_action_reports_its_exit_code_and_stderr(
 ) -> None:
     action, _ = client.action([SH, "-c", "echo partial; echo 'it broke' >&2; exit 3"])
     missing, _ = client.action(["/no/such/tool", "x"])
-    with started(worker(farm, instance, wdir)):
+    # (the CAS reached through its own option: here the same server behind a proxy)
+    outage = Outage(farm.port)
+    w = worker(farm, instance, wdir, extra=["--cas-server", outage.url])
+    with started(w):
         resp = client.execute(action)
         resp2 = client.execute(missing)
     assert resp.status.code == 0  # the action ran: its failure is its exit code
@@ -191,6 +194,8 @@ def test_a_failing_action_reports_its_exit_code_and_stderr(
     assert client.read(resp.result.stdout_digest) == b"partial\n"
     assert resp2.result.exit_code == 127
     assert b"/no/such/tool" in client.read(resp2.result.stderr_digest)
+    outage.down()
+    assert outage.accepted >= 1  # inputs and outputs went through --cas-server
 
 
 def test_a_timeout_gives_deadline_exceeded_with_partial_output_and_kills_the_group(
@@ -433,6 +438,29 @@ def test_the_worker_keeps_its_leases_through_an_outage(
     assert client.read(resp.result.stdout_digest) == b"survived\n"
     assert [r["outcome"] for r in records] == ["ok"]
     assert "UNAVAILABLE" in w.log(), w.log()
+
+
+def test_a_lost_session_is_replaced(
+    farm: Farm, instance: str, wdir: Path, client: ExecClient
+) -> None:
+    w = worker(farm, instance, wdir, jobs=1, extra=["--bot-id", f"lost-{instance}"])
+    with started(w):
+        # Registering the same bot id again makes the server close the worker's session
+        # (what a restarted worker does to its dead predecessor's).
+        from fastmat.worker import session
+
+        bots = session.BotsClient(farm.url, instance)
+        try:
+            s = session.new_session(f"lost-{instance}", [], 1)
+            s.status = wproto.BOT_TERMINATING  # no work for this impostor
+            bots.create(s, session.CREATE_DEADLINE_S).result()
+        finally:
+            bots.close()
+        wait_for(lambda: "lost" in w.log(), 60, "the worker to notice")
+        action, _ = client.action([SH, "-c", "echo still working"])
+        resp = client.execute(action, 60)
+    assert client.read(resp.result.stdout_digest) == b"still working\n"
+    assert w.log().count("bot session") >= 2  # created again
 
 
 @pytest.mark.stress

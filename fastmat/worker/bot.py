@@ -353,11 +353,14 @@ class Worker:
             return False
         if code in session.LOST and self._session is not None:
             log.warning(
-                "bot session %s lost (%s: %s); abandoning its leases, starting a new one",
-                self._session.name, code.name, e.details(),
+                "bot session %s lost (%s: %s); abandoning its leases, starting a new one "
+                "(if this repeats, another worker may be registering bot id %s)",
+                self._session.name, code.name, e.details(), self.bot_id,
             )  # fmt: skip
             self._abandon_all()
             self._session = None
+            if not self._draining:
+                backoff.wait(self._wake)  # a server that keeps forgetting: no hot loop
             return self._draining
         if code in session.RETRY or code in session.LOST:
             if self._draining:
@@ -370,7 +373,8 @@ class Worker:
                     )  # fmt: skip
                     return True
             delay = backoff.wait(self._wake)
-            level = logging.WARNING if backoff.failures in (1, 5) else logging.DEBUG
+            loud = backoff.failures in (1, 5) or backoff.failures % 20 == 0  # ~10 min apart
+            level = logging.WARNING if loud else logging.DEBUG
             log.log(level, "%s: %s: %s (retried after %.1f s)", call, code.name, e.details(), delay)
             return False
         if self.sessions_created == 0:
