@@ -443,7 +443,8 @@ def test_the_worker_keeps_its_leases_through_an_outage(
 def test_a_lost_session_is_replaced(
     farm: Farm, instance: str, wdir: Path, client: ExecClient
 ) -> None:
-    w = worker(farm, instance, wdir, jobs=1, extra=["--bot-id", f"lost-{instance}"])
+    # a short long poll: the worker learns of the loss at its next call
+    w = worker(farm, instance, wdir, jobs=1, extra=["--bot-id", f"lost-{instance}", "--poll", "5"])
     with started(w):
         # Registering the same bot id again makes the server close the worker's session
         # (what a restarted worker does to its dead predecessor's).
