@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fastmat import _binding
 from fastmat.materialize import materialize
@@ -87,12 +87,9 @@ class _RoutingFetcher:
     def fetch_blobs(self, digests: Sequence[Digest]) -> None:
         self._current().fetch_blobs(digests)
 
-    def materialize_plan(
-        self, plan: Plan, dest: str, *, threads: int, max_inflight: int
-    ) -> _binding.ExecResult:
-        return self._current().materialize_plan(
-            plan, dest, threads=threads, max_inflight=max_inflight
-        )
+    def materialize_plan(self, plan: Plan, dest: str, **options: Any) -> _binding.ExecResult:
+        # every option of the PipelinedFetcher protocol, whatever its version, passed on
+        return self._current().materialize_plan(plan, dest, **options)
 
 
 class FastmatStager:
