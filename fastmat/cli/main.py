@@ -28,6 +28,7 @@ from fastmat.cli.verbs import (
     cmd_materialize,
     cmd_stats,
     cmd_verify,
+    cmd_worker,
     jsonable,
 )
 from fastmat.digest import Digest
@@ -178,6 +179,74 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     s = sub.add_parser(
+        "worker",
+        parents=[common],
+        formatter_class=fmt,
+        help="run a remote-execution worker (Remote Workers API bot)",
+        description="Take actions from a REAPI server's Bots service (BuildGrid) and run\n"
+        "them, staging each input root with fastmat: a directory-cache workspace (an\n"
+        "overlay mount where the worker may mount) or a materialize from the local CAS,\n"
+        "fetching what it lacks from the server.\n\n"
+        "Actions run in their own process group with the Command's environment only,\n"
+        "as --run-as (default when started as root: nobody). The first SIGTERM or\n"
+        "SIGINT drains (no new work; running actions get --drain-timeout, then are\n"
+        "returned to the server), a second one returns them at once.",
+        epilog="Bazel: --remote_executor=grpc://HOST:PORT [--remote_instance_name=NAME]\n"
+        "  --spawn_strategy=remote (see the README, 'Run a worker').\n"
+        "--json-log FILE writes one JSON object per action (digest, exit code, each\n"
+        "phase's duration, cache hit or miss, bytes fetched and uploaded).",
+        usage="%(prog)s --server URL [--instance NAME] --cas DIR --work DIR [--cache DIR] "
+        "[--jobs N] [--run-as USER] [--platform KEY=VALUE ...] [--cas-max-bytes N] "
+        "[--json-log FILE]",
+    )
+    s.add_argument("--server", required=True, metavar="URL", help="grpc://host:port (Bots)")
+    s.add_argument("--instance", default="", metavar="NAME", help="REAPI instance name")
+    s.add_argument("--cas-server", metavar="URL", help="CAS server when not --server")
+    s.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
+    s.add_argument("--work", required=True, type=Path, metavar="DIR", help="actions run here")
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
+    s.add_argument(
+        "--cache-max-bytes",
+        type=parse_size,
+        default=parse_size("10G"),
+        metavar="SIZE",
+        help="directory cache size bound (default 10G)",
+    )
+    s.add_argument("--no-overlay", action="store_true", help="never mount overlay workspaces")
+    s.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, metavar="N", help="actions at once"
+    )
+    s.add_argument("--run-as", metavar="USER", help="user actions run as (root: nobody)")
+    s.add_argument(
+        "--platform",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="platform property to advertise and require (repeatable)",
+    )
+    s.add_argument("--cas-max-bytes", type=parse_size, metavar="SIZE", help="local CAS byte budget")
+    s.add_argument("--json-log", type=Path, metavar="FILE", help="per-action log ('-': stdout)")
+    s.add_argument("--bot-id", metavar="ID", help="default: hostname + a hash of --work")
+    s.add_argument("--threads", type=int, default=0, metavar="N", help="link threads (0: per CPU)")
+    s.add_argument(
+        "--drain-timeout", type=float, default=60.0, metavar="S", help="on SIGTERM (default 60)"
+    )
+    s.add_argument(
+        "--default-timeout",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="timeout of actions that set none (default: none)",
+    )
+    s.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="skip fsync in the CAS and cache (only for a CAS wiped at boot, e.g. tmpfs)",
+    )
+    s.add_argument("--poll", type=float, default=30.0, help=argparse.SUPPRESS)
+    s.add_argument("--heartbeat", type=float, default=2.0, help=argparse.SUPPRESS)
+
+    s = sub.add_parser(
         "bench",
         parents=[common],
         formatter_class=fmt,
@@ -245,6 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "verify": cmd_verify,
         "gc": cmd_gc,
         "bench": cmd_bench,
+        "worker": cmd_worker,
     }
     try:
         rc, payload, text = verbs[args.verb](args)

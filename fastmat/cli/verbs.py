@@ -369,3 +369,55 @@ def cmd_bench(args: argparse.Namespace) -> Outcome:
         extra.append(f"plot: {args.plot}")
     table = format_markdown(res) if args.markdown else format_table(res)
     return 0, res, table + "".join(f"{x}\n" for x in extra)
+
+
+def cmd_worker(args: argparse.Namespace) -> Outcome:
+    import logging
+
+    # The worker forks (to run actions as another user) while gRPC threads run: gRPC's
+    # fork handlers would only pause its threads at every fork (or log that they could
+    # not). Read when grpc is first imported, which is below.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+    from fastmat.worker import (
+        ConfigError,
+        Worker,
+        WorkerConfig,
+        parse_platform,
+        run_until_signalled,
+    )
+
+    if not args.debug:
+        logging.getLogger("fastmat.worker").setLevel(logging.INFO)
+    try:
+        cfg = WorkerConfig(
+            server=args.server,
+            instance=args.instance,
+            cas_server=args.cas_server,
+            cas=args.cas,
+            work=args.work,
+            cache=args.cache,
+            cache_max_bytes=args.cache_max_bytes,
+            overlay=False if args.no_overlay else None,
+            jobs=args.jobs,
+            run_as=args.run_as,
+            platform=parse_platform(args.platform),
+            cas_max_bytes=args.cas_max_bytes,
+            json_log=args.json_log,
+            bot_id=args.bot_id,
+            fsync=not args.no_fsync,
+            threads=args.threads,
+            poll_s=args.poll,
+            heartbeat_s=args.heartbeat,
+            drain_timeout_s=args.drain_timeout,
+            default_timeout_s=args.default_timeout,
+        )
+        worker = Worker(cfg)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    try:
+        run_until_signalled(worker)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    payload = {"bot_id": worker.bot_id, "sessions": worker.sessions_created, "drained": True}
+    return 0, payload, f"worker {worker.bot_id} drained and stopped"
