@@ -14,6 +14,7 @@ Bytes are returned as received: the caller verifies them (``LocalCAS.put`` /
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -189,11 +190,13 @@ class RemoteCAS:
         return missing
 
     def batches(self, digests: Iterable[Digest]) -> Iterator[list[Digest]]:
-        """Groups ``digests`` into BatchReadBlobs requests within the server's limit."""
-        limit = self.max_batch_bytes
+        """Groups ``digests`` into BatchReadBlobs requests within the server's limit
+        (asked of the server only when there is something to group)."""
+        limit = 0
         batch: list[Digest] = []
         total = 0
         for d in digests:
+            limit = limit or self.max_batch_bytes
             cost = d.size_bytes + _ENTRY_OVERHEAD
             if batch and total + cost > limit:
                 yield batch
@@ -263,10 +266,15 @@ class RemoteCAS:
 
     def upload(self, blobs: Iterable[tuple[Digest, bytes]]) -> int:
         """Stores ``(digest, data)`` pairs on the server (batched, large ones streamed);
-        returns how many were sent. See :func:`fastmat.remote.upload.upload_blobs`."""
+        returns how many were sent (nothing sent, nothing asked).
+        See :func:`fastmat.remote.upload.upload_blobs`."""
+        it = iter(blobs)
+        first = next(it, None)
+        if first is None:
+            return 0
         return upload.upload_blobs(
             self.channel,
-            blobs,
+            itertools.chain([first], it),
             instance_name=self.instance_name,
             limit=self.max_batch_bytes,
             timeout_s=self.timeout_s,
