@@ -250,9 +250,10 @@ class DirectoryCache:
             ix = self._index
             return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
-    def entry_path(self, root: Digest) -> Path | None:
+    def entry_path(self, root: Digest | str) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
         self._opened.check()
+        root = Digest.coerce(root)
         with self._mu:
             return self._disk.entries / root.key if self._index.get(root.key) else None
 
@@ -261,9 +262,11 @@ class DirectoryCache:
         self._opened.check()
         self._trasher.drain()
 
-    def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
-        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+    def materialize(self, root: Digest | str, dest: str | os.PathLike[str]) -> CacheResult:
+        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree (a ``Digest`` or
+        ``"hash/size"``) via the cache."""
         self._opened.check()
+        root = Digest.coerce(root)
         t0 = time.perf_counter()
         dest = Path(dest)
         if self.limits.max_entries == 0:
@@ -298,7 +301,7 @@ class DirectoryCache:
         raise FastmatError(f"cache entry for {root} keeps failing its checks")
 
     @contextlib.contextmanager
-    def workspace(self, root: Digest, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
+    def workspace(self, root: Digest | str, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
         """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
 
         An overlay mount of the (pinned) entry where this process can mount, else a
@@ -307,6 +310,7 @@ class DirectoryCache:
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
         """
         self._opened.check()
+        root = Digest.coerce(root)
         dest = Path(dest)
         mounted = None
         if self.limits.max_entries and self.can_overlay():
