@@ -140,6 +140,12 @@ def test_json_is_exactly_one_object(
     assert rc == 1
     assert "no CAS here" in err
     assert not (tmp_path / "typo").exists()  # a mistyped --cas creates nothing
+    (tmp_path / "home").mkdir()  # a directory that is not a CAS is not made one
+    rc, out, err = run(capsys, "verify", "--cas", str(tmp_path / "home"), "--json")
+    assert rc == 1
+    assert "no CAS here" in err
+    assert json.loads(out)["ok"] is False
+    assert os.listdir(tmp_path / "home") == []
     rc, out, _ = run(capsys, "verify", "--cas", str(cas), "--json")
     assert rc == 0
     assert json.loads(out)["ok"] is True
@@ -264,7 +270,7 @@ def test_a_root_workspace_warns_when_it_falls_back_to_hardlinks(
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
-    (tmp_path / "cas").mkdir()
+    LocalCAS(tmp_path / "cas").close()
     proc = subprocess.run(
         [sys.executable, "-m", "fastmat", "verify", "--cas", str(tmp_path / "cas")],
         capture_output=True,

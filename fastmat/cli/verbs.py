@@ -74,9 +74,13 @@ def _open_cas(path: Path, *, create: bool = False) -> LocalCAS:
     a mistyped --cas is an error, not a new empty store."""
     from fastmat.cas import LocalCAS
 
-    if not create and not path.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no CAS here (fastmat ingest creates one)", str(path))
-    return LocalCAS(path)
+    try:
+        return LocalCAS(path, create=create)
+    except FileNotFoundError as e:
+        if create or e.filename != str(path.absolute()):
+            raise
+        why = "no CAS here (fastmat ingest creates one)"
+        raise FileNotFoundError(errno.ENOENT, why, str(path)) from None
 
 
 def cmd_ingest(args: argparse.Namespace) -> Outcome:
