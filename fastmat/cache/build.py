@@ -81,7 +81,6 @@ class EntryBuilder:
             try:
                 _read_only(plan, tfd)
                 replay = entry.from_plan(plan, root, tfd)
-                ident = entry.file_ident(os.fstat(tfd))
             finally:
                 os.close(tfd)
             side = work / "p"
@@ -100,7 +99,7 @@ class EntryBuilder:
                 os.fsync(disk.entries_fd)
             stage_hook("published")
             log.debug("cache entry %s built: %d files, %d bytes", key, replay.files, replay.bytes)
-            return Entry(root, replay.bytes, replay.files, ident, replay=replay)
+            return Entry(root, replay.bytes, replay.files, replay.ident, replay=replay)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 _binding.remove_tree(work)
@@ -111,11 +110,11 @@ def _read_only(plan: Plan, tree_fd: int) -> None:
     so its private inodes (empty files, NodeProperties copies: never CAS inodes) lose
     their write bits; EXDEV copies made at a hit get the masked mode too."""
     a = plan.arrays
-    writable = [i for i, m in enumerate(a.mode) if m & 0o222]
-    for i in writable:
-        if a.op[i] in (_binding.FM_OP_EMPTY, _binding.FM_OP_COPY):
-            fd = os.open(plan.path_of_entry(i), _O_FILE, dir_fd=tree_fd)
-            try:
-                os.fchmod(fd, a.mode[i] & 0o7555)
-            finally:
-                os.close(fd)
+    private = (_binding.FM_OP_EMPTY, _binding.FM_OP_COPY)
+    writable = [i for i, m in enumerate(a.mode) if m & 0o222 and a.op[i] in private]
+    for i, path in zip(writable, plan.paths_of_entries(writable), strict=True):
+        fd = os.open(path, _O_FILE, dir_fd=tree_fd)
+        try:
+            os.fchmod(fd, a.mode[i] & 0o7555)
+        finally:
+            os.close(fd)

@@ -274,7 +274,8 @@ class DirectoryCache:
             self._count("misses")
             dt = time.perf_counter() - t0
             return CacheResult(False, "materialize", st.bytes, st.files, dt, 0.0, dt)
-        damaged: tuple[int, int] | None = None
+        damaged: str | None = None
+        rebuilt = False
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
             if hit:
@@ -283,21 +284,28 @@ class DirectoryCache:
             try:
                 if hit:
                     self._refuse_quarantined(e)
-                method, fell_back = replay.clone(
-                    self._disk, e, dest, threads=self.threads, max_inflight=self.max_inflight
+                c = replay.clone(
+                    self._disk,
+                    e,
+                    dest,
+                    threads=self.threads,
+                    max_inflight=self.max_inflight,
+                    fsync=self._builder.fsync,
                 )
             except Damaged as d:
                 damaged = self._invalidate(e, d)
+                rebuilt = rebuilt or not d.stale  # a stale one was merely replaced
                 continue
             finally:
                 self._release(e)
             if hit:
-                self._count(method)
-            if fell_back:
-                self._count("fallbacks", fell_back)
+                self._count(c.method)
+            if c.fell_back:
+                self._count("fallbacks", c.fell_back)
+            if c.rotated:
+                self._count("rotations", c.rotated)
             t2 = time.perf_counter()
-            rebuilt = damaged is not None
-            return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
+            return CacheResult(hit, c.method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
         raise FastmatError(f"cache entry for {root} keeps failing its checks")
 
     @contextlib.contextmanager
@@ -343,7 +351,7 @@ class DirectoryCache:
         with self._mu:
             self._n[what] += n
 
-    def _acquire(self, root: Digest, damaged: tuple[int, int] | None) -> tuple[Entry, bool]:
+    def _acquire(self, root: Digest, damaged: str | None) -> tuple[Entry, bool]:
         """A pinned entry for ``root`` and whether it was a hit (else constructed)."""
         key = root.key
         while True:
@@ -401,7 +409,7 @@ class DirectoryCache:
     def _evict_locked(self) -> None:
         self._n["evictions"] += protocol.evict(self._index, self._disk)
 
-    def _invalidate(self, e: Entry, d: Damaged) -> tuple[int, int]:
+    def _invalidate(self, e: Entry, d: Damaged) -> str:
         log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)
         with self._mu:
             self._index.remove(e)
@@ -419,7 +427,7 @@ class DirectoryCache:
         if fd is None:
             return  # gone: the replay's checks say so
         try:
-            if entry.file_ident(os.fstat(fd)) != e.ident:
+            if entry.read_ident(self._entries_fd, e.key) != e.ident:
                 return  # replaced: likewise
             if e.replay is None:
                 try:
@@ -500,7 +508,7 @@ class DirectoryCache:
         """The pinned entry, hit, scratch dir and mount record of an overlay now mounted
         at ``dest``; None if the mount itself failed (the caller falls back to a
         hardlinked copy)."""
-        damaged: tuple[int, int] | None = None
+        damaged: str | None = None
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
             recs: list[str] = []

@@ -118,18 +118,16 @@ def discard(disk: Disk, key: str) -> None:
             disk.trasher.put(gone)
 
 
-def _from_disk(
-    disk: Disk, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
-) -> Entry | None:
-    """The complete entry for ``root`` on disk (not the one known ``damaged``), or None;
-    holding LOCK_EX (``exclusive``), a torn or damaged one is discarded."""
+def _from_disk(disk: Disk, root: Digest, damaged: str | None, *, exclusive: bool) -> Entry | None:
+    """The complete entry for ``root`` on disk (not the one with id ``damaged``), or
+    None; holding LOCK_EX (``exclusive``), a torn or damaged one is discarded."""
     key = root.key
     st = entry.stat_at(disk.entries_fd, key)
-    if st is not None and stat.S_ISDIR(st.st_mode) and entry.file_ident(st) != damaged:
+    if st is not None and stat.S_ISDIR(st.st_mode):
         try:
             r = entry.load(disk.entries_fd, key)
-            if r.root == root:
-                return Entry(root, r.bytes, r.files, entry.file_ident(st), replay=r)
+            if r.root == root and r.ident != damaged:
+                return Entry(root, r.bytes, r.files, r.ident, replay=r)
         except entry.SidecarError:
             pass
     if exclusive:
@@ -140,7 +138,7 @@ def _from_disk(
 def acquire(
     disk: Disk,
     root: Digest,
-    damaged: tuple[int, int] | None,
+    damaged: str | None,
     build: Callable[[Digest], Entry],
 ) -> tuple[Entry, bool]:
     """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
@@ -175,7 +173,8 @@ def acquire(
             if (
                 locks.still_linked(disk.locks_fd, lock_name(key), fd)
                 and st
-                and entry.file_ident(st) == e.ident
+                and stat.S_ISDIR(st.st_mode)
+                and entry.read_ident(disk.entries_fd, key) == e.ident
             ):
                 e.pins, e.lock_fd = 1, fd
                 return e, built
@@ -249,21 +248,14 @@ def adopt_all(disk: Disk) -> list[Entry]:
         if root is None or st is None or not stat.S_ISDIR(st.st_mode):
             continue
         try:
-            fd = os.open(
-                entry.sidecar_name(key), os.O_RDONLY | os.O_CLOEXEC, dir_fd=disk.entries_fd
-            )
-            with os.fdopen(fd, "rb") as f:
-                head = f.read(1 << 16)
-                if b"\n" not in head[len(entry.MAGIC) :]:
-                    head += f.read()
-                mtime = os.fstat(f.fileno()).st_mtime_ns
-            got, size, files = entry.read_totals(head)
+            head, mtime = entry.read_head(disk.entries_fd, key)
+            got, size, files, ident = entry.read_totals(head)
         except (OSError, entry.SidecarError):
             got = None
         if got != root:
             bad.add(key)
             continue
-        found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
+        found.append((mtime, Entry(root, size, files, ident)))
     mounted = mounts.keys(disk.mounts_fd)
     for key in (orphans | bad) - mounted:
         lfd = lock_key(disk, key, fcntl.LOCK_EX)

@@ -38,6 +38,7 @@ class CacheStats:
     evictions: int
     fallbacks: int  # clonefile -> replay, overlay -> hardlink
     damaged: int  # entries found damaged, invalidated and rebuilt
+    rotations: int = 0  # entry files replaced by a copy at a hit (EMLINK), sample refreshed
 
     @classmethod
     def of(cls, n: Mapping[str, int], *, entries: int, bytes: int, pinned: int) -> CacheStats:
@@ -56,4 +57,5 @@ class CacheStats:
             evictions=n.get("evictions", 0),
             fallbacks=n.get("fallbacks", 0),
             damaged=n.get("damaged", 0),
+            rotations=n.get("rotations", 0),
         )
