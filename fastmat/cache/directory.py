@@ -43,6 +43,7 @@ from fastmat.cache.protocol import Disk
 from fastmat.cache.types import CacheResult, CacheStats
 from fastmat.cache.verify import CacheVerifyReport, QuarantineWatch
 from fastmat.cache.workspace import Workspace
+from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, check_cancel, stopping
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 from fastmat.fs.access import Access
@@ -61,6 +62,7 @@ GiB = 1 << 30
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 3
 _DEST_ERRORS = (errno.EEXIST, errno.ENOENT, errno.ENOTDIR)
+_WATCH_S = 0.02  # how often a waiter looks at its cancel token
 
 
 class Flight:
@@ -70,8 +72,13 @@ class Flight:
         self._ev = threading.Event()
         self._error: BaseException | None = None
 
-    def wait(self) -> None:
-        self._ev.wait()
+    def wait(self, cancel: CancelToken | None = None) -> None:
+        """Until the construction ends (its exception raised here), or ``cancel``."""
+        if cancel is None:
+            self._ev.wait()
+        else:
+            while not self._ev.wait(_WATCH_S):
+                check_cancel(cancel, "waiting for a cache construction")
         if self._error is not None:
             raise self._error
 
@@ -262,22 +269,37 @@ class DirectoryCache:
         self._opened.check()
         self._trasher.drain()
 
-    def materialize(self, root: Digest | str, dest: str | os.PathLike[str]) -> CacheResult:
+    def materialize(
+        self,
+        root: Digest | str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> CacheResult:
         """Makes ``dest`` (which must not exist) a copy of ``root``'s tree (a ``Digest`` or
-        ``"hash/size"``) via the cache."""
+        ``"hash/size"``) via the cache.
+
+        ``progress`` gets :class:`~fastmat.control.Progress` reports at a bounded rate:
+        a miss's construction ("materialize"), then the copy into ``dest`` ("replay").
+        ``cancel`` (e.g. a ``threading.Event``) stops the call soon after it is set, also
+        while it waits for another thread's or process's construction of the same tree:
+        :class:`~fastmat.control.Cancelled`, nothing at ``dest``, no entry half-built.
+        """
         self._opened.check()
         root = Digest.coerce(root)
         t0 = time.perf_counter()
         dest = Path(dest)
+        check_cancel(cancel, f"cache materialize of {root}")
         if self.limits.max_entries == 0:
-            st = self._builder.direct(root, dest)
+            st = self._builder.direct(root, dest, progress=progress, cancel=cancel)
             self._count("misses")
             dt = time.perf_counter() - t0
             return CacheResult(False, "materialize", st.bytes, st.files, dt, 0.0, dt)
         damaged: str | None = None
         rebuilt = False
         for _ in range(_RETRIES):
-            e, hit = self._acquire(root, damaged)
+            e, hit = self._acquire(root, damaged, progress, cancel)
             if hit:
                 entry.touch(self._entries_fd, e.key)
             t1 = time.perf_counter()
@@ -291,6 +313,8 @@ class DirectoryCache:
                     threads=self.threads,
                     max_inflight=self.max_inflight,
                     fsync=self._builder.fsync,
+                    progress=progress,
+                    cancel=cancel,
                 )
             except Damaged as d:
                 damaged = self._invalidate(e, d)
@@ -309,22 +333,31 @@ class DirectoryCache:
         raise FastmatError(f"cache entry for {root} keeps failing its checks")
 
     @contextlib.contextmanager
-    def workspace(self, root: Digest | str, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
+    def workspace(
+        self,
+        root: Digest | str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[Workspace]:
         """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
 
         An overlay mount of the (pinned) entry where this process can mount, else a
         hardlinked copy; the yielded ``Workspace.method`` says which. Only the overlay
         protects the CAS from an action running as the worker's user that chmods an
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
+        ``progress`` and ``cancel`` apply to making the workspace (see :meth:`materialize`),
+        not to the ``with`` body.
         """
         self._opened.check()
         root = Digest.coerce(root)
         dest = Path(dest)
         mounted = None
         if self.limits.max_entries and self.can_overlay():
-            mounted = self._mount(root, dest)
+            mounted = self._mount(root, dest, progress, cancel)
         if mounted is None:
-            r = self.materialize(root, dest)
+            r = self.materialize(root, dest, progress=progress, cancel=cancel)
             if self.limits.max_entries:
                 self._count("fallbacks")
             try:
@@ -351,9 +384,16 @@ class DirectoryCache:
         with self._mu:
             self._n[what] += n
 
-    def _acquire(self, root: Digest, damaged: str | None) -> tuple[Entry, bool]:
+    def _acquire(
+        self,
+        root: Digest,
+        damaged: str | None,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> tuple[Entry, bool]:
         """A pinned entry for ``root`` and whether it was a hit (else constructed)."""
         key = root.key
+        build = functools.partial(self._builder.build, progress=progress, cancel=cancel)
         while True:
             with self._mu:
                 e = self._index.get(key)
@@ -368,10 +408,15 @@ class DirectoryCache:
                 if flight is None:
                     flight = self._flights[key] = Flight()
             if not owner:
-                flight.wait()
+                try:
+                    flight.wait(cancel)
+                except Cancelled:
+                    if cancel is not None and cancel.is_set():
+                        raise
+                    # the constructor was cancelled, not this caller: build it here
                 continue
             try:
-                e, built = protocol.acquire(self._disk, root, damaged, self._builder.build)
+                e, built = protocol.acquire(self._disk, root, damaged, build, cancel)
             except BaseException as exc:
                 with self._mu:
                     del self._flights[key]
@@ -441,17 +486,25 @@ class DirectoryCache:
             raise Damaged(f"{where}: links a blob verify quarantined")
         e.quarantine_checked = gen
 
-    def verify(self) -> CacheVerifyReport:
+    def verify(
+        self, *, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+    ) -> CacheVerifyReport:
         """Verifies the CAS (``LocalCAS.verify``: damaged blobs are quarantined), then
         every entry on disk (:func:`.verify.check_entry`: no quarantined inode, CAS
         inodes where the tree links the CAS, private files hashed against their
         digests); a bad entry is invalidated, or reported ``busy`` while another
-        process uses it. Slow: reads every private file and stats every entry file."""
+        process uses it. Slow: reads every private file and stats every entry file.
+        ``progress``: the CAS's bytes hashed ("verify"), then the entries checked
+        ("verify entries"); ``cancel`` stops it between files (``Cancelled``)."""
         self._opened.check()
         t0 = time.monotonic()
-        report = CacheVerifyReport(self.cas.verify())
+        report = CacheVerifyReport(self.cas.verify(progress=stopping(progress, cancel)))
         bad = frozenset(q.ino for q in self.cas.quarantined())
-        for key in protocol.complete_keys(self._disk):
+        keys = protocol.complete_keys(self._disk)
+        reporter = Reporter(progress, "verify entries", len(keys), "entries")
+        for key in keys:
+            check_cancel(cancel, f"verify of the cache {self.path}")
+            reporter.set(report.entries_checked)
             fd = verify.open_dir(self._entries_fd, key)
             if fd is None:
                 continue  # evicted meanwhile
@@ -470,6 +523,8 @@ class DirectoryCache:
             report.entries_checked += 1
             if problem is not None:
                 self._invalidate_bad(key, problem, report)
+        reporter.set(len(keys))
+        reporter.finish()
         report.duration_s = time.monotonic() - t0
         log.info(
             "cache %s verified: %d entries, %d files (%d hashed), %d invalidated, %d busy",
@@ -494,6 +549,45 @@ class DirectoryCache:
             self._n["damaged"] += 1
         report.invalidated.append((key, problem))
 
+    def gc(
+        self,
+        max_bytes: int | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> CacheStats:
+        """Evicts unpinned entries (in policy order) until the entries this instance
+        knows hold at most ``max_bytes`` (None: only its own bounds), then waits until
+        the background deleter has deleted everything trashed: those entries, and what
+        opening found (dead instances' scratch, orphans, dead workspaces' upper layers).
+        Returns the statistics after. ``progress``: trashed trees deleted of those queued
+        ("gc", "items"); ``cancel`` ends the wait (``Cancelled``): what is not deleted yet
+        stays in the trash, and the next opener of the cache deletes it."""
+        self._opened.check()
+        check_cancel(cancel, f"gc of the cache {self.path}")
+        if max_bytes is not None:
+            with self._mu:
+                own = self._index.limits
+                self._index.limits = Limits(
+                    min(max_bytes, own.max_bytes), own.max_entries, own.policy
+                )
+                try:
+                    self._evict_locked()
+                finally:
+                    self._index.limits = own
+        reporter = Reporter(progress, "gc", None, "items")
+
+        def report(done: int, total: int) -> None:
+            reporter.total = total
+            reporter.set(done)
+
+        stop = cancel.is_set if cancel is not None else None
+        if not self._trasher.drain(report=report, stop=stop):
+            left = self._trasher.abandon()
+            raise Cancelled(f"gc of the cache {self.path} cancelled ({left} left in its trash)")
+        reporter.finish()
+        return self.stats()
+
     def can_overlay(self) -> bool:
         """Whether workspaces mount overlays here (probed once, for real)."""
         self._opened.check()
@@ -504,13 +598,19 @@ class DirectoryCache:
     def _record(self, into: list[str], key: str, dest: Path, ws_name: str) -> None:
         into.append(mounts.record(self._mounts_fd, self._owned.name, key, ws_name, dest))
 
-    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path, str] | None:
+    def _mount(
+        self,
+        root: Digest,
+        dest: Path,
+        progress: ProgressFn | None,
+        cancel: CancelToken | None,
+    ) -> tuple[Entry, bool, Path, str] | None:
         """The pinned entry, hit, scratch dir and mount record of an overlay now mounted
         at ``dest``; None if the mount itself failed (the caller falls back to a
         hardlinked copy)."""
         damaged: str | None = None
         for _ in range(_RETRIES):
-            e, hit = self._acquire(root, damaged)
+            e, hit = self._acquire(root, damaged, progress, cancel)
             recs: list[str] = []
             rec = functools.partial(self._record, recs, e.key, dest)
             try:

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from fastmat.cache import entry, mounts
 from fastmat.cache.index import CacheIndex, Entry
+from fastmat.control import CancelToken
 from fastmat.digest import Digest, InvalidDigestError
 from fastmat.errors import FastmatError
 from fastmat.fs import locks
@@ -78,11 +79,16 @@ def lock_key(disk: Disk, key: str, how: int) -> int | None:
     return locks.lock_file(disk.locks_fd, lock_name(key), how, mode=disk.lock_mode)
 
 
-def wait_key(disk: Disk, key: str, how: int) -> int:
+def wait_key(disk: Disk, key: str, how: int, cancel: CancelToken | None = None) -> int:
     """An fd holding flock ``how`` on ``locks/<key>.lock``, waiting up to the cache's
-    lock timeout for it (LockTimeoutError)."""
+    lock timeout for it (LockTimeoutError), or until ``cancel`` is set (Cancelled)."""
     return locks.wait_file(
-        disk.locks_fd, lock_name(key), how, timeout_s=disk.lock_timeout_s, mode=disk.lock_mode
+        disk.locks_fd,
+        lock_name(key),
+        how,
+        timeout_s=disk.lock_timeout_s,
+        mode=disk.lock_mode,
+        cancel=cancel,
     )
 
 
@@ -140,13 +146,15 @@ def acquire(
     root: Digest,
     damaged: str | None,
     build: Callable[[Digest], Entry],
+    cancel: CancelToken | None = None,
 ) -> tuple[Entry, bool]:
     """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
     if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, up to the
-    lock timeout) while another process holds LOCK_EX building it."""
+    lock timeout, or until ``cancel`` is set) while another process holds LOCK_EX
+    building it."""
     key = root.key
     for _ in range(_ADOPT_ATTEMPTS):
-        fd = wait_key(disk, key, fcntl.LOCK_SH)
+        fd = wait_key(disk, key, fcntl.LOCK_SH, cancel)
         try:
             e = _from_disk(disk, root, damaged, exclusive=False)
         except BaseException:
@@ -156,7 +164,7 @@ def acquire(
             e.pins, e.lock_fd = 1, fd
             return e, False
         os.close(fd)
-        fd = wait_key(disk, key, fcntl.LOCK_EX)
+        fd = wait_key(disk, key, fcntl.LOCK_EX, cancel)
         try:
             e = _from_disk(disk, root, damaged, exclusive=True)
             built = e is None

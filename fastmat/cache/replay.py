@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from fastmat import _binding
 from fastmat.cache import entry
 from fastmat.cache.entry import Damaged
-from fastmat.control import Cancelled, CancelToken, Reporter, watching
+from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, watching
 from fastmat.fs.staging import staged
 
 if TYPE_CHECKING:
@@ -80,11 +80,12 @@ def clone(
     threads: int,
     max_inflight: int,
     fsync: bool = True,
-    reporter: Reporter | None = None,
+    progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> Copied:
     """Copies entry ``e`` to ``dest``. Entry files an EMLINK rotation replaced get their
-    sample refreshed (here and in the sidecar), so the next hit still serves the entry."""
+    sample refreshed (here and in the sidecar), so the next hit still serves the entry.
+    ``progress`` is told the entries copied ("replay"); ``cancel`` stops the copy."""
     efd = open_entry(disk, e)
     fell_back = 0
     try:
@@ -99,6 +100,7 @@ def clone(
         r = e.replay
         if r is None:  # pragma: no cover - open_entry loaded it
             raise Damaged("no replay")
+        reporter = Reporter(progress, "replay", r.arrays.n_entries, "entries")
         how = replay(
             disk,
             r,
@@ -109,6 +111,7 @@ def clone(
             reporter=reporter,
             cancel=cancel,
         )
+        reporter.finish()
         fell_back += len(how) - len(how.translate(None, _XDEV))
         rotated = len(how) - len(how.translate(None, _ROTATED))
         if rotated:

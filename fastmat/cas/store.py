@@ -35,6 +35,7 @@ from fastmat.cas.verify import (
     quarantined,
     verify_cas,
 )
+from fastmat.control import ProgressFn
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
 from fastmat.fs.access import Access
@@ -500,10 +501,10 @@ class LocalCAS:
 
     # ---- verification ----
 
-    def verify(self) -> VerifyReport:
+    def verify(self, *, progress: ProgressFn | None = None) -> VerifyReport:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
         one to ``quarantine/`` (it then reads as missing) and reports it."""
-        return verify_cas(self.root, self.root_fd)
+        return verify_cas(self.root, self.root_fd, progress=progress)
 
     def quarantine_stamp(self) -> tuple[int, int, int, int]:
         """A fingerprint of ``quarantine/`` (one stat): it changes when verify
