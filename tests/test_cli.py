@@ -321,3 +321,58 @@ def test_materialize_from_remote(
     )  # fmt: skip
     assert rc == 2
     assert "ftp://nowhere" in err
+
+
+def on_a_terminal(*argv: str) -> tuple[int, str]:
+    """Runs ``fastmat *argv`` with stdout and stderr on a pseudo-terminal; (status,
+    everything it drew there)."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastmat", *argv], stdout=slave, stderr=slave, close_fds=True
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait()
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
+def test_bars_on_a_terminal_for_ingest_verify_materialize_gc(tmp_path: Path) -> None:
+    """Issue 12, item 6: real bars (done/total), on a terminal only, never with --json."""
+    src = make_src(tmp_path)
+    cas, cache = str(tmp_path / "cas"), str(tmp_path / "cache")
+    rc, shown = on_a_terminal("ingest", str(src), "--cas", cas)
+    assert rc == 0, shown
+    assert "ingesting" in shown
+    assert "ingest [" in shown
+    assert "5/5" in shown  # the files, counted first
+    root = shown.strip().splitlines()[-1]
+    rc, shown = on_a_terminal("verify", "--cas", cas)
+    assert rc == 0, shown
+    assert "verify [" in shown
+    assert "KiB/" in shown  # bytes, in binary units
+    rc, shown = on_a_terminal(
+        "materialize", root, str(tmp_path / "d"), "--cas", cas, "--cache", cache
+    )
+    assert rc == 0, shown
+    assert "materialize [" in shown
+    assert "replay [" in shown
+    rc, shown = on_a_terminal("gc", "--cas", cas, "--cache", cache, "--max-bytes", "0")
+    assert rc == 0, shown
+    assert "gc [" in shown
+    rc, shown = on_a_terminal("verify", "--cas", cas, "--json")
+    assert rc == 0
+    assert "\x1b" not in shown  # no bar drawn
+    assert json.loads(shown)["ok"] is True
