@@ -376,3 +376,17 @@ def test_bars_on_a_terminal_for_ingest_verify_materialize_gc(tmp_path: Path) -> 
     assert rc == 0
     assert "\x1b" not in shown  # no bar drawn
     assert json.loads(shown)["ok"] is True
+
+
+def test_json_even_for_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12, item 5: --json prints exactly one JSON object on stdout in every case."""
+    for argv in (
+        ["materialize", "nothex/1", str(tmp_path / "d"), "--cas", str(tmp_path), "--json"],
+        ["gc", "--cas", str(tmp_path), "--json"],  # needs --cache
+        ["stats", "--cas", str(tmp_path), "--json", "--", "x"],
+    ):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2, argv
+        obj = json.loads(out)
+        assert (obj["ok"], obj["type"]) == (False, "UsageError")
+        assert err

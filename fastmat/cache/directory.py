@@ -29,13 +29,12 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding
-from fastmat.cache import entry, mounts, protocol, replay, verify, workspace
+from fastmat.cache import counters, entry, mounts, protocol, replay, verify, workspace
 from fastmat.cache.build import EntryBuilder
 from fastmat.cache.entry import Damaged
 from fastmat.cache.index import CacheIndex, Entry, Limits
@@ -145,18 +144,20 @@ class DirectoryCache:
         self.threads, self.max_inflight = threads, max_inflight
         self.access = Access.of(group)
         self.access.make_root(self.path)
-        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS):
+        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS, counters.DIR):
             self.access.make_dir(self.path / d)
         fds: list[int] = []
         try:
-            for d in ("entries", "locks", "tmp", mounts.MOUNTS):
+            for d in ("entries", "locks", "tmp", mounts.MOUNTS, counters.DIR):
                 fds.append(os.open(self.path / d, _O_DIR))
             self._owned = OwnedDir.create(fds[2], self.access.dir_mode, self.access.lock_mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds
+        self._fds = tuple(fds)
+        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds[:4]
+        self._counters_fd = fds[4]
         self._tmp = self.path / "tmp" / self._owned.name
         self._trasher = Trasher()
         self._closed = False
@@ -177,7 +178,7 @@ class DirectoryCache:
             self._watch = QuarantineWatch(cas)
             self._index = CacheIndex(self.limits)
             self._flights: dict[str, Flight] = {}
-            self._n: Counter[str] = Counter()
+            self._n = counters.Counters(self._counters_fd, self._owned.name, self.access.lock_mode)
             self._builder = EntryBuilder(
                 cas,
                 self._disk,
@@ -201,6 +202,16 @@ class DirectoryCache:
             protocol.sweep_dead_instances(
                 self._tmp_parent_fd, {self._owned.name, *kept}, self._disk
             )
+            try:  # closed or swept instances' counters into the total
+                live = set(os.listdir(self._tmp_parent_fd))
+                counters.fold_dead(
+                    self._counters_fd,
+                    live,
+                    mode=self.access.lock_mode,
+                    timeout_s=lock_timeout_s,
+                )
+            except OSError as err:  # advisory
+                log.warning("cache %s: cannot fold its counters: %s", self.path, err)
             for e in protocol.adopt_all(self._disk):
                 self._index.insert(e)
             with self._mu:
@@ -228,12 +239,11 @@ class DirectoryCache:
             for e in self._index:
                 if e.lock_fd >= 0:
                     os.close(e.lock_fd)  # the parent's pin lives on in its own fd
-            for fd in (self._owned.fd, self._owned.lock_fd):
-                os.close(fd)
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+            for fd in (self._owned.fd, self._owned.lock_fd, *self._fds):
                 os.close(fd)
             return
         self._trasher.drain()
+        self._n.flush()  # before the scratch goes: see counters.fold_dead
         with self._mu:
             for e in self._index:
                 if e.lock_fd >= 0:
@@ -248,14 +258,22 @@ class DirectoryCache:
             self._trasher.close()
             self._owned.release(self._tmp_parent_fd)
         finally:
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+            for fd in self._fds:
                 os.close(fd)
 
-    def stats(self) -> CacheStats:
+    def stats(self, *, all_instances: bool = False) -> CacheStats:
+        """Event counters (hits, misses, evictions...) and the index now (entries, bytes,
+        pinned). The counters are this instance's since it was opened, or with
+        ``all_instances`` the sum over every instance that ever used this cache
+        directory, this one included (others' as last written: every 256 events and at
+        close; :mod:`.counters`)."""
         self._opened.check()
+        n = self._n.snapshot()
+        if all_instances:
+            n.update(counters.read_all(self._counters_fd, skip=self._owned.name))
         with self._mu:
             ix = self._index
-            return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
+            return CacheStats.of(n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
     def entry_path(self, root: Digest | str) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
@@ -381,8 +399,7 @@ class DirectoryCache:
     # -- pinning, single-flight, eviction ----------------------------------------
 
     def _count(self, what: str, n: int = 1) -> None:
-        with self._mu:
-            self._n[what] += n
+        self._n.add(what, n)
 
     def _acquire(
         self,
@@ -400,7 +417,7 @@ class DirectoryCache:
                 if e is not None and damaged != e.ident:
                     if self._pin_locked(e):
                         self._index.touch(e)
-                        self._n["hits"] += 1
+                        self._n.add("hits")
                         return e, True
                     self._index.remove(e)  # another process is evicting or rebuilding it
                 flight = self._flights.get(key)
@@ -425,8 +442,8 @@ class DirectoryCache:
             with self._mu:
                 self._index.insert(e)
                 self._index.touch(e)
-                self._n["constructions" if built else "adopted"] += 1
-                self._n["misses" if built else "hits"] += 1
+                self._n.add("constructions" if built else "adopted")
+                self._n.add("misses" if built else "hits")
                 self._evict_locked()
                 del self._flights[key]
             flight.done()
@@ -452,13 +469,13 @@ class DirectoryCache:
                 self._evict_locked()
 
     def _evict_locked(self) -> None:
-        self._n["evictions"] += protocol.evict(self._index, self._disk)
+        self._n.add("evictions", protocol.evict(self._index, self._disk))
 
     def _invalidate(self, e: Entry, d: Damaged) -> str:
         log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)
         with self._mu:
             self._index.remove(e)
-            self._n["stale" if d.stale else "damaged"] += 1
+            self._n.add("stale" if d.stale else "damaged")
         return e.ident
 
     def _refuse_quarantined(self, e: Entry) -> None:
@@ -546,7 +563,7 @@ class DirectoryCache:
             e = self._index.get(key)
             if e is not None:
                 self._index.remove(e)
-            self._n["damaged"] += 1
+            self._n.add("damaged")
         report.invalidated.append((key, problem))
 
     def gc(

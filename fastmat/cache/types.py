@@ -23,7 +23,8 @@ class CacheResult:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Counters since open (hits/misses/...) and the index now (entries/bytes/pinned)."""
+    """Event counters (hits/misses/...: since open, or over every instance's lifetime,
+    see ``DirectoryCache.stats``) and the index now (entries/bytes/pinned)."""
 
     entries: int
     bytes: int

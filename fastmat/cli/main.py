@@ -252,10 +252,16 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors
-        return e.code if isinstance(e.code, int) else 2
+        rc = e.code if isinstance(e.code, int) else 2
+        if rc and "--json" in argv:
+            _emit_json({"ok": False, "error": "usage error (see stderr)", "type": "UsageError"})
+        return rc
     args.command = command
     if command and args.verb != "materialize":
-        print(f"{parser.prog} {args.verb}: error: unexpected arguments after --", file=sys.stderr)
+        msg = "unexpected arguments after --"
+        print(f"{parser.prog} {args.verb}: error: {msg}", file=sys.stderr)
+        if args.json:
+            _emit_json({"ok": False, "error": msg, "type": "UsageError"})
         return 2
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
@@ -274,6 +280,8 @@ def _main(argv: Sequence[str] | None) -> int:
         rc, payload, text = _run(verbs[args.verb], args, cancel)
     except UsageError as e:
         print(f"{parser.prog} {args.verb}: error: {e}", file=sys.stderr)
+        if args.json:
+            _emit_json({"ok": False, "error": str(e), "type": "UsageError"})
         return 2
     except (KeyboardInterrupt, Cancelled) as e:
         forced = isinstance(e, KeyboardInterrupt)

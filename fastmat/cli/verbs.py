@@ -302,9 +302,12 @@ def cmd_stats(args: argparse.Namespace) -> Outcome:
         ]
         if args.cache is not None:
             with _open_cache_readonly(cas, args.cache) as cache:
-                st = cache.stats()
+                st = cache.stats(all_instances=True)  # every process's, over its lifetime
             payload["cache"] = {"path": str(args.cache), **jsonable(st)}
-            lines.append(f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)})")
+            lines.append(
+                f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)}); "
+                f"{st.hits:,} hits, {st.misses:,} misses, {st.evictions:,} evictions"
+            )
     return 0, payload, "\n".join(lines)
 
 
