@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastmat.bench.run import QUICK_DURATION
 from fastmat.cli.verbs import (
     Interrupt,
     Outcome,
@@ -200,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Materialize the seed shapes (64 files / 64 KB ... 1,978 files / 466 MB)\n"
         "and a 100,000-file tree with fastmat and the alternatives, side by side, on a\n"
         "temporary CAS; print median ms and the ratio to the floor (bare mkdirat+linkat).\n"
-        "--quick: smaller files and a 10,000-file scaling tree (about a minute).\n"
+        f"--quick: smaller files and a 10,000-file scaling tree ({QUICK_DURATION}).\n"
         "Each method runs once untimed, then --runs times interleaved with the others.",
         epilog="shapes: small_flat pcm_cluster medium_flat large_tree, and scale_100k\n"
         "  (scale_10k with --quick)\n"
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  the fetch pipeline into an empty CAS)\n"
         "--json prints the --out object: machine, config, shapes, every sample.",
     )
-    s.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    s.add_argument("--quick", action="store_true", help=f"small sizes, {QUICK_DURATION}")
     s.add_argument(
         "--runs", type=int, default=0, metavar="N", help="timed runs (default 5, quick 3)"
     )
