@@ -115,7 +115,10 @@ def _make(parent_fd: int) -> tuple[str, int]:
     for _ in range(16):
         tmp = unique(PREFIX)
         os.mkdir(tmp, 0o700, dir_fd=parent_fd)
-        fd = os.open(tmp, _DIR, dir_fd=parent_fd)
+        try:
+            fd = os.open(tmp, _DIR, dir_fd=parent_fd)
+        except FileNotFoundError:
+            continue  # another process's sweep took it for dead before we locked it
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if still_linked(parent_fd, tmp, fd):
