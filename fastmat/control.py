@@ -147,23 +147,38 @@ def watching(
 ) -> Iterator[None]:
     """For the duration of a blocking native call: a thread that reports
     ``poll()`` through ``reporter`` and calls ``stop()`` once ``cancel`` is set.
-    No thread when there is nothing to watch."""
+    A progress callback that raises stops the call too, and its exception is raised
+    here, in the caller's thread, once the call has returned. No thread when there is
+    nothing to watch."""
     if (reporter is None or reporter.fn is None) and cancel is None:
         yield
         return
     finished = threading.Event()
+    failed: list[BaseException] = []
 
     def watch() -> None:
         while not finished.wait(_WATCH_S):
             if cancel is not None and cancel.is_set():
                 stop()
             if reporter is not None:
-                reporter.set(poll())
+                try:
+                    reporter.set(poll())
+                except BaseException as e:  # the callback's: the caller gets it
+                    failed.append(e)
+                    stop()
+                    return
 
     t = threading.Thread(target=watch, name="fastmat-watch", daemon=True)
     t.start()
     try:
         yield
-    finally:
+    except BaseException:
         finished.set()
         t.join()
+        if failed:
+            raise failed[0] from None  # what stopped the call, rather than its Cancelled
+        raise
+    finished.set()
+    t.join()
+    if failed:
+        raise failed[0]

@@ -501,3 +501,25 @@ def test_every_call_taking_a_root_takes_its_text_too(cas: LocalCAS, tmp_path: Pa
             assert (ws.path / "d" / "f").read_bytes() == b"text\n"
     with pytest.raises(fastmat.InvalidDigestError):
         materialize(cas, "nonsense", tmp_path / "bad")
+
+
+def test_a_progress_callback_that_raises_stops_the_call_with_its_exception(
+    cas: LocalCAS, tmp_path: Path
+) -> None:
+    """The callback runs on the watcher thread during the native call: its exception
+    was lost there (and the call ran to its end); now it stops the call, ``dest`` never
+    appears, and the caller gets the callback's exception."""
+    root = _wide(cas, 20_000)
+
+    class Enough(Exception):
+        pass
+
+    def on_progress(p: fastmat.Progress) -> None:
+        if p.done > 0:
+            raise Enough(p.done)
+
+    dest = tmp_path / "work" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(Enough):
+        materialize(cas, root, dest, progress=on_progress, threads=1)
+    assert os.listdir(dest.parent) == []
