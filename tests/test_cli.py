@@ -315,6 +315,13 @@ def test_materialize_from_remote(
     assert rc == 0, err
     assert json.loads(out)["stats"]["files"] == 5
     assert_same_tree(src, dest)
+    rc, shown = on_a_terminal(  # a bar on a terminal (issue 12, item 6)
+        "materialize", str(root), str(tmp_path / "fetched2"), "--cas", str(tmp_path / "cas2"),
+        "--remote", buildgrid.url,
+    )  # fmt: skip
+    assert rc == 0, shown
+    assert "materialize [" in shown
+    assert "5 files" in shown
     rc, _, err = run(
         capsys, "materialize", str(root), str(tmp_path / "x"), "--cas", str(empty),
         "--remote", "ftp://nowhere",
