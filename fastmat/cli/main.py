@@ -44,7 +44,7 @@ from fastmat.errors import FastmatError
 from fastmat.version import __version__
 
 Verb = Callable[[argparse.Namespace], Outcome]
-_SIGNAL_POLL_S = 0.05
+_SIGNAL_POLL_S = 0.02  # a signal the kernel gave a worker thread waits this long at most
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
