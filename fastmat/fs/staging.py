@@ -125,7 +125,7 @@ def _make(parent_fd: int) -> tuple[str, int]:
         try:
             fd = os.open(tmp, _DIR, dir_fd=parent_fd)
         except FileNotFoundError:
-            continue  # another process's sweep took it for dead before we locked it
+            continue  # a sweeper in another pid namespace took it before our flock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if still_linked(parent_fd, tmp, fd):
