@@ -179,7 +179,11 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Digest]:
         return base / "cas", big_tree(cas, 50_000)
 
 
-def test_sigint_to_exit_50k(benchmark: Any, tree: tuple[Path, Digest], tmp_path: Path) -> None:
+def test_interrupted_materialize_50k(
+    benchmark: Any, tree: tuple[Path, Digest], tmp_path: Path
+) -> None:
+    """The whole interrupted command: start, 0.2 s of links, SIGINT, exit (the script
+    mode prints the signal -> exit part alone)."""
     cas, root = tree
 
     def once() -> float:
