@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a tree at DEST",
         description="Build the tree DIGEST (hash/size) at DEST, which must not exist.\n\n"
         "--cache DIR keeps whole trees: a hit clones a cached entry instead of relinking.\n"
-        "--remote URL fetches what the local CAS lacks from a REAPI v2 server.\n"
+        "--remote URL fetches what the local CAS lacks from a REAPI v2 server (contacted\n"
+        "only then: with every blob local, a server that is down changes nothing).\n"
         "--workspace (needs --cache) makes DEST a workspace (an overlay mount where this\n"
         "process may mount, a hardlink copy otherwise) that exists only while fastmat runs:\n"
         "  fastmat materialize D DEST --cas C --cache K --workspace -- make -C . test\n"
