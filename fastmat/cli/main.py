@@ -45,6 +45,7 @@ from fastmat.errors import FastmatError
 from fastmat.version import __version__
 
 Verb = Callable[[argparse.Namespace], Outcome]
+_OWN_SIGNALS = {"worker"}  # verbs that install their own handlers (a worker drains)
 _SIGNAL_POLL_S = 0.02  # a signal the kernel gave a worker thread waits this long at most
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*", re.IGNORECASE)
@@ -349,7 +350,10 @@ def _main(argv: Sequence[str] | None) -> int:
     }
     cancel = args.cancel = Interrupt()
     try:
-        rc, payload, text = _run(verbs[args.verb], args, cancel)
+        if args.verb in _OWN_SIGNALS:
+            rc, payload, text = verbs[args.verb](args)
+        else:
+            rc, payload, text = _run(verbs[args.verb], args, cancel)
     except UsageError as e:
         print(f"{parser.prog} {args.verb}: error: {e}", file=sys.stderr)
         if args.json:
