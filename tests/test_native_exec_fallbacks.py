@@ -245,15 +245,19 @@ def test_fork_while_a_rotation_lock_is_held(tmp_path: Path) -> None:
             dirfd(cas) as s,
             dirfd(tmp) as t,
             nb.injected("link", -errno.EMLINK, 1),
+            # a byte copy by read/write: a reflink (XFS, btrfs) or an in-kernel copy would
+            # finish before the test saw the lock held
+            nb.injected("reflink", -errno.EOPNOTSUPP),
+            nb.injected("copy", -errno.EINVAL),
         ):
             result.append(nb.exec_plan(d, s, plan, threads=1, tmp_dirfd=t).rc)
 
     th = threading.Thread(target=rotate_in_thread)
     th.start()
     deadline = time.monotonic() + 30
-    while not os.listdir(tmp) and time.monotonic() < deadline:  # the copy is under way
-        pass
-    assert os.listdir(tmp), "the rotation never started"
+    while not os.listdir(tmp) and th.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.001)  # until the copy is under way
+    assert os.listdir(tmp), f"the rotation never started (thread done: {not th.is_alive()})"
     pid = os.fork()
     if pid == 0:  # the child: one thread, the parent's rotation lock copied as held
         code = 1
