@@ -17,6 +17,7 @@ reads the same names (``fastmat.tree.node`` builds them per file with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastmat.digest import Digest
@@ -90,3 +91,10 @@ def create(root: Path) -> None:
         (root / area).mkdir(exist_ok=True)
         for shard in SHARDS:
             (root / area / shard).mkdir(exist_ok=True)
+    # Durable once: a blob's group commit fsyncs its shard, not the shard's parents.
+    for d in (*(root / area for area in AREAS), root, root.parent):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

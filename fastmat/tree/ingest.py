@@ -12,6 +12,7 @@ from fastmat.errors import InvalidTreeError
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
+    from fastmat.cas.store import Batch
     from fastmat.digest import Digest
 
 __all__ = ["ingest_tree"]
@@ -48,10 +49,20 @@ def ingest_tree(cas: LocalCAS, src_dir: str | os.PathLike[str]) -> Digest:
     requires. A FIFO, socket or device raises ``InvalidTreeError`` naming it;
     so does a name that is not valid UTF-8. ``src_dir`` itself may not be a
     symlink (``NotADirectoryError``).
+
+    Blobs are published in group commits of a few thousand (``LocalCAS.batch``):
+    one data sync and one fsync per shard directory per group, not per blob. All
+    are published when it returns; after a failure, none of the unfinished group.
     """
     top = os.fspath(src_dir)
     if not stat.S_ISDIR(os.lstat(top).st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "ingest source is not a directory", top)
+    with cas.batch() as batch:
+        return _walk(batch, top)
+
+
+def _walk(cas: Batch, top: str) -> Digest:
+    """The post-order walk of :func:`ingest_tree`, staging into ``cas``."""
     # Iterative post-order walk: [message, subdirs (path, relative path), next subdir].
     stack: list[list[Any]] = []
     done: list[Digest] = []
