@@ -225,22 +225,24 @@ class RemoteFetcher:
                 stored([d])
                 return
             first: BaseException | None = None
-            group: list[Digest] = []
-            for d, data in self.remote.read_batch(ds):
-                try:
-                    self.cas.put(data, expected=d)  # hashes, stores nothing on mismatch
-                except DigestMismatchError as e:
-                    first = first or DigestMismatchError(d, e.actual, f"from {self.remote.target}")
-                    continue
-                group.append(d)
-                if len(group) == _READY_GROUP:
-                    stored(group)
-                    group = []
+            got: list[Digest] = []
+            # One group commit for the whole response: its blobs are synced together,
+            # then published; only then are they handed over (and their locks freed).
+            with self.cas.batch(max_blobs=1 << 30, max_bytes=1 << 62) as batch:
+                for d, data in self.remote.read_batch(ds):
+                    try:
+                        batch.put(data, expected=d)  # hashes, stages nothing on mismatch
+                    except DigestMismatchError as e:
+                        first = first or DigestMismatchError(
+                            d, e.actual, f"from {self.remote.target}"
+                        )
+                        continue
+                    got.append(d)
             self.count(blobs=len(ds), bytes=sum(d.size_bytes for d in ds), batches=1)
+            for i in range(0, len(got), _READY_GROUP):
+                stored(got[i : i + _READY_GROUP])
             if first is not None:
                 raise first
-            if group:
-                stored(group)
         finally:
             with self._mutex:
                 self._inflight -= 1
