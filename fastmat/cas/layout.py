@@ -4,8 +4,11 @@ Under the root::
 
     blobs/<hh>/<hash>-<size>   a blob, mode 0444, never written again (invariant 1)
     exec/<hh>/<hash>-<size>    its executable variant: another inode, mode 0555 (invariant 2)
-    tmp/<pid>.<rand>/          one per open instance, owned by an flock (fastmat.fs.locks)
+    tmp/<pid>.<rand>/          one per open instance, owned by an flock (fastmat.fs.locks);
+                               its pin.<n> files list the names it has pinned
     locks/                     single-flight lock files
+    usage/store, usage/uses    the use record: names stored / evicted, names used
+    usage/lock                 flock'ed shared to pin or append, exclusive to evict
     quarantine/                what ``verify()`` moved out of the way
 
 ``<hh>`` is the first two hex digits of the hash: 256 shard directories per area, all
@@ -28,6 +31,10 @@ AREAS = (BLOBS, EXEC)
 TMP = "tmp"
 LOCKS = "locks"
 QUARANTINE = "quarantine"
+USAGE = "usage"  # the use record (fastmat.cas.usage): made at first use
+STORE_LOG = "store"
+USES_LOG = "uses"
+USAGE_LOCK = "lock"  # in USAGE: pins and appends share it, eviction takes it alone
 SHARDS = tuple(f"{i:02x}" for i in range(256))
 
 BLOB_MODE = 0o444

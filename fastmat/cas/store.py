@@ -23,7 +23,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +32,14 @@ from types import TracebackType
 from fastmat import _binding
 from fastmat.cas import layout
 from fastmat.cas.commit import CommitResult, Committer, Staged, sync_mode_for
+from fastmat.cas.evict import Budget, Evictor, EvictReport
+from fastmat.cas.usage import Index, Pin, Usage, UsageCounters, file_links, scan_names
 from fastmat.cas.verify import VerifyReport, verify_cas
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
-__all__ = ["Batch", "CASCounters", "LocalCAS"]
+__all__ = ["Batch", "CASCounters", "CASUsage", "LocalCAS"]
 
 log = logging.getLogger("fastmat")
 
@@ -66,9 +68,35 @@ class CASCounters:
     temp_dirs_swept: int = 0  # dead owners' temp dirs removed at open
 
 
-def _release(owned: OwnedDir, tmp_parent_fd: int, fds: list[int], pid: int) -> None:
+@dataclass
+class CASUsage:
+    """``LocalCAS.usage()``: what the CAS holds now, and what eviction did so far."""
+
+    names: int  # blobs + executable variants
+    blobs: int
+    exec_variants: int
+    bytes: int
+    bytes_cas_only: int  # link count 1: freed if evicted
+    bytes_shared: int  # link count > 1: also linked into trees or cache entries
+    pinned_keys: int
+    max_bytes: int | None
+    max_blobs: int | None
+    counters: UsageCounters  # evictions, evicted bytes, re-fetches: every process, ever
+    recorded_bytes: int  # what the use record counts (the budget's view)
+    recorded_names: int
+
+
+def _release(
+    owned: OwnedDir,
+    tmp_parent_fd: int,
+    fds: list[int],
+    pid: int,
+    closers: list[Callable[[], None]],
+) -> None:
     try:
         if os.getpid() == pid:
+            for close in closers:  # the evictor's thread, the use record's files
+                close()
             owned.release(tmp_parent_fd)
         else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
             os.close(owned.fd)
@@ -86,12 +114,21 @@ def _read_chunks(fd: int) -> Iterable[bytes]:
 class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe.
 
-    ``fsync=False`` skips every fsync (faster, not crash-safe).
+    ``fsync=False`` skips every fsync (faster, not crash-safe). ``max_bytes`` /
+    ``max_blobs`` bound the CAS (:mod:`fastmat.cas.evict`: its names, executable
+    variants included, least recently used evicted first, pinned ones never).
     """
 
     exec_writers_timeout_s: float = 2.0  # see _build_variant
 
-    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        max_bytes: int | None = None,
+        max_blobs: int | None = None,
+    ) -> None:
         self.root = Path(path).absolute()
         self._fsync = fsync
         layout.create(self.root)
@@ -109,8 +146,9 @@ class LocalCAS:
             raise
         self.tmp_dir = self.root / layout.TMP / self._owned.name
         self.tmp_fd = self._owned.fd
+        closers: list[Callable[[], None]] = []
         self._finalizer = weakref.finalize(
-            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
+            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid(), closers
         )
         self._locks = locks.KeyedLock(self._locks_fd)
         self._names = itertools.count()
@@ -121,6 +159,20 @@ class LocalCAS:
         self._committer = Committer(
             self.tmp_fd, self.root_fd, fsync=fsync, sync_mode=sync_mode_for(self.tmp_fd)
         )
+        self._usage = Usage(self.root_fd, self._tmp_parent_fd, self.tmp_fd)
+        closers.append(self._usage.close)
+        self.budget = Budget(max_bytes, max_blobs)
+        self._evictor: Evictor | None = None
+        if self.budget.bounded:
+            self._evictor = Evictor(self._usage, self.budget)
+            closers.insert(0, self._evictor.close)
+            self._committer.admit = self._evictor.admit
+            if max_bytes is not None:  # a group is what admission may add at once
+                self._committer.max_group_bytes = min(
+                    self._committer.max_group_bytes, max(1 << 20, max_bytes // 16)
+                )
+        else:
+            self._committer.admit = self._record_stored
         swept = sweep_dead(self._tmp_parent_fd, keep=self._owned.name)
         self._count(temp_dirs_swept=swept)
         if swept:
@@ -472,6 +524,69 @@ class LocalCAS:
                 raise
             self.commit([Staged(tmp, d, layout.EXEC)]).raise_first()
             return
+
+    # ---- the use record, pins, eviction ----
+
+    def _record_stored(self, staged: Sequence[Staged]) -> None:
+        """An unbounded instance's commit hook: the names join the use record."""
+        self._usage.record_stored([s.final.encode() for s in staged])
+
+    def pinned(
+        self, names: bytes | Iterable[Digest] = b""
+    ) -> contextlib.AbstractContextManager[Pin]:
+        """Pins blobs for a ``with`` block: no process evicts them (nor their executable
+        variants) until it ends, and the end records their use (LRU).
+
+        ``names``: the digests, or ``Plan.blobs`` as it is (``blobs/..`` paths separated
+        by NUL bytes: no per-blob work). Pin *before* looking for the blobs: one
+        evicted before the pin is absent when looked for (fetch it again, or raise
+        ``BlobNotFoundError``). ``Pin.add`` pins more inside the block.
+        """
+        if not isinstance(names, bytes):
+            names = b"\0".join(layout.rel(layout.BLOBS, d).encode() for d in names)
+        return self._usage.pin(names)
+
+    def gc(self, max_bytes: int | None = None, max_blobs: int | None = None) -> EvictReport:
+        """Rescans the CAS (the use record is rebuilt from the shard directories where
+        they disagree), then evicts least recently used unpinned names until at most
+        ``max_bytes`` / ``max_blobs`` remain (default: this instance's bounds; neither:
+        only the rescan)."""
+        self._usage.compact()
+        mb = self.budget.max_bytes if max_bytes is None else max_bytes
+        mn = self.budget.max_blobs if max_blobs is None else max_blobs
+        evictor = self._evictor or Evictor(self._usage, Budget(mb, mn), background=False)
+        inf = float("inf")
+        return evictor.evict_to(inf if mb is None else mb, inf if mn is None else mn)
+
+    def usage(self) -> CASUsage:
+        """Names and bytes held, by area and by sharing, pins and cumulative evictions
+        (a readdir and an lstat per name: for ``fastmat stats``, not a hot path)."""
+        idx = self._usage.tail()
+        names = scan_names(self.root_fd)
+        only, shared = file_links(self.root_fd, names)
+        blobs = [n for n in names if n.startswith(b"blobs/")]
+        exec_ = len(names) - len(blobs)
+        with self._usage.shared():
+            pinned = len(self._usage.pinned_keys())
+        return CASUsage(
+            names=len(names),
+            blobs=len(blobs),
+            exec_variants=exec_,
+            bytes=only + shared,
+            bytes_cas_only=only,
+            bytes_shared=shared,
+            pinned_keys=pinned,
+            max_bytes=self.budget.max_bytes,
+            max_blobs=self.budget.max_blobs,
+            counters=idx.counters,
+            recorded_bytes=idx.total_bytes,
+            recorded_names=idx.total_names,
+        )
+
+    @property
+    def index(self) -> Index:
+        """The use record, up to date (tests, diagnostics)."""
+        return self._usage.tail()
 
     # ---- verification ----
 
