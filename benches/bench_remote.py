@@ -38,7 +38,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -171,7 +171,7 @@ def bench_shape(
         def fetch_directories(self, root: Digest) -> None:
             self.f.fetch_directories(root)
 
-        def fetch_blobs(self, digests: list[Digest]) -> None:
+        def fetch_blobs(self, digests: Sequence[Digest]) -> None:
             self.f.fetch_blobs(digests)
 
     def fetch_then_link(_: int) -> float:

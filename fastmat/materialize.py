@@ -278,17 +278,20 @@ def materialize(
             t1 = time.perf_counter()
             res = f.materialize_plan(plan, path, threads=threads, max_inflight=max_inflight)
         else:
-            # Without a fetcher, the native call checks presence (check_srcs).
-            check_blobs(cas, plan, f, presence=f is not None)
-            t1 = time.perf_counter()
-            res = run_plan(
-                cas,
-                plan,
-                path,
-                threads=threads,
-                max_inflight=max_inflight,
-                check_srcs=f is None and check_blobs_first,
-            )
+            # Pinned before the checks: no process evicts a blob the plan links until
+            # it is linked (issue 11; the pipelined fetcher pins by itself).
+            with cas.pinned(plan.blobs):
+                # Without a fetcher, the native call checks presence (check_srcs).
+                check_blobs(cas, plan, f, presence=f is not None)
+                t1 = time.perf_counter()
+                res = run_plan(
+                    cas,
+                    plan,
+                    path,
+                    threads=threads,
+                    max_inflight=max_inflight,
+                    check_srcs=f is None and check_blobs_first,
+                )
     finally:
         if owned is not None:
             owned.close()

@@ -159,7 +159,9 @@ def run_pipelined(
     cancel = threading.Event()
     fetch_thread: threading.Thread | None = None
     try:
-        with staged(path) as st:
+        # Pinned before looking: no process evicts a blob of the plan until the tree is
+        # published (one evicted before the pin is missing here, so fetched again).
+        with cas.pinned(plan.blobs), staged(path) as st:
             linker = _Linker(cas, plan, path, st.fd, threads=threads, inflight=max_inflight)
             missing = set(cas.missing(linker.by_digest))
             ready_q: queue.SimpleQueue[list[Digest] | None] = queue.SimpleQueue()
