@@ -75,6 +75,8 @@ class CASUsage:
     names: int  # blobs + executable variants
     blobs: int
     exec_variants: int
+    blob_bytes: int
+    exec_bytes: int
     bytes: int
     bytes_cas_only: int  # link count 1: freed if evicted
     bytes_shared: int  # link count > 1: also linked into trees or cache entries
@@ -104,6 +106,12 @@ def _release(
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _size_of(name: bytes) -> int:
+    """The size a CAS name says its blob has (``.../<hash>-<size>``)."""
+    tail = name.rsplit(b"-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _read_chunks(fd: int) -> Iterable[bytes]:
@@ -565,13 +573,15 @@ class LocalCAS:
         names = scan_names(self.root_fd)
         only, shared = file_links(self.root_fd, names)
         blobs = [n for n in names if n.startswith(b"blobs/")]
-        exec_ = len(names) - len(blobs)
+        exec_ = [n for n in names if not n.startswith(b"blobs/")]
         with self._usage.shared():
             pinned = len(self._usage.pinned_keys())
         return CASUsage(
             names=len(names),
             blobs=len(blobs),
-            exec_variants=exec_,
+            exec_variants=len(exec_),
+            blob_bytes=sum(_size_of(n) for n in blobs),
+            exec_bytes=sum(_size_of(n) for n in exec_),
             bytes=only + shared,
             bytes_cas_only=only,
             bytes_shared=shared,

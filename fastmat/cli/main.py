@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         parents=[common, cas],
         help="CAS (and cache) usage",
-        description="Counts and bytes of the CAS blobs and executable variants, "
-        "and with --cache the directory cache's statistics.",
+        description="Counts and bytes of the CAS blobs and executable variants, the bytes "
+        "held only by the CAS vs shared with linked trees, evictions and re-fetches, and "
+        "with --cache the directory cache's statistics.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
@@ -158,17 +159,22 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "gc",
         parents=[common, cas],
-        help="evict cache entries down to a size",
-        description="Evict unpinned directory-cache entries (least recently used first) "
-        "until the cache holds at most --max-bytes.",
+        help="evict CAS blobs (or cache entries) down to a size",
+        description="Evict the least recently used unpinned CAS blobs and executable "
+        "variants until the CAS holds at most --max-bytes (and --max-blobs names); with "
+        "--cache DIR, evict unpinned directory-cache entries (least recently used first) "
+        "until the cache holds at most --max-bytes instead. Trees and cache entries "
+        "already linked to an evicted blob keep it.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--max-bytes",
         type=parse_size,
-        required=True,
         metavar="SIZE",
         help="bound, e.g. 500M, 10G, 2GB",
+    )
+    s.add_argument(
+        "--max-blobs", type=int, metavar="N", help="bound on the CAS's names (without --cache)"
     )
 
     s = sub.add_parser(

@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import errno
 import json
-import os
 import signal
 import subprocess
 from dataclasses import fields, is_dataclass
@@ -182,37 +181,43 @@ def _wait_for_signal() -> None:
         signal.signal(signal.SIGTERM, old)
 
 
-def _cas_usage(root: Path) -> dict[str, int]:
-    """Counts and bytes of blobs and executable variants (one lstat per file)."""
-    out = {"blobs": 0, "blob_bytes": 0, "exec_variants": 0, "exec_bytes": 0}
-    for area, count, size in (
-        ("blobs", "blobs", "blob_bytes"),
-        ("exec", "exec_variants", "exec_bytes"),
-    ):
-        top = root / area
-        if not top.is_dir():
-            continue
-        with os.scandir(top) as shards:
-            for shard in shards:
-                if not shard.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(shard.path) as it:
-                    for e in it:
-                        if e.is_file(follow_symlinks=False):
-                            out[count] += 1
-                            out[size] += e.stat(follow_symlinks=False).st_size
-    return out
+def _cas_payload(cas: LocalCAS) -> tuple[dict[str, Any], str]:
+    """What ``stats`` reports about the CAS, as JSON and as one text block."""
+    u = cas.usage()
+    c = u.counters
+    payload = {
+        "path": str(cas.root),
+        "blobs": u.blobs,
+        "blob_bytes": u.blob_bytes,
+        "exec_variants": u.exec_variants,
+        "exec_bytes": u.exec_bytes,
+        "names": u.names,
+        "bytes": u.bytes,
+        "bytes_cas_only": u.bytes_cas_only,
+        "bytes_shared": u.bytes_shared,
+        "pinned_keys": u.pinned_keys,
+        "evictions": c.evictions,
+        "evicted_bytes": c.evicted_bytes,
+        "refetches": c.refetches,
+        "recorded_bytes": u.recorded_bytes,
+    }
+    text = (
+        f"CAS {cas.root}: {u.blobs:,} blobs ({human_bytes(u.blob_bytes)}), "
+        f"{u.exec_variants:,} executable variants ({human_bytes(u.exec_bytes)})\n"
+        f"  {human_bytes(u.bytes_cas_only)} held only by the CAS, "
+        f"{human_bytes(u.bytes_shared)} shared with linked trees (link count > 1)\n"
+        f"  {c.evictions:,} names evicted ({human_bytes(c.evicted_bytes)}), "
+        f"{c.refetches:,} re-fetched after eviction; {u.pinned_keys:,} blobs pinned now"
+    )
+    return payload, text
 
 
 def cmd_stats(args: argparse.Namespace) -> Outcome:
 
     with _open_cas(args.cas) as cas:
-        usage = _cas_usage(cas.root)
-        payload: dict[str, Any] = {"cas": {"path": str(cas.root), **usage}}
-        lines = [
-            f"CAS {cas.root}: {usage['blobs']:,} blobs ({human_bytes(usage['blob_bytes'])}), "
-            f"{usage['exec_variants']:,} executable variants ({human_bytes(usage['exec_bytes'])})"
-        ]
+        cas_payload, text = _cas_payload(cas)
+        payload: dict[str, Any] = {"cas": cas_payload}
+        lines = [text]
         if args.cache is not None:
             with _open_cache_readonly(cas, args.cache) as cache:
                 st = cache.stats()
@@ -257,10 +262,12 @@ def _open_cache_readonly(cas: Any, path: Path) -> Any:
 
 
 def cmd_gc(args: argparse.Namespace) -> Outcome:
+    if args.cache is None:
+        return _gc_cas(args)
+    if args.max_bytes is None:
+        raise UsageError("gc --cache needs --max-bytes (the cache's bound)")
     from fastmat.cache import DirectoryCache
 
-    if args.cache is None:
-        raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
     with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
         with _open_cache_readonly(cas, args.cache) as cache:
             before = cache.stats()
@@ -280,6 +287,21 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
         f"evicted {before.entries - after.entries} of {before.entries} cache entries, "
         f"freed {human_bytes(before.bytes - after.bytes)}; "
         f"{after.entries} entries ({human_bytes(after.bytes)}) remain"
+    )
+    return 0, payload, text
+
+
+def _gc_cas(args: argparse.Namespace) -> Outcome:
+    """The CAS itself: least recently used unpinned names evicted down to the bounds."""
+    if args.max_bytes is None and args.max_blobs is None:
+        raise UsageError("gc needs --max-bytes or --max-blobs (with --cache DIR: the cache's)")
+    with _open_cas(args.cas) as cas, Progress("collecting the CAS", enabled=_bars(args)):
+        rep = cas.gc(max_bytes=args.max_bytes, max_blobs=args.max_blobs)
+    payload = {"max_bytes": args.max_bytes, "max_blobs": args.max_blobs, **jsonable(rep)}
+    text = (
+        f"evicted {rep.evicted:,} of {rep.names_before:,} CAS names, "
+        f"{human_bytes(rep.evicted_bytes)}; {rep.names_after:,} names "
+        f"({human_bytes(rep.bytes_after)}) remain, {rep.pinned:,} blobs pinned"
     )
     return 0, payload, text
 
