@@ -151,7 +151,7 @@ def test_fsync_false_syncs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert calls == []
     with LocalCAS(tmp_path / "durable") as durable:
         durable.put(b"x")
-    assert calls == ["fsync"]
+    assert calls == ["writeback", "fsync"]  # the writeback starts while a leader syncs
 
 
 # ---------------------------------------------------------------- Batch

@@ -145,6 +145,10 @@ class Committer:
         it is in the result."""
         if not items:
             return CommitResult([], [])
+        if self.fsync:  # their writeback runs while this caller waits for a leader
+            _binding.sync_batch(
+                self.tmp_fd, [s.tmp.encode() for s in items], "writeback", threads=1
+            )
         ticket = _Ticket(list(items))
         with self._cv:
             self._pending.append(ticket)

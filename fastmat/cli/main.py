@@ -191,8 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  (scale_10k with --quick)\n"
         "methods: floor (C mkdirat+linkat loop), fastmat_cold (materialize), cache_hit\n"
         "  (DirectoryCache hit), overlay (workspace mount; skipped where this process\n"
-        "  cannot mount), os_link_walk, copytree, cp_al, and remote (with --remote:\n"
-        "  the fetch pipeline into an empty CAS)\n"
+        "  cannot mount), os_link_walk, copytree, cp_al, and with --remote: remote (the\n"
+        "  fetch pipeline into an empty default, durable CAS) and remote_nofsync (the\n"
+        "  same with fsync=False, side by side)\n"
         "--json prints the --out object: machine, config, shapes, every sample.",
     )
     s.add_argument("--quick", action="store_true", help="small sizes, about a minute")
