@@ -192,8 +192,8 @@ def sync_strategies(where: Path, runs: int) -> None:
         for run in range(runs):
             for name, fn in methods.items():
                 d = where / f"sync-{run}-{len(times[name])}-{name.split()[0]}-{n}"
+                os.sync()  # others' dirty pages out of the way; then fresh, unsynced temps
                 names = _temps(d, n, size)
-                os.sync()
                 fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
                 t0 = time.perf_counter()
                 fn(fd, names)

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from fastmat import _binding
-from fastmat.cas import LocalCAS
+from fastmat.cas import LocalCAS, commit
 from fastmat.digest import Digest, DigestMismatchError
 from tests.helpers import raises_errno, run_cmd
 
@@ -50,6 +50,7 @@ def temps(cas: LocalCAS) -> list[str]:
 
 
 def test_a_blob_whose_sync_failed_is_never_published(cas: LocalCAS) -> None:
+    cas._committer.sync_mode = "fsync"
     data = [blob(i) for i in range(20)]
     with _binding.injected("sync", -errno.EIO, 3), raises_errno(errno.EIO), cas.batch() as b:
         for x in data:
@@ -62,20 +63,42 @@ def test_a_blob_whose_sync_failed_is_never_published(cas: LocalCAS) -> None:
     assert cas.verify().ok
 
 
-def test_a_failed_syncfs_publishes_nothing_of_its_group(cas: LocalCAS) -> None:
+def test_a_failed_syncfs_falls_back_to_each_temps_fsync(cas: LocalCAS) -> None:
+    """A syncfs also reports other files' writeback errors: then each temp's own fsync
+    decides. Failing the syncfs and every fsync publishes nothing of the group."""
     cas._committer.sync_mode = "syncfs"
     data = [blob(i) for i in range(10)]
-    with _binding.injected("sync", -errno.EIO, 1), raises_errno(errno.EIO), cas.batch() as b:
+    with _binding.injected("sync", -errno.EIO, 1 + 10), raises_errno(errno.EIO), cas.batch() as b:
         for x in data:
             b.put(x)
     assert not any(Digest.of(x) in cas for x in data)
     assert temps(cas) == []
-    for x in data:  # and the next commit is a normal one
-        cas.put(x)
+    with _binding.injected("sync", -errno.EIO, 1), cas.batch() as b:  # the syncfs only
+        for x in data:
+            b.put(x)
     assert all(Digest.of(x) in cas for x in data)
+    assert cas._committer.syncfs_calls == 2
+
+
+def test_auto_takes_syncfs_only_while_little_is_dirty(
+    cas: LocalCAS, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = commit.dirty_bytes()
+    assert real is None or real >= 0
+    cas._committer.sync_mode = "auto"
+    monkeypatch.setattr(commit, "dirty_bytes", lambda: 1 << 40)  # a terabyte to write
+    cas.put(b"busy machine")
+    assert cas._committer.syncfs_calls == 0
+    monkeypatch.setattr(commit, "dirty_bytes", lambda: 4096)
+    cas.put(b"quiet machine")
+    assert cas._committer.syncfs_calls == 1
+    monkeypatch.setattr(commit, "dirty_bytes", lambda: None)  # no /proc/meminfo
+    cas.put(b"unknown")
+    assert cas._committer.syncfs_calls == 1
 
 
 def test_single_puts_fail_alone(cas: LocalCAS) -> None:
+    cas._committer.sync_mode = "fsync"
     with _binding.injected("sync", -errno.ENOSPC, 1), raises_errno(errno.ENOSPC):
         cas.put(b"first")
     assert Digest.of(b"first") not in cas
@@ -151,7 +174,9 @@ def test_fsync_false_syncs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert calls == []
     with LocalCAS(tmp_path / "durable") as durable:
         durable.put(b"x")
-    assert calls == ["writeback", "fsync"]  # the writeback starts while a leader syncs
+    assert calls[0] == "writeback"  # started while a leader syncs
+    assert calls[1] in ("fsync", "syncfs")
+    assert len(calls) == 2
 
 
 # ---------------------------------------------------------------- Batch
@@ -207,7 +232,7 @@ _STRACE_CHILD = textwrap.dedent(
     """
     import os, sys
     sys.path.insert(0, {repo!r})
-    from fastmat.cas import LocalCAS
+    from fastmat.cas import LocalCAS, commit
     cas = LocalCAS(sys.argv[1], fsync=sys.argv[2] == "1")
     cas._committer.sync_mode = sys.argv[3]
     print("TMP", cas.tmp_dir, flush=True)
@@ -323,11 +348,12 @@ _CRASH_CHILD = textwrap.dedent(
     import array, os, subprocess, sys
     sys.path.insert(0, {repo!r})
     from fastmat import _binding
-    from fastmat.cas import LocalCAS
-    mnt, skip = sys.argv[1], sys.argv[2] == "skip"
+    from fastmat.cas import LocalCAS, commit
+    mnt, skip, mode = sys.argv[1], sys.argv[2] == "skip", sys.argv[3]
     if skip:  # the bug this test must catch: publishing without the data sync
         _binding.sync_batch = lambda fd, names, mode, **kw: array.array("i", [0] * len(names))
     cas = LocalCAS(os.path.join(mnt, "cas"))
+    cas._committer.sync_mode = mode
     with cas.batch() as b:
         for i in range(300):
             b.put(os.urandom(2000 + 37 * i))
@@ -340,7 +366,7 @@ _CRASH_CHILD = textwrap.dedent(
 )
 
 
-def _power_loss(base: Path, how: str) -> tuple[int, int]:
+def _power_loss(base: Path, how: str, mode: str = "auto") -> tuple[int, int]:
     """Writes a CAS on a fresh XFS, cuts it off (shutdown: nothing dirty is written
     after that), remounts; returns (whole, damaged) published names."""
     image, mnt = base / f"{how}.img", base / f"{how}.mnt"
@@ -353,7 +379,7 @@ def _power_loss(base: Path, how: str) -> tuple[int, int]:
         pytest.skip("cannot mount a loop device here")
     try:
         res = subprocess.run(
-            [sys.executable, "-c", _CRASH_CHILD.format(repo=str(REPO)), str(mnt), how],
+            [sys.executable, "-c", _CRASH_CHILD.format(repo=str(REPO)), str(mnt), how, mode],
             capture_output=True, text=True, check=False, timeout=120,
         )  # fmt: skip
         assert res.returncode == 0, res.stderr
@@ -375,10 +401,11 @@ def _power_loss(base: Path, how: str) -> tuple[int, int]:
         image.unlink(missing_ok=True)
 
 
-def test_power_loss_leaves_published_blobs_whole(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["fsync", "syncfs"])
+def test_power_loss_leaves_published_blobs_whole(tmp_path: Path, mode: str) -> None:
     if os.geteuid() != 0 or shutil.which("xfs_io") is None or shutil.which("mkfs.xfs") is None:
         pytest.skip("needs root and xfsprogs (mkfs.xfs, xfs_io)")
-    whole, damaged = _power_loss(tmp_path, "durable")
+    whole, damaged = _power_loss(tmp_path, "durable", mode)
     assert damaged == 0
     assert whole == 302  # every published blob and the variant survived
 
