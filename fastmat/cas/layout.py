@@ -70,6 +70,25 @@ def shard_dir(area: str, h: str) -> str:
     return f"{area}/{h[:2]}"
 
 
+def name_of(area: str, key: bytes) -> bytes:
+    """``<area>/<hh>/<key>`` for a ``<hash>-<size>`` key (bytes, for the use record)."""
+    return area.encode() + b"/" + key[:2] + b"/" + key
+
+
+def area_of(name: bytes) -> str | None:
+    """:data:`BLOBS` or :data:`EXEC` for a ``blobs/..`` / ``exec/..`` name, else None."""
+    if name.startswith(_BLOBS_B):
+        return BLOBS
+    if name.startswith(_EXEC_B):
+        return EXEC
+    return None
+
+
+def key_of(name: bytes) -> bytes:
+    """The ``<hash>-<size>`` key that ends a CAS name (or a bare key)."""
+    return name[name.rfind(b"/") + 1 :]
+
+
 def digest_of_rel(path: bytes) -> Digest:
     """The digest named by a ``blobs/..`` or ``exec/..`` path."""
     h, _, size = path.rsplit(b"/", 1)[1].decode().partition("-")

@@ -572,8 +572,8 @@ class LocalCAS:
         idx = self._usage.tail()
         names = scan_names(self.root_fd)
         only, shared = file_links(self.root_fd, names)
-        blobs = [n for n in names if n.startswith(b"blobs/")]
-        exec_ = [n for n in names if not n.startswith(b"blobs/")]
+        blobs = [n for n in names if layout.area_of(n) == layout.BLOBS]
+        exec_ = [n for n in names if layout.area_of(n) == layout.EXEC]
         with self._usage.shared():
             pinned = len(self._usage.pinned_keys())
         return CASUsage(

@@ -73,13 +73,12 @@ def _chunk(kind: bytes, t: int, body: bytes) -> bytes:
 
 
 def split_name(name: bytes) -> tuple[bytes, int] | None:
-    """``(key, area bit)`` of ``blobs/<hh>/<key>`` / ``exec/..``, None if malformed."""
-    slash = name.rfind(b"/")
-    key = name[slash + 1 :]
+    """``(key, area bit)`` of a CAS name (:mod:`fastmat.cas.layout`), None if malformed."""
+    key = layout.key_of(name)
     if len(key) < 66 or key[64:65] != b"-" or not key[65:].isdigit():
         return None
-    bit = 2 if name.startswith(b"exec/") else 1 if name.startswith(b"blobs/") else 0
-    return (key, bit) if bit else None
+    area = layout.area_of(name)
+    return None if area is None else (key, _BITS[area])
 
 
 @dataclass
@@ -106,7 +105,7 @@ class Index:
         if kind == b"U":
             get = self.entries.get
             for name in body.split(b"\0"):
-                e = get(name[name.rfind(b"/") + 1 :])
+                e = get(name[name.rfind(b"/") + 1 :])  # layout.key_of, inlined: hot
                 if e is not None and e[0] < t:  # a key's time covers both its names
                     e[0] = t
         elif kind == b"S":
@@ -373,8 +372,7 @@ class Usage:
                         data = _read_all(fd)
                     finally:
                         os.close(fd)
-                    for n in data.split(b"\0"):
-                        keys.add(n[n.rfind(b"/") + 1 :])
+                    keys.update(layout.key_of(n) for n in data.split(b"\0"))
             finally:
                 os.close(dfd)
         keys.discard(b"")
@@ -438,14 +436,13 @@ class Usage:
             for bit in (2, 1):  # the variant first: it is made from the blob
                 if not e[1] & bit:
                     continue
-                area = _AREA_OF_BIT[bit]
-                name = f"{area}/{key[:2].decode()}/{key.decode()}"
+                name = layout.name_of(_AREA_OF_BIT[bit], key)
                 try:
                     os.unlink(name, dir_fd=self.root_fd)
                 except FileNotFoundError:
                     pass  # removed by hand, or its rename did not happen yet: keep the index
                 else:
-                    removed.append(name.encode())
+                    removed.append(name)
         if removed:
             self._append(self.store, b"E", removed)
             self._tail()
@@ -504,11 +501,9 @@ class Usage:
                 idx.stored(name, st.st_mtime_ns if e is None else e[0])
         for key, e in list(idx.entries.items()):
             for bit, area in _AREA_OF_BIT.items():
-                if (
-                    e[1] & bit
-                    and f"{area}/{key[:2].decode()}/{key.decode()}".encode() not in present
-                ):
-                    idx.removed(f"{area}/{key[:2].decode()}/".encode() + key, count=False)
+                name = layout.name_of(area, key)
+                if e[1] & bit and name not in present:
+                    idx.removed(name, count=False)
         c = idx.counters
         parts = [
             _chunk(b"C", time.time_ns(), b"%d %d %d" % (c.evictions, c.evicted_bytes, c.refetches))
@@ -519,9 +514,7 @@ class Usage:
         for key, e in sorted(idx.entries.items(), key=lambda kv: kv[1][0]):
             for bit, area in _AREA_OF_BIT.items():
                 if e[1] & bit:
-                    by_time.setdefault(e[0], []).append(
-                        f"{area}/{key[:2].decode()}/".encode() + key
-                    )
+                    by_time.setdefault(e[0], []).append(layout.name_of(area, key))
         parts.extend(_chunk(b"S", t, b"\0".join(names)) for t, names in by_time.items())
         tmp = f"{layout.STORE_LOG}.{os.getpid()}.new"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOCK_MODE,
