@@ -234,8 +234,11 @@ class Evictor:
         return rep
 
     def _run(self) -> None:
+        first = True  # replays the use record at once: the first admission finds it ready
         while not self._closed.is_set():
-            self._wake.wait(_PERIOD_S)
+            if not first:
+                self._wake.wait(_PERIOD_S)
+            first = False
             self._wake.clear()
             if self._closed.is_set():
                 return
