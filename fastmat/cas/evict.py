@@ -195,7 +195,7 @@ class Evictor:
         pinned: set[bytes] = set()
         while not self._closed.is_set():
             with self.usage.shared():
-                idx = self.usage.tail_locked()
+                idx = self.usage.refresh()
                 if _fits(idx, max_bytes, max_names):
                     break
                 cands = idx.oldest(set(), _CANDIDATES)
@@ -216,7 +216,7 @@ class Evictor:
             if not progressed:
                 break
         with self.usage.shared():
-            idx = self.usage.tail_locked()
+            idx = self.usage.refresh()
             pinned = self.usage.pinned_keys()
         rep.bytes_after, rep.names_after = idx.total_bytes, idx.total_names
         rep.evicted = self.evicted - evicted0

@@ -414,8 +414,13 @@ class Usage:
                     idx = self._tail()
         return idx
 
+    def refresh(self) -> Index:
+        """The index, brought up to date under the caller's lock (shared or exclusive);
+        never compacts (that needs LOCK_EX: :meth:`tail_locked`)."""
+        return self._tail()
+
     def tail_locked(self) -> Index:
-        """:meth:`tail` under the caller's LOCK_EX."""
+        """:meth:`tail` under the caller's LOCK_EX (reconciles a never-compacted log)."""
         idx = self._tail()
         if not idx.reconciled:
             self._compact_locked()
