@@ -24,7 +24,7 @@ interleaved, ``sync`` before every run):
   running interpreter's, without site-packages) into a durable (default) and a
   non-durable CAS (target <= 1.5x);
 - ``--usage``: the use record's cost per blob: a pinned scope of a
-  1,978-blob plan (pin file, use chunk) against the materialize it guards.
+  1,978-blob plan (pin file, use chunk) against a cold materialize of it.
 
 ``python benches/bench_cas.py [--runs N] [--dir D] [--shapes small,medium,large]``
 prints the table; ``pytest benches/bench_cas.py`` runs the pytest-benchmark versions.
@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # shapes.py, in script mode
 
 from fastmat import _binding
 from fastmat.cas import LocalCAS
@@ -248,31 +250,47 @@ def durable_ingest(where: Path, runs: int) -> dict[str, float]:
 
 
 def use_record_cost(where: Path, runs: int) -> None:
-    """A pinned scope of a 1,978-blob plan (pin file + use chunk) per blob, and the
-    replay of those chunks by another process's index."""
+    """What pinning costs a materialize: a pinned scope of a 1,978-blob plan (pin
+    file, use chunk) against a cold materialize of that tree (large_tree's files,
+    bytes scaled down), both measured in turns in the same run; and the replay of
+    those use chunks by another instance's index."""
+    from shapes import build_shape
+
+    from fastmat.materialize import materialize
+    from fastmat.tree import load_plan
+    from fastmat.tree.nodecache import node_cache
+
     work = Path(tempfile.mkdtemp(prefix="bench-usage-", dir=where))
     try:
-        with LocalCAS(work / "cas") as cas:
-            names = b"\0".join(
-                f"blobs/{h[:2]}/{h}-{1000 + i}".encode()
-                for i in range(1978)
-                for h in [hashlib.sha256(b"%d" % i).hexdigest()]
-            )
-            scopes = []
-            for _ in range(max(runs, 5) * 20):
+        with LocalCAS(work / "cas", fsync=False) as cas:
+            root = build_shape(cas.put, "large_tree", bytes_scale=0.01)
+            names = load_plan(cas, root).blobs
+            scopes: list[float] = []
+            cold: list[float] = []
+            for i in range(max(runs, 5) * 4):
                 t0 = time.perf_counter()
                 with cas.pinned(names):
                     pass
                 scopes.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            idx = cas.index
-            replay = time.perf_counter() - t0
-        med = statistics.median(scopes)
+                node_cache.clear()
+                dest = work / f"d{i}"
+                t0 = time.perf_counter()
+                materialize(cas, root, dest)
+                cold.append(time.perf_counter() - t0)
+                _binding.remove_tree(dest)
+            with LocalCAS(work / "cas") as other:
+                t0 = time.perf_counter()
+                idx = other.index
+                replay = time.perf_counter() - t0
+        med, mat = statistics.median(scopes), statistics.median(cold)
+        n = names.count(b"\0") + 1
         print(
-            f"use record: a pinned scope of 1,978 names {med * 1e6:.0f} us "
-            f"({med * 1e9 / 1978:.0f} ns per blob; a cold materialize of 1,978 files "
-            f"is ~20-40 ms here); replaying {len(scopes)} use chunks "
-            f"{replay * 1e3:.0f} ms ({len(idx.entries)} names known)"
+            f"use record: a pinned scope of {n:,} names {med * 1e6:.0f} us "
+            f"({med * 1e9 / n:.0f} ns per blob), {med / mat:.1%} of a cold materialize of "
+            f"those files ({mat * 1e3:.1f} ms, which pins once itself), "
+            f"{len(scopes)} turns (medians), load {os.getloadavg()[0]:.1f}; "
+            f"replaying the {2 * len(scopes)} use chunks: {replay * 1e3:.0f} ms "
+            f"({len(idx.entries):,} names known)"
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
