@@ -1,4 +1,4 @@
-"""fm_durable.c (fm_sync_batch, fm_publish_batch) and fm_probe.c's fm_fs_magic."""
+"""fm_durable.c: fm_sync_batch and fm_publish_batch (group commit)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,6 @@ import pytest
 
 from fastmat import _binding as nb
 from tests.helpers import as_nobody, dirfd, leftovers, open_to_all, raises_errno
-
-EXT4, XFS, TMPFS = 0xEF53, 0x58465342, 0x01021994
 
 
 def make_files(d: Path, n: int, size: int = 5000) -> list[bytes]:
@@ -180,20 +178,3 @@ def test_publish_batch_empty_and_mismatched() -> None:
         nb.publish_batch(-1, [b"a"], -1, [])
     with pytest.raises(ValueError, match="NUL"):
         nb.publish_batch(-1, [b"a\0b"], -1, [b"c"])
-
-
-# ---------------------------------------------------------------- fm_fs_magic
-
-
-def test_fs_magic(tmp_path: Path, tmpfs_dir: Path, xfs_dir: Path) -> None:
-    for where, magic in ((tmpfs_dir, TMPFS), (xfs_dir, XFS)):
-        with dirfd(where) as d:
-            assert nb.fs_magic(d) == magic
-    with dirfd(tmp_path) as d:
-        assert nb.fs_magic(d) > 0  # ext4 on CI (0xEF53); whatever holds tmp elsewhere
-
-
-def test_fs_magic_bad_fd_leaves_out_param() -> None:
-    out = nb.ffi.new("uint64_t *", 77)
-    assert nb.lib.fm_fs_magic(-1, out) == -errno.EBADF
-    assert out[0] == 77
