@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 5
+#define FM_ABI_VERSION 6
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -89,11 +89,19 @@ struct fm_plan {
     const char *srcs;         /* n_entries strings: path under src_dirfd, or target */
 };
 
+/* Shared with the caller while fm_plan_exec runs (any thread may read it). */
+struct fm_exec_ctl {
+    int32_t cancel; /* set nonzero to stop between chunks */
+    uint32_t reserved;
+    uint64_t done; /* entries finished so far (added once per chunk) */
+};
+
 struct fm_exec_opts {
-    uint32_t threads;      /* worker threads; 0 = online cores; clamped [1, 256] */
-    uint32_t max_inflight; /* entries claimed but unfinished; 0 = 64; >= threads */
-    uint32_t flags;        /* FM_EXEC_* */
-    int32_t tmp_dirfd;     /* where EMLINK rotation builds its copy; -1 = beside src */
+    uint32_t threads;        /* worker threads; 0 = online cores; clamped [1, 256] */
+    uint32_t max_inflight;   /* entries claimed but unfinished; 0 = 64; >= threads */
+    uint32_t flags;          /* FM_EXEC_* */
+    int32_t tmp_dirfd;       /* where EMLINK rotation builds its copy; -1 = beside src */
+    struct fm_exec_ctl *ctl; /* or NULL: cancellation and progress */
 };
 
 uint32_t fm_abi_version(void);
@@ -110,6 +118,18 @@ uint32_t fm_capabilities(void);
  * (-ECANCELED if never attempted after a failure), how[i] an FM_HOW_* value,
  * dir_status[d] 0 or -errno per directory. Returns 0, or the first failure
  * in plan order (directories before entries), or -EINVAL for a malformed plan.
+ * Directory paths are rebuilt from the names when needed (memory linear in the
+ * names); a directory whose path exceeds PATH_MAX gets -ENAMETOOLONG.
+ *
+ * Link check: once the entries are done, every LINK entry must have made a
+ * regular file (one getdents per directory): one that made a symlink (its src
+ * was swapped for one after any check) gets status -ELOOP, anything else
+ * non-regular -EINVAL; the caller discards the tree.
+ *
+ * opts->ctl: when ctl->cancel becomes nonzero, no new chunk is started;
+ * entries never attempted stay -ECANCELED and, if nothing failed, -ECANCELED
+ * is returned. ctl->done counts the entries finished, chunk by chunk (read it
+ * for progress; nothing is ever called back per file).
  *
  * FM_EXEC_CHECK_SRCS: first, on the same pool, fstatat(src_dirfd, src,
  * AT_SYMLINK_NOFOLLOW) of every LINK and COPY entry's src; it must be a

@@ -7,11 +7,15 @@
  * two directories; worker threads claim chunks from one atomic counter,
  * resolve the chunk's directory once (openat2 RESOLVE_BENEATH |
  * RESOLVE_NO_SYMLINKS, or component-wise O_NOFOLLOW) and do its entries
- * relative to that fd. The threads are fm_thread.c's bounded pool; the
+ * relative to that fd (its path rebuilt from the plan's names: memory stays
+ * linear in the sum of the names, never of the paths). After the links, one
+ * getdents per directory checks that every LINK made a regular file. A cancel
+ * flag is read between chunks. The threads are fm_thread.c's bounded pool; the
  * single-file primitives (open, reflink, copy, temp names) are fm_file.c's.
  */
 #include "fm_internal.h"
 
+#include <dirent.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -24,6 +28,20 @@
 
 /* Serializes EMLINK rotations of the same source (hashed by path). */
 static pthread_mutex_t rotate_lock[STRIPES] = {[0 ... STRIPES - 1] = PTHREAD_MUTEX_INITIALIZER};
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+/* A child forked while a pool thread held a rotation lock would find it held
+ * forever (the holder does not exist there): the child starts with fresh ones. */
+static void reinit_rotate_locks(void)
+{
+    for (int i = 0; i < STRIPES; i++)
+        pthread_mutex_init(&rotate_lock[i], NULL);
+}
+
+static void register_atfork(void)
+{
+    pthread_atfork(NULL, NULL, reinit_rotate_locks);
+}
 
 static _Atomic int no_openat2;
 
@@ -31,19 +49,21 @@ struct ctx {
     int dest_dirfd, src_dirfd, tmp_dirfd;
     const struct fm_plan *p;
     uint32_t flags;
+    struct fm_exec_ctl *ctl; /* the caller's cancel flag and progress counter, or NULL */
     const char **dir_name;
-    char **dir_path;   /* "" for directory 0, "a/b" below it */
     const char **name; /* per entry */
     const char **src;  /* per entry */
     uint32_t *chunk;   /* chunk c is entries [chunk[c], chunk[c + 1]) */
     uint32_t n_chunks;
+    uint32_t *link_dirs; /* directories holding LINK entries (the link check) */
+    uint32_t n_link_dirs;
+    uint32_t *dir_first; /* per directory: its first entry (UINT32_MAX: none) */
     _Atomic uint32_t next_chunk;
     _Atomic int stop;
     _Atomic int no_reflink;
     int32_t *status;
     uint8_t *how;
     int32_t *dir_status;
-    char *path_buf;
 };
 
 static int valid_name(const char *s)
@@ -113,7 +133,8 @@ int32_t fm_plan_check(const struct fm_plan *plan)
     return check_plan(plan, NULL, NULL, NULL);
 }
 
-/* Builds dir_path[d] for every directory into one buffer. */
+/* Builds dir_path[d] for every directory into one buffer (the floor only: its
+ * paths are precomputed before the clock starts). */
 static int build_dir_paths(const struct fm_plan *p, const char **dir_name, char **dir_path,
                            char **buf_out)
 {
@@ -186,9 +207,34 @@ static int open_beneath(int dest_dirfd, const char *path)
     return cur == dest_dirfd ? fm__dup(cur) : cur;
 }
 
+/* Writes directory d's path below the destination ("a/b"; "" for 0) into buf:
+ * 0, or -ENAMETOOLONG when it does not fit in size bytes. */
+static int path_of_dir(const struct ctx *c, uint32_t d, char *buf, size_t size)
+{
+    size_t len = 0;
+    for (uint32_t x = d; x != 0; x = (uint32_t)c->p->dir_parent[x])
+        len += strlen(c->dir_name[x]) + 1; /* a '/' before it, or the final NUL */
+    if (len > size || size == 0)
+        return -ENAMETOOLONG;
+    size_t end = len ? len - 1 : 0;
+    buf[end] = '\0';
+    for (uint32_t x = d; x != 0; x = (uint32_t)c->p->dir_parent[x]) {
+        size_t n = strlen(c->dir_name[x]);
+        end -= n;
+        memcpy(buf + end, c->dir_name[x], n);
+        if (end > 0)
+            buf[--end] = '/';
+    }
+    return 0;
+}
+
 static int dir_fd(struct ctx *c, uint32_t d)
 {
-    return d == 0 ? c->dest_dirfd : open_beneath(c->dest_dirfd, c->dir_path[d]);
+    if (d == 0)
+        return c->dest_dirfd;
+    char path[PATH_MAX];
+    int rc = path_of_dir(c, d, path, sizeof(path));
+    return rc < 0 ? rc : open_beneath(c->dest_dirfd, path);
 }
 
 static void put_dir_fd(struct ctx *c, int fd)
@@ -347,8 +393,15 @@ static void fail(struct ctx *c)
     atomic_store(&c->stop, 1);
 }
 
+static int cancelled(const struct ctx *c)
+{
+    return c->ctl != NULL && __atomic_load_n(&c->ctl->cancel, __ATOMIC_RELAXED) != 0;
+}
+
 static int stopped(struct ctx *c)
 {
+    if (cancelled(c))
+        return 1;
     return !(c->flags & FM_EXEC_KEEP_GOING) && atomic_load_explicit(&c->stop, memory_order_relaxed);
 }
 
@@ -405,12 +458,15 @@ static void *worker(void *arg)
             fd = dir_fd(c, d);
             cur_dir = d;
         }
-        for (uint32_t i = a; i < b && !stopped(c); i++) {
+        uint32_t i = a;
+        for (; i < b && !stopped(c); i++) {
             int rc = fd < 0 ? fd : do_entry(c, fd, i, &c->how[i]);
             c->status[i] = rc;
             if (rc < 0)
                 fail(c);
         }
+        if (c->ctl != NULL)
+            __atomic_fetch_add(&c->ctl->done, (uint64_t)(i - a), __ATOMIC_RELAXED);
     }
     put_dir_fd(c, fd);
     return NULL;
@@ -441,8 +497,13 @@ static void make_dirs(struct ctx *c)
             need_chmod = rc == 0 && (st.st_mode & 07777) != p->dir_mode;
             check_mode = 0;
         }
-        if (rc == 0 && need_chmod)
-            rc = fm__fchmodat(pfd, c->dir_name[d], p->dir_mode);
+        if (rc == 0 && need_chmod) {
+            /* Through an fd opened without following: never another inode. */
+            int fd = fm__openat(pfd, c->dir_name[d], O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
+            rc = fd < 0 ? fd : fm__fchmod(fd, p->dir_mode);
+            if (fd >= 0)
+                fm__close(fd);
+        }
         c->dir_status[d] = rc;
         if (rc < 0)
             fail(c);
@@ -453,11 +514,11 @@ static void make_dirs(struct ctx *c)
 static void free_ctx(struct ctx *c)
 {
     free(c->dir_name);
-    free(c->dir_path);
     free(c->name);
     free(c->src);
     free(c->chunk);
-    free(c->path_buf);
+    free(c->link_dirs);
+    free(c->dir_first);
 }
 
 /* Allocates and fills the string tables of c. Returns 0 or -errno. */
@@ -469,15 +530,130 @@ static int init_ctx(struct ctx *c, const struct fm_plan *p)
         return -EINVAL;
     size_t ne = p->n_entries ? p->n_entries : 1;
     c->dir_name = malloc(p->n_dirs * sizeof(char *));
-    c->dir_path = malloc(p->n_dirs * sizeof(char *));
     c->name = malloc(ne * sizeof(char *));
     c->src = malloc(ne * sizeof(char *));
-    if (!c->dir_name || !c->dir_path || !c->name || !c->src)
+    if (!c->dir_name || !c->name || !c->src)
         return -ENOMEM;
-    int rc = check_plan(p, c->dir_name, c->name, c->src);
-    if (rc == 0)
-        rc = build_dir_paths(p, c->dir_name, c->dir_path, &c->path_buf);
+    return check_plan(p, c->dir_name, c->name, c->src);
+}
+
+/* ---- the link check: every LINK made a regular file ---- */
+
+struct odd {
+    const char *name;
+    unsigned char type; /* DT_* of a non-regular, non-directory entry */
+};
+
+static int cmp_odd(const void *a, const void *b)
+{
+    return strcmp(((const struct odd *)a)->name, ((const struct odd *)b)->name);
+}
+
+/* The LINK entries of directory d that made something else than a regular
+ * file (a CAS name swapped for a symlink, FIFO or device between its last
+ * check and linkat) get -ELOOP (a symlink) or -EINVAL: one getdents pass
+ * over the directory, d_type read from it (a stat only for DT_UNKNOWN). */
+static int check_links_in(struct ctx *c, uint32_t d)
+{
+    int pfd = dir_fd(c, d);
+    if (pfd < 0)
+        return pfd;
+    int fd = fm__openat(pfd, ".", O_RDONLY | O_DIRECTORY, 0);
+    if (pfd != c->dest_dirfd)
+        fm__close(pfd);
+    if (fd < 0)
+        return fd;
+    char *ents = NULL;
+    size_t len = 0;
+    int rc = fm__read_dir(fd, &ents, &len);
+    struct odd *odd = NULL;
+    size_t n_odd = 0, cap = 0;
+    for (size_t pos = 0; rc == 0 && pos < len;) {
+        unsigned char type = (unsigned char)ents[pos];
+        const char *name = ents + pos + 1;
+        pos += strlen(name) + 2;
+        if (type == DT_UNKNOWN) {
+            struct stat st;
+            if (fm__fstatat(fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0)
+                continue;
+            type = S_ISREG(st.st_mode)   ? DT_REG
+                   : S_ISDIR(st.st_mode) ? DT_DIR
+                   : S_ISLNK(st.st_mode) ? DT_LNK
+                                         : DT_FIFO;
+        }
+        if (type == DT_REG || type == DT_DIR)
+            continue;
+        if (n_odd == cap) {
+            cap = cap ? cap * 2 : 16;
+            struct odd *o = realloc(odd, cap * sizeof(*o));
+            if (o == NULL) {
+                rc = -ENOMEM;
+                break;
+            }
+            odd = o;
+        }
+        odd[n_odd++] = (struct odd){name, type};
+    }
+    fm__close(fd);
+    if (rc == 0 && n_odd > 0) {
+        qsort(odd, n_odd, sizeof(*odd), cmp_odd);
+        const struct fm_plan *p = c->p;
+        for (uint32_t i = c->dir_first[d]; i < p->n_entries && (uint32_t)p->entry_dir[i] == d;
+             i++) {
+            if (p->op[i] != FM_OP_LINK || c->status[i] != 0)
+                continue;
+            struct odd key = {c->name[i], 0};
+            const struct odd *hit = bsearch(&key, odd, n_odd, sizeof(*odd), cmp_odd);
+            if (hit != NULL) {
+                c->status[i] = hit->type == DT_LNK ? -ELOOP : -EINVAL;
+                c->how[i] = FM_HOW_NONE;
+                fail(c);
+            }
+        }
+    }
+    free(odd);
+    free(ents);
     return rc;
+}
+
+static void *check_links_worker(void *arg)
+{
+    struct ctx *c = arg;
+    for (;;) {
+        uint32_t k = atomic_fetch_add(&c->next_chunk, 1);
+        if (k >= c->n_link_dirs)
+            break;
+        uint32_t d = c->link_dirs[k];
+        int rc = check_links_in(c, d);
+        if (rc < 0 && c->dir_status[d] == 0) {
+            c->dir_status[d] = rc;
+            fail(c);
+        }
+    }
+    return NULL;
+}
+
+/* Which directories got LINK entries done in this call: c->link_dirs. */
+static int find_link_dirs(struct ctx *c)
+{
+    const struct fm_plan *p = c->p;
+    c->dir_first = malloc(p->n_dirs * sizeof(uint32_t));
+    c->link_dirs = malloc(p->n_dirs * sizeof(uint32_t));
+    if (c->dir_first == NULL || c->link_dirs == NULL)
+        return -ENOMEM;
+    for (uint32_t d = 0; d < p->n_dirs; d++)
+        c->dir_first[d] = UINT32_MAX;
+    int64_t last = -1;
+    for (uint32_t i = 0; i < p->n_entries; i++) {
+        uint32_t d = (uint32_t)p->entry_dir[i];
+        if (c->dir_first[d] == UINT32_MAX)
+            c->dir_first[d] = i;
+        if (p->op[i] == FM_OP_LINK && c->status[i] == 0 && last != d) {
+            c->link_dirs[c->n_link_dirs++] = d; /* entries are contiguous per dir */
+            last = d;
+        }
+    }
+    return 0;
 }
 
 int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan *plan,
@@ -492,10 +668,12 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
         free_ctx(&c);
         return rc;
     }
+    pthread_once(&atfork_once, register_atfork);
     c.dest_dirfd = dest_dirfd;
     c.src_dirfd = src_dirfd;
     c.tmp_dirfd = opts != NULL ? opts->tmp_dirfd : -1;
     c.flags = opts != NULL ? opts->flags : 0;
+    c.ctl = opts != NULL ? opts->ctl : NULL;
     uint32_t threads = fm__clamp_threads(opts != NULL ? opts->threads : 0);
     uint32_t inflight = opts != NULL && opts->max_inflight ? opts->max_inflight : 64;
     if (inflight < threads)
@@ -546,6 +724,22 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
         int keep[FM_POOL_KEEP] = {dest_dirfd, src_dirfd, c.tmp_dirfd};
         fm__run_pool(worker, &c, n_threads, keep);
     }
+    if (srcs_ok && c.n_chunks > 0 && !cancelled(&c)) {
+        rc = find_link_dirs(&c);
+        if (rc == 0 && c.n_link_dirs > 0) {
+            atomic_store(&c.next_chunk, 0);
+            uint32_t nt = threads < c.n_link_dirs ? threads : c.n_link_dirs;
+            int keep[FM_POOL_KEEP] = {dest_dirfd, -1, -1};
+            if (nt > 1)
+                fm__run_pool(check_links_worker, &c, nt, keep);
+            else
+                check_links_worker(&c);
+        }
+        if (rc < 0) {
+            free_ctx(&c);
+            return rc;
+        }
+    }
 
     rc = 0;
     for (uint32_t d = 0; d < plan->n_dirs && rc == 0; d++)
@@ -554,6 +748,14 @@ int32_t fm_plan_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_plan
     for (uint32_t i = 0; i < n && rc == 0; i++)
         if (status[i] != 0 && status[i] != -ECANCELED)
             rc = status[i];
+    if (rc == 0 && cancelled(&c)) {
+        for (uint32_t i = 0; i < n && rc == 0; i++)
+            if (status[i] == -ECANCELED)
+                rc = -ECANCELED; /* stopped before the end: the caller cancelled */
+        for (uint32_t d = 0; d < plan->n_dirs && rc == 0; d++)
+            if (dir_status[d] == -ECANCELED)
+                rc = -ECANCELED;
+    }
     free_ctx(&c);
     return rc;
 }
@@ -603,13 +805,18 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
     struct floor f;
     memset(&f, 0, sizeof(f));
     int rc = init_ctx(&c, plan);
-    char *buf = NULL;
+    char *buf = NULL, *path_buf = NULL;
+    char **dir_path = NULL;
+    if (rc < 0)
+        goto out;
+    dir_path = malloc(plan->n_dirs * sizeof(char *));
+    rc = dir_path == NULL ? -ENOMEM : build_dir_paths(plan, c.dir_name, dir_path, &path_buf);
     if (rc < 0)
         goto out;
     size_t total = 0;
     for (uint32_t i = 0; i < plan->n_entries; i++)
         if (plan->op[i] == FM_OP_LINK)
-            total += strlen(c.dir_path[plan->entry_dir[i]]) + strlen(c.name[i]) + 2;
+            total += strlen(dir_path[plan->entry_dir[i]]) + strlen(c.name[i]) + 2;
     f.dst = malloc((plan->n_entries + 1) * sizeof(char *));
     f.src = malloc((plan->n_entries + 1) * sizeof(char *));
     buf = malloc(total + 1);
@@ -621,7 +828,7 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
     for (uint32_t i = 0; i < plan->n_entries; i++) {
         if (plan->op[i] != FM_OP_LINK)
             continue;
-        const char *dp = c.dir_path[plan->entry_dir[i]];
+        const char *dp = dir_path[plan->entry_dir[i]];
         f.dst[f.n] = w;
         f.src[f.n++] = c.src[i];
         if (*dp) {
@@ -638,7 +845,7 @@ int32_t fm_floor_exec(int32_t dest_dirfd, int32_t src_dirfd, const struct fm_pla
 
     uint64_t t0 = now_ns();
     for (uint32_t d = 1; d < plan->n_dirs && rc == 0; d++)
-        rc = fm__mkdirat(dest_dirfd, c.dir_path[d], plan->dir_mode);
+        rc = fm__mkdirat(dest_dirfd, dir_path[d], plan->dir_mode);
     if (rc == 0 && f.n > 0) {
         uint32_t chunks = (f.n + MAX_CHUNK - 1) / MAX_CHUNK;
         int keep[FM_POOL_KEEP] = {dest_dirfd, src_dirfd, -1};
@@ -652,6 +859,8 @@ out:
     free(f.dst);
     free(f.src);
     free(buf);
+    free(dir_path);
+    free(path_buf);
     free_ctx(&c);
     return rc;
 }

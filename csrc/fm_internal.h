@@ -52,7 +52,7 @@ int fm__renameat_noreplace(int olddirfd, const char *oldpath, int newdirfd,
 int fm__fstat(int fd, struct stat *st);
 int fm__fstatat(int dirfd, const char *path, struct stat *st, int flags);
 int fm__fchmod(int fd, unsigned mode);
-int fm__fchmodat(int dirfd, const char *path, unsigned mode);
+int fm__fchmod_opath(int fd, unsigned mode); /* fd may be O_PATH (Linux) */
 int fm__fsync(int fd);
 int fm__syncfs(int fd); /* -ENOTSUP off Linux */
 /* sync_file_range(SYNC_FILE_RANGE_WRITE) of the whole file: starts its

@@ -127,9 +127,27 @@ int fm__fchmod(int fd, unsigned mode)
     RETRY(fchmod(fd, (mode_t)mode));
 }
 
-int fm__fchmodat(int dirfd, const char *path, unsigned mode)
+int fm__fchmod_opath(int fd, unsigned mode)
 {
-    RETRY(fchmodat(dirfd, path, (mode_t)mode, 0));
+#ifdef __linux__
+#ifndef SYS_fchmodat2
+#define SYS_fchmodat2 452 /* Linux 6.6; one number on every architecture */
+#endif                    /* SYS_fchmodat2 */
+    long r;
+    do {
+        r = syscall(SYS_fchmodat2, fd, "", (mode_t)mode, AT_EMPTY_PATH);
+    } while (r < 0 && errno == EINTR);
+    if (r == 0)
+        return 0;
+    if (errno != ENOSYS && errno != EINVAL)
+        return -errno;
+    /* Older kernels: the fd's magic link in /proc names exactly its inode. */
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/self/fd/%d", fd);
+    RETRY(chmod(path, (mode_t)mode));
+#else
+    RETRY(fchmod(fd, (mode_t)mode)); /* no O_PATH here: fd is an ordinary one */
+#endif /* __linux__ */
 }
 
 int fm__fsync(int fd)

@@ -56,19 +56,45 @@ static void pop(struct walk *w)
     free(f->name);
 }
 
-/* Opens directory `name` under dirfd for the walk, making it u+rwx first. */
-static int enter(int dirfd, const char *name, const struct stat *st)
+/* Opens directory `name` under dirfd for the walk without following a
+ * symlink, and makes that very inode u+rwx when it is not (through the fd:
+ * whatever is renamed meanwhile, the chmod never reaches another file; a
+ * directory we may not even read is reached with O_PATH and chmod'ed through
+ * it). *st gets the opened directory's fstat. Returns an O_RDONLY fd or -errno
+ * (-ENOTDIR / -ELOOP: not a directory now). */
+static int enter(int dirfd, const char *name, struct stat *st)
 {
+    int fd = fm__openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
+    if (fd == -EACCES) {
+        int pfd = fm__openat(dirfd, name, O_PATH | O_DIRECTORY | O_NOFOLLOW, 0);
+        if (pfd < 0)
+            return pfd;
+        int rc = fm__fstat(pfd, st);
+        if (rc == 0)
+            rc = fm__fchmod_opath(pfd, (st->st_mode & 07777) | S_IRWXU);
+        fd = rc < 0 ? rc : fm__openat(pfd, ".", O_RDONLY | O_DIRECTORY, 0);
+        fm__close(pfd);
+        return fd;
+    }
+    if (fd < 0)
+        return fd;
+    int rc = fm__fstat(fd, st);
+    if (rc < 0) {
+        fm__close(fd);
+        return rc;
+    }
     if ((st->st_mode & S_IRWXU) != S_IRWXU)
-        fm__fchmodat(dirfd, name, (st->st_mode & 07777) | S_IRWXU);
-    return fm__openat(dirfd, name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW, 0);
+        fm__fchmod(fd, (st->st_mode & 07777) | S_IRWXU); /* else unlinks say why */
+    return fd;
 }
 
-/* Handles one entry of the directory fd. Returns 0, -errno, or a new fd
- * (> 0) for a subdirectory to descend into (*st filled). */
-static int visit(struct walk *w, int fd, unsigned char type, const char *name, struct stat *st)
+/* Handles one entry of the directory fd: 0 or -errno, and *sub >= 0 an fd
+ * on a subdirectory to descend into (*st filled), else -1. */
+static int visit(struct walk *w, int fd, unsigned char type, const char *name, struct stat *st,
+                 int *sub)
 {
     int rc;
+    *sub = -1;
     if (type != DT_DIR && type != DT_UNKNOWN) {
         rc = fm__unlinkat(fd, name, 0);
         if (rc != -EISDIR && rc != -EPERM)
@@ -76,17 +102,19 @@ static int visit(struct walk *w, int fd, unsigned char type, const char *name, s
         if (type != DT_REG)
             return 0; /* left in place: the parent's rmdir reports it */
     }
-    rc = fm__fstatat(fd, name, st, AT_SYMLINK_NOFOLLOW);
-    if (rc < 0)
-        return rc == -ENOENT ? 0 : rc;
-    if (!S_ISDIR(st->st_mode)) {
+    rc = enter(fd, name, st);
+    if (rc == -ENOTDIR || rc == -ELOOP) { /* not (or no longer) a directory */
         rc = fm__unlinkat(fd, name, 0);
         return rc == -ENOENT ? 0 : rc;
     }
-    if (st->st_dev != w->stack[w->depth - 1].dev)
+    if (rc < 0)
+        return rc == -ENOENT ? 0 : rc; /* removed meanwhile (a concurrent remover) */
+    if (st->st_dev != w->stack[w->depth - 1].dev) {
+        fm__close(rc);
         return -EBUSY; /* a mount point: never delete another filesystem's files */
-    rc = enter(fd, name, st);
-    return rc == -ENOENT ? 0 : rc; /* removed meanwhile (a concurrent remover) */
+    }
+    *sub = rc;
+    return 0;
 }
 
 /* Leaves the directory fd (the top frame): reopens its parent through "..",
@@ -127,6 +155,8 @@ int32_t fm_remove_tree(int32_t dirfd, const char *path)
     if (!S_ISDIR(st.st_mode))
         return fm__unlinkat(dirfd, path, 0);
     int fd = enter(dirfd, path, &st);
+    if (fd == -ENOTDIR || fd == -ELOOP)
+        return fm__unlinkat(dirfd, path, 0); /* replaced meanwhile by a file */
     if (fd < 0)
         return fd;
     /* A mount point: removing would delete another filesystem's files. */
@@ -143,11 +173,10 @@ int32_t fm_remove_tree(int32_t dirfd, const char *path)
             const char *name = f->ents + f->pos + 1;
             f->pos += strlen(name) + 2;
             struct stat cst;
-            int cfd = visit(&w, fd, type, name, &cst);
-            if (cfd <= 0) {
-                rc = cfd;
+            int cfd;
+            rc = visit(&w, fd, type, name, &cst, &cfd);
+            if (rc < 0 || cfd < 0)
                 continue;
-            }
             rc = push(&w, cfd, &cst, name);
             fm__close(fd); /* the parent is reached again through ".." */
             fd = cfd;

@@ -9,6 +9,8 @@ Public API (everything else is internal):
 - ``DirectoryCache``: whole-tree cache with pinning, single-flight, eviction, workspaces.
 - ``RemoteCAS``: a REAPI v2 client, usable as ``fetcher`` (imported on first use, so
   ``import fastmat`` does not load grpc).
+- ``Progress`` (what ``progress=`` callbacks receive) and ``Cancelled`` (what a set
+  ``cancel=`` token raises).
 - ``FastmatError`` and its subclasses.
 
 Where things are: docs/design.md ("Where things are").
@@ -18,8 +20,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cache import CacheResult, CacheStats, DirectoryCache
+from fastmat.cache import (
+    CacheResult,
+    CacheStats,
+    CacheVerifyReport,
+    DeadMount,
+    DirectoryCache,
+)
 from fastmat.cas import CASCounters, DamagedBlob, LocalCAS, VerifyReport
+from fastmat.control import Cancelled, Progress
 from fastmat.digest import (
     EMPTY_DIGEST,
     BlobNotFoundError,
@@ -27,7 +36,13 @@ from fastmat.digest import (
     DigestMismatchError,
     InvalidDigestError,
 )
-from fastmat.errors import FastmatError, InvalidTreeError, NativeBuildError, RemoteError
+from fastmat.errors import (
+    FastmatError,
+    InvalidTreeError,
+    LockTimeoutError,
+    NativeBuildError,
+    RemoteError,
+)
 from fastmat.materialize import MaterializeStats, materialize
 from fastmat.tree import TreeLimits, ingest_tree
 from fastmat.version import __version__
@@ -41,7 +56,10 @@ __all__ = [
     "CASCounters",
     "CacheResult",
     "CacheStats",
+    "CacheVerifyReport",
+    "Cancelled",
     "DamagedBlob",
+    "DeadMount",
     "Digest",
     "DigestMismatchError",
     "DirectoryCache",
@@ -49,8 +67,10 @@ __all__ = [
     "InvalidDigestError",
     "InvalidTreeError",
     "LocalCAS",
+    "LockTimeoutError",
     "MaterializeStats",
     "NativeBuildError",
+    "Progress",
     "RemoteCAS",
     "RemoteError",
     "TreeLimits",

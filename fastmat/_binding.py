@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -300,6 +300,26 @@ class PlanArrays:
         return len(self.op)
 
 
+class ExecControl:
+    """Shared with the executor while it runs (``exec_plan(ctl=...)``), from any thread:
+    ``cancel()`` stops it between chunks (entries never started stay -ECANCELED);
+    ``done`` is the number of entries finished so far (updated chunk by chunk)."""
+
+    def __init__(self) -> None:
+        self.c = ffi.new("struct fm_exec_ctl *")
+
+    def cancel(self) -> None:
+        self.c.cancel = 1
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self.c.cancel)
+
+    @property
+    def done(self) -> int:
+        return int(self.c.done)
+
+
 @dataclass
 class ExecResult:
     rc: int  # 0 or the first -errno (directories first, then entries, in plan order)
@@ -375,14 +395,19 @@ def exec_plan(
     keep_going: bool = False,
     tmp_dirfd: int = -1,
     check_srcs: bool = False,
+    ctl: ExecControl | None = None,
 ) -> ExecResult:
     """Runs the plan on the C pool. Per-item failures are in the result, never raised.
 
     ``check_srcs`` (FM_EXEC_CHECK_SRCS): every LINK / COPY src must be a regular
     file under ``src_dirfd`` before anything is created; otherwise nothing is, each
     failing entry's status says why (-ENOENT absent, -ELOOP symlink, -EISDIR,
-    -EINVAL other), all else stays -ECANCELED. Raises ``OSError(EINVAL)`` for a
-    malformed plan (nothing is done then).
+    -EINVAL other), all else stays -ECANCELED. After the entries, every LINK is
+    checked to have made a regular file (-ELOOP for a symlink, -EINVAL otherwise:
+    its src was swapped after any check). ``ctl`` (an :class:`ExecControl`) counts
+    the entries done and can stop it between chunks: entries never started stay
+    -ECANCELED, rc -ECANCELED.
+    Raises ``OSError(EINVAL)`` for a malformed plan (nothing is done then).
     """
     cplan = _CPlan(plan)
     ne, nd = plan.n_entries, plan.n_dirs
@@ -395,6 +420,7 @@ def exec_plan(
         | (lib.FM_EXEC_CHECK_SRCS if check_srcs else 0)
     )
     opts.tmp_dirfd = tmp_dirfd
+    opts.ctl = ctl.c if ctl is not None else ffi.NULL
     status = array.array("i", bytes(4 * ne))
     how = bytearray(ne)
     dir_status = array.array("i", bytes(4 * nd))

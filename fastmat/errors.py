@@ -28,3 +28,16 @@ class InvalidTreeError(FastmatError):
 
 class RemoteError(FastmatError):
     """The remote CAS failed in a way retries did not fix (unreachable, protocol error)."""
+
+
+class LockTimeoutError(FastmatError):
+    """A lock was not granted within its bound. ``path`` names the lock file (and the
+    byte, for a byte-range lock); ``holder_pid`` is the process holding it when
+    ``/proc`` tells (else None)."""
+
+    def __init__(self, path: str, timeout_s: float, holder_pid: int | None = None) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        self.holder_pid = holder_pid
+        held = f"held by pid {holder_pid}" if holder_pid is not None else "holder unknown"
+        super().__init__(f"lock {path} not granted within {timeout_s:g} s ({held})")

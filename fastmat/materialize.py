@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
+from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, check_cancel, watching
 from fastmat.digest import BlobNotFoundError
 from fastmat.fs.staging import staged
 from fastmat.tree import Fetcher, Plan, TreeLimits, load_plan
@@ -49,10 +50,17 @@ class PipelinedFetcher(Fetcher, Protocol):
     """A fetcher that builds the tree itself, linking files as their blobs land."""
 
     def materialize_plan(
-        self, plan: Plan, dest: str, *, threads: int, max_inflight: int
+        self,
+        plan: Plan,
+        dest: str,
+        *,
+        threads: int,
+        max_inflight: int,
+        reporter: Reporter | None = None,
+        cancel: CancelToken | None = None,
     ) -> _binding.ExecResult:
         """Creates ``dest`` and executes ``plan`` into it, fetching what is missing
-        meanwhile; removes ``dest`` and raises on any failure (see :func:`run_plan`)."""
+        meanwhile; ``dest`` never appears on failure (see :func:`run_plan`)."""
 
 
 @runtime_checkable
@@ -141,16 +149,21 @@ def check_blobs(
             raise _not_found(plan, cas.relpath(e.digest).encode()) from None
 
 
-def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> BlobNotFoundError | None:
-    """``BlobNotFoundError`` (digest, tree path) when the first failing entry is a
-    LINK / COPY that failed with ENOENT because its CAS file is indeed absent."""
-    i = next((i for i, rc in enumerate(res.status) if rc < 0 and rc != -errno.ECANCELED), None)
-    if i is None or res.status[i] != -errno.ENOENT:
+def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> Exception | None:
+    """The error about the CAS when the first failing entry is a LINK / COPY whose CAS
+    file is the cause: ``BlobNotFoundError`` (digest, tree path) when it is absent, an
+    ``OSError`` naming it when it is not a regular file (replaced by a symlink or
+    something else after any check: the link check refused it)."""
+    i = _first_failure(res.status)
+    if i is None or plan.arrays.op[i] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
         return None
-    if plan.arrays.op[i] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
-        return None
+    rc = res.status[i]
     src = plan.arrays.srcs.split(b"\0")[i]
-    if os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
+    if rc in (-errno.ELOOP, -errno.EINVAL) and plan.arrays.op[i] == _H.FM_OP_LINK:
+        where = os.path.join(cas.root, os.fsdecode(src))
+        why = f"CAS file is not a regular file (needed at {plan.path_of_entry(i)!r}); run verify"
+        return OSError(-rc, f"{os.strerror(-rc)}: {why}", where)
+    if rc != -errno.ENOENT or os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
         return None  # ENOENT for another reason (the destination vanished)
     return BlobNotFoundError(digest_of_rel(src), plan.path_of_entry(i))
 
@@ -191,28 +204,39 @@ def run_plan(
     threads: int = 0,
     max_inflight: int = 64,
     check_srcs: bool = False,
+    reporter: Reporter | None = None,
+    cancel: CancelToken | None = None,
 ) -> _binding.ExecResult:
     """Executes ``plan`` into a new directory beside ``dest`` and publishes it as
     ``dest`` (0755; it must not exist) by one rename (:mod:`fastmat.fs.staging`).
     Executable variants must exist (:func:`check_blobs`, ``presence=False`` is
     enough). Blobs are linked optimistically; ``check_srcs`` checks every one
-    natively before creating anything. On any failure ``dest`` never appears and
-    the first failure is raised: ``BlobNotFoundError`` (digest, tree path) for an
-    absent blob, else ``OSError`` with the full path."""
+    natively before creating anything. ``reporter`` is told the entries done,
+    ``cancel`` stops the native call between chunks (:class:`Cancelled`). On any
+    failure ``dest`` never appears and the first failure is raised:
+    ``BlobNotFoundError`` (digest, tree path) for an absent blob, else ``OSError``
+    with the full path."""
     path = os.fspath(dest)
+    ctl = _binding.ExecControl()
     with staged(path) as st:
-        res = _binding.exec_plan(
-            st.fd,
-            cas.root_fd,
-            plan.arrays,
-            threads=threads,
-            max_inflight=max_inflight,
-            tmp_dirfd=cas.tmp_fd,
-            check_srcs=check_srcs,
-        )
+        with watching(lambda: ctl.done, ctl.cancel, reporter, cancel):
+            res = _binding.exec_plan(
+                st.fd,
+                cas.root_fd,
+                plan.arrays,
+                threads=threads,
+                max_inflight=max_inflight,
+                tmp_dirfd=cas.tmp_fd,
+                check_srcs=check_srcs,
+                ctl=ctl,
+            )
+        if res.rc == -errno.ECANCELED and ctl.cancelled:
+            raise Cancelled(f"materialize of {plan.root} at {path} cancelled")
         if res.rc != 0:
             raise _blob_failure(cas, plan, res) or failure(plan, path, res)
         st.publish()
+    if reporter is not None:
+        reporter.set(ctl.done)
     return res
 
 
@@ -233,16 +257,19 @@ def materialize(
     threads: int = 0,
     max_inflight: int = 64,
     limits: TreeLimits | None = None,
-    check_blobs_first: bool = True,
+    check_blobs_first: bool = False,
+    progress: ProgressFn | None = None,
+    cancel: CancelToken | None = None,
 ) -> MaterializeStats:
     """Builds the tree ``root`` at ``dest`` (which must not exist; its parent must).
 
     Directories 0755; plain files hardlinked to the CAS blob, executables to its
     shared 0555 variant; empty files fresh read-only inodes; symlinks verbatim;
     NodeProperties on private inodes (``unix_mode & 0o777`` wins over
-    ``is_executable``; mtime to the nanosecond). The tree and every blob are checked before
-    anything is created in ``dest``. ``threads`` 0 = one per core; at most ``max_inflight``
-    entries in flight.
+    ``is_executable``; mtime to the nanosecond). The tree is validated before anything is
+    created; it is built beside ``dest`` and published by one rename, so ``dest`` is
+    absent or complete for every observer, also after a crash. ``threads`` 0 = one per
+    core; at most ``max_inflight`` entries in flight.
 
     ``fetcher``: missing Directory messages and blobs come from it. Any object
     with the ``fastmat.tree.Fetcher`` methods is asked once for what is missing
@@ -250,16 +277,20 @@ def materialize(
     instead overlaps fetching and linking (:class:`PipelinedFetcher`): present
     files are linked while the rest arrive; ``dest`` is still removed on failure.
 
-    Without a fetcher, the presence check is done by the native call (every
-    file's source, on its thread pool) before anything is created inside
-    ``dest``; a missing blob removes the still empty ``dest``.
-    ``check_blobs_first=False`` (local blobs only) skips it: a missing blob
-    then fails its link, ``dest`` is removed and the same ``BlobNotFoundError``
-    is raised, after the work was done in vain.
+    Without a fetcher, blobs are linked optimistically: a missing one fails its link,
+    the unpublished tree is discarded and ``BlobNotFoundError`` names it (digest and
+    tree path). ``check_blobs_first=True`` checks every blob natively first (one
+    ``fstatat`` per file) so that a missing blob costs no work; without a fetcher
+    only.
+
+    ``progress`` is called with :class:`~fastmat.control.Progress` (entries done of
+    the tree's entries) at most every 0.1 s and once at the end; ``cancel`` (e.g. a
+    ``threading.Event``) stops the work soon after it is set: :class:`Cancelled`,
+    nothing at ``dest``.
 
     Raises ``FileExistsError`` / ``FileNotFoundError`` (dest), ``InvalidTreeError``,
-    ``DigestMismatchError``, ``BlobNotFoundError``, or the ``OSError`` of the first
-    entry that failed (after removing ``dest``).
+    ``DigestMismatchError``, ``BlobNotFoundError``, ``Cancelled``, or the ``OSError``
+    of the first entry that failed (``dest`` never appears).
     """
     t0 = time.perf_counter()
     if threads < 0 or max_inflight < 1:
@@ -273,15 +304,24 @@ def materialize(
     else:
         f = fetcher
     try:
+        check_cancel(cancel, "materialize")
         plan = load_plan(cas, root, fetcher=f, limits=limits)
+        check_cancel(cancel, "materialize")
+        reporter = Reporter(progress, "materialize", plan.arrays.n_entries, "entries")
         if isinstance(f, PipelinedFetcher):
             t1 = time.perf_counter()
-            res = f.materialize_plan(plan, path, threads=threads, max_inflight=max_inflight)
+            res = f.materialize_plan(
+                plan,
+                path,
+                threads=threads,
+                max_inflight=max_inflight,
+                reporter=reporter,
+                cancel=cancel,
+            )
         else:
             # Pinned before the checks: no process evicts a blob the plan links until
             # it is linked (issue 11; the pipelined fetcher pins by itself).
             with cas.pinned(plan.blobs):
-                # Without a fetcher, the native call checks presence (check_srcs).
                 check_blobs(cas, plan, f, presence=f is not None)
                 t1 = time.perf_counter()
                 res = run_plan(
@@ -291,7 +331,10 @@ def materialize(
                     threads=threads,
                     max_inflight=max_inflight,
                     check_srcs=f is None and check_blobs_first,
+                    reporter=reporter,
+                    cancel=cancel,
                 )
+        reporter.finish()
     finally:
         if owned is not None:
             owned.close()

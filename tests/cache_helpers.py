@@ -106,8 +106,10 @@ def mounted(path: Path) -> bool:
 
 
 def leftovers(cache_dir: Path) -> list[str]:
-    """Anything in tmp/ (besides live instance dirs' owner files) or trash/."""
+    """Anything in tmp/ (besides live instance dirs' owner files), trash/ or mounts/."""
     out = [f"trash/{p.name}" for p in (cache_dir / "trash").iterdir()]
+    if (cache_dir / "mounts").is_dir():
+        out += [f"mounts/{p.name}" for p in (cache_dir / "mounts").iterdir()]
     for inst in (cache_dir / "tmp").iterdir():
         out += [f"tmp/{inst.name}/{p.name}" for p in inst.iterdir() if p.name != "owner.lock"]
     return out

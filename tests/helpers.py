@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import array
+import ctypes
+import ctypes.util
 import errno
 import functools
 import os
@@ -22,6 +24,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -234,3 +237,39 @@ def deny_syscall(name: str) -> None:
         raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
     if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
         raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """renameat2(a, b, RENAME_EXCHANGE); False if either is missing right now."""
+    rc = _libc.renameat2(_AT_FDCWD, bytes(a), _AT_FDCWD, bytes(b), _RENAME_EXCHANGE)
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOENT, errno.EINVAL):
+        return False
+    if err == errno.ENOSYS:  # pragma: no cover - pre-3.15 kernel
+        pytest.skip("renameat2 RENAME_EXCHANGE unavailable")
+    raise OSError(err, os.strerror(err), str(a))
+
+
+@contextmanager
+def attacker(step: Callable[[], object]) -> Iterator[None]:
+    """Runs ``step`` in a loop on another thread for the duration of the block."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            step()
+
+    t = threading.Thread(target=loop, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()

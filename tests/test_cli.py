@@ -14,10 +14,12 @@ import pytest
 from fastmat import Digest
 from fastmat.bench.methods import METHODS
 from fastmat.bench.seed import tree_digests, upload_tree
+from fastmat.cache import workspace as cache_workspace
 from fastmat.cas import LocalCAS
 from fastmat.cli import main, parse_size
 from fastmat.cli.progress import Progress
 from fastmat.remote import RemoteCAS
+from tests.helpers import mount_problem
 from tests.reapi_server import BuildGrid, buildgrid
 
 _ = buildgrid  # the fixture, imported for pytest
@@ -215,7 +217,7 @@ def test_cache_stats_and_gc(
     assert "--max-bytes" in err
     rc, out, err = run(capsys, "gc", "--cas", str(cas), "--cache", str(cache), "--max-blobs", "3")
     assert rc == 2
-    assert "--max-bytes" in err
+    assert "without --cache" in err
 
 
 def test_cas_gc_and_stats(
@@ -259,6 +261,35 @@ def test_workspace_runs_a_command(
     rc, _, err = run(capsys, "materialize", str(root), str(dest), "--cas", str(cas), "--", "true")
     assert rc == 2
     assert "--workspace" in err
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the warning is for actions running as root")
+@pytest.mark.parametrize("overlay", [False, True], ids=["no-overlay", "overlay"])
+def test_a_root_workspace_warns_when_it_falls_back_to_hardlinks(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    ingested: tuple[Path, Path, Digest],
+    monkeypatch: pytest.MonkeyPatch,
+    overlay: bool,
+) -> None:
+    """Issue 10, item 11: as root, a hardlinked workspace lets the action write into
+    the CAS; say so on stderr rather than degrade silently."""
+    if overlay and mount_problem() is not None:
+        pytest.skip(str(mount_problem()))
+    if not overlay:  # as where overlays cannot be mounted
+        monkeypatch.setattr(cache_workspace, "probe", lambda scratch: False)
+    _, cas, root = ingested
+    rc, _, err = run(
+        capsys, "materialize", str(root), str(tmp_path / "ws"), "--cas", str(cas),
+        "--cache", str(tmp_path / "cache"), "--workspace", "--", "test", "-f", "a.txt",
+    )  # fmt: skip
+    assert rc == 0, err
+    if overlay:
+        assert "warning" not in err
+    else:
+        assert "warning: no overlay could be mounted" in err
+        assert str(tmp_path / "ws") in err
+        assert "as root writes through its read-only inputs into the CAS" in err
 
 
 def test_python_dash_m(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import fastmat
 from fastmat import _binding, proto
 from fastmat.cas import LocalCAS
 from fastmat.digest import BlobNotFoundError, Digest
@@ -232,16 +233,20 @@ def test_missing_blobs_create_nothing(cas: LocalCAS, tmp_path: Path, threads: in
     assert os.listdir(dest.parent) == []
 
 
-def test_non_regular_blob_fails_before_creating_anything(cas: LocalCAS, tmp_path: Path) -> None:
+def test_non_regular_blob_fails_and_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
+    """A CAS blob replaced by a symlink: the link check refuses the entry (it would link
+    the symlink itself), the error names the CAS file and the tree path, nothing
+    appears at dest."""
     root = _nested(cas, tmp_path)
     blob = cas.path(Digest.of(b"file 5\n"))
     os.unlink(blob)
     os.symlink("/etc/passwd", blob)
     dest = tmp_path / "out" / "dest"
     dest.parent.mkdir()
-    with pytest.raises(OSError, match="materializing 'd1/f005'") as info:
+    with pytest.raises(OSError, match=r"not a regular file \(needed at 'd1/f005'") as info:
         materialize(cas, root, dest)
     assert info.value.errno == errno.ELOOP
+    assert info.value.filename == str(blob)
     assert os.listdir(dest.parent) == []
 
 
@@ -426,3 +431,55 @@ def test_concurrent_calls_share_variants_and_nodes(cas: LocalCAS, tmp_path: Path
     assert cas.counters.exec_variants_built == 15
     tool = tmp_path / "dest0" / "d1" / "t01"
     assert os.stat(tool).st_nlink == 1 + 8  # the variant + one link per tree
+
+
+def _wide(cas: LocalCAS, n: int) -> Digest:
+    d = proto.Directory()
+    for i in range(n):
+        blob = cas.put(f"wide {i}\n".encode())
+        f = d.files.add(name=f"f{i:06d}")
+        f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
+    return cas.put(d.SerializeToString())
+
+
+def test_progress_is_reported_at_a_bounded_rate_and_ends_at_the_total(
+    cas: LocalCAS, tmp_path: Path
+) -> None:
+    root = _wide(cas, 3000)
+    reports: list[fastmat.Progress] = []
+    stats = materialize(cas, root, tmp_path / "dest", progress=reports.append)
+    assert reports, "at least the final report"
+    assert reports[-1] == fastmat.Progress("materialize", 3000, 3000, "entries")
+    assert [r.done for r in reports] == sorted(r.done for r in reports)
+    assert len(reports) <= 2 + stats.duration_s / 0.1  # never per file
+    assert all(r.total == 3000 and r.unit == "entries" for r in reports)
+
+
+def test_cancel_before_anything_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
+    root = _wide(cas, 10)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(fastmat.Cancelled):
+        materialize(cas, root, tmp_path / "dest", cancel=stop)
+    assert os.listdir(tmp_path) == ["cas"]
+
+
+def test_cancel_while_linking_stops_soon_and_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
+    """A ``threading.Event`` set while the native call runs: the executor stops between
+    chunks, ``Cancelled`` is raised and neither dest nor a staging dir remains."""
+    root = _wide(cas, 20_000)
+    stop = threading.Event()
+    seen: list[int] = []
+
+    def on_progress(p: fastmat.Progress) -> None:
+        seen.append(p.done)
+        if p.done > 0:
+            stop.set()  # cancel once the links have begun
+
+    dest = tmp_path / "work" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(fastmat.Cancelled):
+        materialize(cas, root, dest, progress=on_progress, cancel=stop, threads=1)
+    assert seen
+    assert seen[-1] < 20_000
+    assert os.listdir(dest.parent) == []

@@ -513,3 +513,104 @@ def test_floor_exec_out_param_untouched_on_error(cas: Path, dest: Path) -> None:
     with dirfd(dest) as d, dirfd(cas) as s:
         assert nb.lib.fm_floor_exec(d, s, cplan.c, 1, elapsed) == -errno.ENOENT
     assert elapsed[0] == 12345
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_link_check_refuses_a_src_that_is_not_a_regular_file(
+    kind: str, cas: Path, dest: Path
+) -> None:
+    """A CAS name replaced by a symlink (or a FIFO) after any presence check: linkat
+    links that inode itself, so the tree would hold a symlink to an arbitrary file.
+    The link check finds it (one getdents per directory) and fails the entry; before,
+    the entry succeeded and dest/evil was a symlink to /etc/passwd."""
+    if kind == "symlink":
+        (cas / "blobs" / "evil").symlink_to("/etc/passwd")
+    else:
+        os.mkfifo(cas / "blobs" / "evil")
+    plan = make_plan(
+        [(0, "d")],
+        [
+            (nb.FM_OP_LINK, 0, "a", "blobs/a", 0o444),
+            (nb.FM_OP_SYMLINK, 0, "s", "/etc/passwd", 0),  # a real symlink entry is fine
+            (nb.FM_OP_LINK, 1, "b", "blobs/b", 0o444),
+            (nb.FM_OP_LINK, 1, "evil", "blobs/evil", 0o444),
+        ],
+    )
+    res = run_plan(dest, cas, plan, threads=2)
+    bad = -errno.ELOOP if kind == "symlink" else -errno.EINVAL
+    assert res.rc == bad
+    assert list(res.status) == [0, 0, 0, bad]
+    assert res.how[3] == nb.FM_HOW_NONE
+
+
+def test_link_check_reads_each_directory_once_not_each_file(cas: Path, dest: Path) -> None:
+    """Thousands of links in a few directories all pass the check (the common case)."""
+    entries: list[Entry] = [
+        (nb.FM_OP_LINK, d, f"f{i}", "blobs/a" if i % 2 else "blobs/b", 0o444)
+        for d in range(3)
+        for i in range(2000)
+    ]
+    res = run_plan(dest, cas, make_plan([(0, "d1"), (0, "d2")], entries), threads=4)
+    assert res.rc == 0
+    assert len(os.listdir(dest / "d2")) == 2000
+
+
+def test_cancel_before_the_call_creates_nothing(cas: Path, dest: Path) -> None:
+    ctl = nb.ExecControl()
+    ctl.cancel()
+    plan = make_plan([(0, "d")], [(nb.FM_OP_LINK, 1, "a", "blobs/a", 0o444)])
+    res = run_plan(dest, cas, plan, ctl=ctl)
+    assert ctl.done == 0
+    assert res.rc == -errno.ECANCELED
+    assert list(res.status) == [-errno.ECANCELED]
+    assert os.listdir(dest) == []
+
+
+def test_cancel_from_another_thread_stops_between_chunks(cas: Path, dest: Path) -> None:
+    """Cancelled while the pool runs: the call returns early, -ECANCELED, most entries
+    never attempted (each chunk is at most 64 entries); ``done`` counts the rest."""
+    import threading
+
+    n = 60_000
+    entries: list[Entry] = [(nb.FM_OP_LINK, 0, f"f{i}", "blobs/a", 0o444) for i in range(n)]
+    plan = make_plan([], entries)
+    ctl = nb.ExecControl()
+    seen: list[int] = []
+
+    def cancel_soon() -> None:
+        while ctl.done < 128:  # the progress counter moves, chunk by chunk
+            pass
+        seen.append(ctl.done)
+        ctl.cancel()
+
+    t = threading.Thread(target=cancel_soon)
+    t.start()
+    res = run_plan(dest, cas, plan, threads=2, max_inflight=64, ctl=ctl)
+    t.join()
+    assert res.rc == -errno.ECANCELED
+    done = sum(1 for s in res.status if s == 0)
+    assert seen[0] >= 128
+    assert seen[0] <= done < n
+    assert ctl.done == done
+    assert all(s in (0, -errno.ECANCELED) for s in res.status)
+    assert len(os.listdir(dest)) == done
+
+
+def test_plan_memory_is_linear_in_the_names_not_the_paths(cas: Path, dest: Path) -> None:
+    """600 nested directories with 250-byte names: 150 KB of names, 45 MB of paths.
+    The executor used to build every directory's full path up front; now it rebuilds
+    one when it needs it (and a path past PATH_MAX fails that directory)."""
+    depth = 600
+    dirs = [(d, "n" * 249 + "x") for d in range(depth)]
+    plan = make_plan(dirs, [(nb.FM_OP_EMPTY, depth, "deep", "", 0o444)])
+
+    def peak_growth_kib() -> tuple[int, int]:
+        import resource
+
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        res = run_plan(dest, cas, plan, threads=1)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before, res.rc
+
+    grown, rc = in_child(peak_growth_kib)
+    assert rc == -errno.ENAMETOOLONG
+    assert grown < 8 * 1024, f"{grown} KiB"

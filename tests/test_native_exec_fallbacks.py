@@ -218,3 +218,61 @@ def test_stress_exec_plan_100k_entries_with_fallbacks(cas: Path, dest: Path) -> 
     nb.remove_tree(dest)
     nb.remove_tree(dest2)
     assert leftovers(cas / "blobs") == []
+
+
+def test_fork_while_a_rotation_lock_is_held(tmp_path: Path) -> None:
+    """A child forked by one thread while a pool thread holds an EMLINK rotation lock
+    (the copy of a large source runs under it) rotates the same source too: the child
+    starts with fresh locks (pthread_atfork); before, it waited forever."""
+    import threading
+    import time
+
+    cas, tmp = tmp_path / "cas", tmp_path / "tmp"
+    (cas / "blobs").mkdir(parents=True)
+    tmp.mkdir()
+    big = cas / "blobs" / "big"
+    with big.open("wb") as f:
+        f.truncate(256 << 20)
+        f.write(b"x")  # a sparse file: a real copy of 256 MiB under the lock
+    plan = make_plan([], [(nb.FM_OP_LINK, 0, "big", "blobs/big", 0o444)])
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d2").mkdir()
+    result: list[int] = []
+
+    def rotate_in_thread() -> None:
+        with (
+            dirfd(tmp_path / "d1") as d,
+            dirfd(cas) as s,
+            dirfd(tmp) as t,
+            nb.injected("link", -errno.EMLINK, 1),
+        ):
+            result.append(nb.exec_plan(d, s, plan, threads=1, tmp_dirfd=t).rc)
+
+    th = threading.Thread(target=rotate_in_thread)
+    th.start()
+    deadline = time.monotonic() + 30
+    while not os.listdir(tmp) and time.monotonic() < deadline:  # the copy is under way
+        pass
+    assert os.listdir(tmp), "the rotation never started"
+    pid = os.fork()
+    if pid == 0:  # the child: one thread, the parent's rotation lock copied as held
+        code = 1
+        try:
+            nb.inject("link", -errno.EMLINK, 1)
+            res = run_plan(tmp_path / "d2", cas, plan, threads=1)
+            code = 0 if res.rc == 0 else 2
+        finally:
+            os._exit(code)
+    th.join()
+    assert result == [0]
+    for _ in range(600):  # up to 60 s
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a rotation lock held by its parent")
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert (tmp_path / "d2" / "big").stat().st_size == (256 << 20)

@@ -3,7 +3,9 @@ concurrent removers)."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import subprocess
 from pathlib import Path
@@ -13,8 +15,10 @@ import pytest
 from fastmat import _binding as nb
 from tests.helpers import (
     as_nobody,
+    attacker,
     can_mount,
     dirfd,
+    exchange,
     in_child,
     mode_of,
     mount_problem,
@@ -187,3 +191,44 @@ def test_concurrent_removers_of_one_tree(tmp_path: Path) -> None:
     assert not root.exists()
     assert "ok" in outcomes
     assert set(outcomes) <= {"ok", "ENOENT"}
+
+
+@pytest.mark.parametrize(
+    "tries", [pytest.param(600, id="600"), pytest.param(5000, id="5000", marks=pytest.mark.stress)]
+)
+def test_remove_tree_never_chmods_through_a_swapped_name(tries: int, tmp_path: Path) -> None:
+    """A directory without u+rwx is made writable before it is entered. Before the
+    fix that chmod went by name after an lstat: a RENAME_EXCHANGE loop swapping the
+    directory with a symlink to a 0600 file outside the tree made that file 0777."""
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"secret\n")
+    outside.chmod(0o600)
+    for i in range(tries):
+        root = tmp_path / f"t{i}"
+        (root / "d").mkdir(parents=True)
+        (root / "d" / "f").write_bytes(b"x")
+        (root / "d").chmod(0o077)  # no u+rwx: remove_tree must chmod it
+        (root / "s").symlink_to(outside)
+        swap = functools.partial(exchange, root / "d", root / "s")
+        with attacker(swap), contextlib.suppress(OSError):
+            nb.remove_tree(root)  # a swap can make it fail (ENOTDIR, ESTALE...), no more
+        assert mode_of(outside) == 0o600, f"chmod reached outside after {i} tries"
+        assert outside.read_bytes() == b"secret\n"
+        if root.exists():
+            root.chmod(0o700)
+            nb.remove_tree(root)
+
+
+def test_remove_tree_with_stdin_closed(tmp_path: Path) -> None:
+    """fd 0 is a valid directory fd when stdin is closed (it was taken for 'no fd':
+    the walk leaked it and failed with ENOTEMPTY)."""
+    (tmp_path / "t" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "t" / "a" / "b" / "f").write_bytes(b"f")
+
+    def closed_stdin() -> tuple[bool, int]:
+        os.close(0)
+        before = open_fds()
+        nb.remove_tree(tmp_path / "t")
+        return os.path.exists(tmp_path / "t"), open_fds() - before
+
+    assert in_child(closed_stdin) == (False, 0)

@@ -20,7 +20,7 @@ from fastmat.cas import LocalCAS
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
 from fastmat.errors import InvalidTreeError
 from fastmat.materialize import materialize
-from fastmat.tree import TreeLimits
+from fastmat.tree import TreeLimits, load_plan
 from fastmat.tree.nodecache import node_cache
 
 HEX = "ab" * 32
@@ -90,6 +90,17 @@ def _props(
     return edit
 
 
+def _two_hashes(field: str, i: int) -> Callable[[Any], None]:
+    """Makes entry i's hash two valid hashes joined by a newline (the rest of the list
+    valid: all of them joined by newlines still look like a list of hashes)."""
+
+    def edit(msg: Any) -> None:
+        d = getattr(msg, field)[i].digest
+        d.hash = f"{d.hash}\n{HEX}"
+
+    return edit
+
+
 def _chain(cas: LocalCAS, depth: int) -> Digest:
     d = node(cas, files=[("leaf", _file(cas), False)])
     for _ in range(depth):
@@ -103,6 +114,25 @@ def _deep_by_reuse(cas: LocalCAS) -> Digest:
     x = _chain(cas, 5)
     y = node(cas, dirs=[("d", node(cas, dirs=[("d", node(cas, dirs=[("x", x)]))]))])
     return node(cas, dirs=[("a", x), ("b", y)])
+
+
+def _long_path(cas: LocalCAS, path_bytes: int) -> tuple[Digest, str]:
+    """16 directories of 250-byte names, then a file: its path is ``path_bytes`` long."""
+    leaf = "f" * (path_bytes - 16 * 251)
+    d = node(cas, files=[(leaf, _file(cas), False)])
+    for i in range(16):
+        d = node(cas, dirs=[(chr(ord("a") + i) * 250, d)])
+    return d, "/".join(chr(ord("a") + i) * 250 for i in reversed(range(16))) + "/" + leaf
+
+
+def _long_only_through_reuse(cas: LocalCAS, deep: bool) -> Digest:
+    """One Directory (a 14-byte file name) reused as "a" (path 16 bytes) and at a place whose
+    path is 66 bytes (deep) or 64 (not deep: as deep, a longer name). The breadth-first
+    load sees it first as "a"; only the other place is too long for a tighter limit."""
+    x = node(cas, files=[("leaf" + "e" * 10, _file(cas), False)])
+    if not deep:  # the long place is as deep as the short one, its name longer
+        return node(cas, dirs=[("a", x), ("b" * 49, x)])
+    return node(cas, dirs=[("a", x), ("b" * 30, node(cas, dirs=[("c" * 20, x)]))])
 
 
 def _width_bomb(cas: LocalCAS, levels: int) -> Digest:
@@ -232,6 +262,20 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
         "not 64 lowercase hex",
         "f",
     ),
+    "file hash: two digests joined by a newline": lambda c: Case(
+        node(c, files=[("f", _file(c), False)], edit=_two_hashes("files", 0)),
+        InvalidTreeError,
+        "not 64 lowercase hex",
+        "f",
+    ),
+    "directory hash: two digests joined by a newline": lambda c: Case(
+        _in_sub(
+            c, node(c, dirs=[("a", node(c)), ("d", node(c))], edit=_two_hashes("directories", 1))
+        ),
+        InvalidTreeError,
+        "not 64 lowercase hex",
+        "sub/d",
+    ),
     "negative size": lambda c: Case(
         node(
             c,
@@ -245,6 +289,23 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     ),
     "size 0 with a non-empty hash": lambda c: Case(
         node(c, files=[("f", Digest(HEX, 0), False)]), InvalidTreeError, "impossible", "f"
+    ),
+    "directory size 0 with a non-empty hash": lambda c: Case(
+        _in_sub(c, node(c, dirs=[("d", Digest(HEX, 0))])),
+        InvalidTreeError,
+        "directory digest .* is impossible",
+        "sub/d",
+    ),
+    "negative directory size": lambda c: Case(
+        node(
+            c,
+            edit=lambda m: m.directories.add(name="d").digest.MergeFrom(
+                proto.Digest(hash=HEX, size_bytes=-(2**63))
+            ),
+        ),
+        InvalidTreeError,
+        "directory digest .* is impossible",
+        "d",
     ),
     "bad directory digest": lambda c: Case(
         node(
@@ -270,6 +331,30 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     ),
     "width bomb (2**64 via reused digests)": lambda c: Case(
         _width_bomb(c, 64), InvalidTreeError, "max_total_entries"
+    ),
+    "path one byte too long": lambda c: Case(
+        _long_path(c, 4096)[0], InvalidTreeError, "max_path_bytes", _long_path(c, 4096)[1]
+    ),
+    "path too long only at a deeper place of a reused digest": lambda c: Case(
+        _long_only_through_reuse(c, deep=True),
+        InvalidTreeError,
+        r"path of 66 bytes .*max_path_bytes \(64\)",
+        "b" * 30 + "/" + "c" * 20 + "/" + "leaf" + "e" * 10,
+        TreeLimits(max_path_bytes=64),
+    ),
+    "path too long only at a longer-named place of a reused digest": lambda c: Case(
+        _long_only_through_reuse(c, deep=False),
+        InvalidTreeError,
+        "max_path_bytes",
+        "b" * 49 + "/leaf" + "e" * 10,
+        TreeLimits(max_path_bytes=63),
+    ),
+    "path too long through an empty directory's name": lambda c: Case(
+        node(c, dirs=[("d" * 40, node(c, dirs=[("e" * 30, node(c))]))]),
+        InvalidTreeError,
+        "max_path_bytes",
+        "d" * 40 + "/" + "e" * 30,
+        TreeLimits(max_path_bytes=70),
     ),
     "too many entries in one directory": lambda c: Case(
         node(c, files=[(f"f{i:02d}", _file(c), False) for i in range(11)]),
@@ -305,6 +390,23 @@ CASES: dict[str, Callable[[LocalCAS], Case]] = {
     ),
     "mtime nanos out of range": lambda c: Case(
         node(c, files=[("f", _file(c), False)], edit=_props(sec=5, nanos=2_000_000_000)),
+        InvalidTreeError,
+        "mtime",
+        "f",
+    ),
+    "mtime of 2**63 ns": lambda c: Case(
+        _in_sub(
+            c,
+            node(
+                c, files=[("f", _file(c), False)], edit=_props(sec=9_223_372_036, nanos=854_775_808)
+            ),
+        ),
+        InvalidTreeError,
+        "mtime",
+        "sub/f",
+    ),
+    "mtime seconds at the int64 maximum": lambda c: Case(
+        node(c, files=[("f", _file(c), False)], edit=_props(sec=2**63 - 1)),
         InvalidTreeError,
         "mtime",
         "f",
@@ -404,3 +506,33 @@ def test_depth_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
     assert (tmp_path / "a" / "b/d/d/x/d/d/d/d/d/leaf").read_bytes() == b"data\n"
     assert stats.directories == 1 + 1 + 5 + 1 + 3 + 5
     materialize(cas, _chain(cas, 8), tmp_path / "b", limits=TreeLimits(max_depth=8))
+
+
+def test_path_limit_is_inclusive(cas: LocalCAS, tmp_path: Path) -> None:
+    """A path of exactly max_path_bytes is made, with and without a reused digest."""
+    root, path = _long_path(cas, 4095)
+    materialize(cas, root, tmp_path / "a")
+    fd = os.open(tmp_path / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert os.stat(path, dir_fd=fd).st_size == 5
+    finally:
+        os.close(fd)
+    limits = TreeLimits(max_path_bytes=66)
+    materialize(cas, _long_only_through_reuse(cas, deep=True), tmp_path / "b", limits=limits)
+    materialize(cas, _long_only_through_reuse(cas, deep=False), tmp_path / "c", limits=limits)
+    assert (tmp_path / "c" / ("b" * 49) / "leafeeeeeeeeee").read_bytes() == b"data\n"
+    empty = node(cas, dirs=[("d" * 40, node(cas, dirs=[("e" * 30, node(cas))]))])
+    materialize(cas, empty, tmp_path / "d", limits=TreeLimits(max_path_bytes=71))
+    assert os.listdir(tmp_path / "d" / ("d" * 40) / ("e" * 30)) == []
+
+
+def test_latest_mtime_is_kept_to_the_nanosecond(cas: LocalCAS) -> None:
+    """2**63 - 1 ns (in 2262) is the last mtime the executor's int64 carries."""
+    root = node(
+        cas,
+        files=[("f", _file(cas), False)],
+        edit=_props(sec=9_223_372_036, nanos=854_775_807),
+    )
+    plan = load_plan(cas, root)
+    assert plan.arrays.mtime_ns is not None
+    assert list(plan.arrays.mtime_ns) == [2**63 - 1]

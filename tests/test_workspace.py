@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,36 @@ def test_workspace_dest_must_not_exist(cas: LocalCAS, tmp_path: Path) -> None:
     assert (tmp_path / "ws" / "mine").read_bytes() == b"keep"
     assert not mounted(tmp_path / "ws")
     assert os.listdir(tmp_path / "ws") == ["mine"]
+
+
+# What an action running as root can do to an input: mode bits do not stop it.
+_ROOT_ACTION = "echo appended >> src/lib/y.h && chmod 666 src/lib/y.h && chmod 777 bin/tool"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs an action running as root")
+@pytest.mark.parametrize("overlay", [True, False], ids=["overlay", "hardlink"])
+def test_a_root_action_and_the_cas(cas: LocalCAS, tmp_path: Path, overlay: bool) -> None:
+    """Issue 10, item 11 (what the README says): an overlay workspace keeps the CAS and
+    the entry intact against an action running as root that appends to and chmods an
+    input; a hardlinked one does not, which is why the CLI warns about it."""
+    if overlay and mount_problem() is not None:
+        pytest.skip(str(mount_problem()))
+    root = ingest(cas, tmp_path / "src", BASIC)
+    with DirectoryCache(cas, tmp_path / "cache", overlay=None if overlay else False) as cache:
+        cache.materialize(root, tmp_path / "warm")
+        entry_before = _entry_snapshot(cache, root)
+        with cache.workspace(root, tmp_path / "ws") as ws:
+            assert ws.method == ("overlay" if overlay else "hardlink")
+            subprocess.run(["sh", "-c", _ROOT_ACTION], cwd=ws.path, check=True)
+            assert (ws.path / "src/lib/y.h").read_bytes() == Y_H + b"appended\n"
+        report = cas.verify()
+        if overlay:
+            assert report.ok
+            assert _entry_snapshot(cache, root) == entry_before
+            with cache.workspace(root, tmp_path / "ws2") as ws2:
+                assert snapshot(ws2.path) == snapshot(tmp_path / "src")
+        else:  # the action wrote through the hardlinks into the CAS
+            assert {str(b.digest) for b in report.damaged} == {
+                str(Digest.of(Y_H)),
+                str(Digest.of(b"#!/bin/sh\necho tool\n")),
+            }

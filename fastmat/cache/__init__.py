@@ -8,11 +8,23 @@ threads and processes of a worker.
 - :mod:`.build`: constructing an entry; :mod:`.replay`: serving a hit;
 - :mod:`.entry`: an entry's sidecar format and hit-time damage checks;
 - :mod:`.index`: the in-memory index and eviction policy;
-- :mod:`.workspace`: overlay workspaces; :mod:`.types`: results and statistics.
+- :mod:`.workspace`: overlay workspaces; :mod:`.mounts`: their records, and the sweep
+  of a dead owner's ones;
+- :mod:`.verify`: never serving what verify found bad, and verifying entries;
+- :mod:`.types`: results and statistics.
 """
 
 from fastmat.cache.directory import DirectoryCache
+from fastmat.cache.mounts import DeadMount
 from fastmat.cache.types import CacheResult, CacheStats
+from fastmat.cache.verify import CacheVerifyReport
 from fastmat.cache.workspace import Workspace
 
-__all__ = ["CacheResult", "CacheStats", "DirectoryCache", "Workspace"]
+__all__ = [
+    "CacheResult",
+    "CacheStats",
+    "CacheVerifyReport",
+    "DeadMount",
+    "DirectoryCache",
+    "Workspace",
+]

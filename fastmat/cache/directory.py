@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import threading
@@ -34,15 +35,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding
-from fastmat.cache import entry, protocol, replay, workspace
+from fastmat.cache import entry, mounts, protocol, replay, verify, workspace
 from fastmat.cache.build import EntryBuilder
 from fastmat.cache.entry import Damaged
 from fastmat.cache.index import CacheIndex, Entry, Limits
 from fastmat.cache.protocol import Disk
 from fastmat.cache.types import CacheResult, CacheStats
+from fastmat.cache.verify import CacheVerifyReport, QuarantineWatch
 from fastmat.cache.workspace import Workspace
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
+from fastmat.fs.access import Access
+from fastmat.fs.forks import OpenedHere
+from fastmat.fs.locks import DEFAULT_LOCK_TIMEOUT_S
 from fastmat.fs.owned import OwnedDir
 from fastmat.fs.trash import Trasher
 
@@ -88,10 +93,16 @@ class DirectoryCache:
     ``fetcher`` fetches missing Directory messages and blobs on a miss; ``threads`` /
     ``max_inflight`` / ``limits`` are passed to the executor and the tree loader.
     ``fsync`` makes sidecars and entry renames durable. ``overlay``: None probes once
-    whether workspaces can mount overlays, False never mounts.
+    whether workspaces can mount overlays, False never mounts. A new cache directory
+    is private (0700, lock files 0600); ``group`` (a name or gid) shares it with that
+    group's members (2770, group-owned, lock files 0660; :mod:`fastmat.fs.access`).
+    ``lock_timeout_s`` bounds every wait for another process's lock (its construction
+    of the same tree, its eviction): then ``LockTimeoutError`` names the lock file and
+    the holder's pid.
 
     Thread-safe; several processes may share ``path`` (construction single-flight and
-    pins are flock-based). Not fork-safe: open the cache after forking.
+    pins are flock-based), each opening its own instance. Open it after fork: any use
+    of an instance in a forked child (but ``close``) raises ``FastmatError``.
 
     A hit re-checks a sample of the entry's files (``entry.check_samples``: type,
     inode, size, mode, mtime of up to 9 files) and treats a replay failing with ENOENT
@@ -117,54 +128,79 @@ class DirectoryCache:
         policy: str = "least-recently-used",
         fsync: bool = True,
         overlay: bool | None = None,
+        group: str | int | None = None,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     ) -> None:
         self.cas = cas
         self.path = Path(path).absolute()
+        self._opened = OpenedHere(f"DirectoryCache {self.path}")
         self.limits = Limits(max_bytes, max_entries, policy)
         self.threads, self.max_inflight = threads, max_inflight
-        for d in ("entries", "tmp", "trash", "locks"):
-            (self.path / d).mkdir(parents=True, exist_ok=True)
+        self.access = Access.of(group)
+        self.access.make_root(self.path)
+        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS):
+            self.access.make_dir(self.path / d)
         fds: list[int] = []
         try:
-            for d in ("entries", "locks", "tmp"):
+            for d in ("entries", "locks", "tmp", mounts.MOUNTS):
                 fds.append(os.open(self.path / d, _O_DIR))
-            self._owned = OwnedDir.create(fds[2], 0o700)
+            self._owned = OwnedDir.create(fds[2], self.access.dir_mode, self.access.lock_mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self._entries_fd, self._locks_fd, self._tmp_parent_fd = fds
+        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds
         self._tmp = self.path / "tmp" / self._owned.name
         self._trasher = Trasher()
-        self._disk = Disk(
-            entries=self.path / "entries",
-            entries_fd=self._entries_fd,
-            locks_fd=self._locks_fd,
-            trash=self.path / "trash",
-            trasher=self._trasher,
-            tmp=self._tmp,
-            tmp_fd=self._owned.fd,
-        )
-        self._mu = threading.Lock()
-        self._index = CacheIndex(self.limits)
-        self._flights: dict[str, Flight] = {}
-        self._n: Counter[str] = Counter()
-        self._builder = EntryBuilder(
-            cas,
-            self._disk,
-            fetcher=fetcher,
-            threads=threads,
-            max_inflight=max_inflight,
-            limits=limits,
-            fsync=fsync,
-        )
-        self.overlay = overlay  # None: probed at the first workspace; False: never mount
         self._closed = False
-        protocol.sweep_dead_instances(self._tmp_parent_fd, self._owned.name, self._disk)
-        for e in protocol.adopt_all(self._disk):
-            self._index.insert(e)
-        with self._mu:
-            self._evict_locked()
+        try:  # from here on, a failure releases the directories and the scratch
+            self._disk = Disk(
+                entries=self.path / "entries",
+                entries_fd=self._entries_fd,
+                locks_fd=self._locks_fd,
+                trash=self.path / "trash",
+                trasher=self._trasher,
+                tmp=self._tmp,
+                tmp_fd=self._owned.fd,
+                mounts_fd=self._mounts_fd,
+                lock_mode=self.access.lock_mode,
+                lock_timeout_s=lock_timeout_s,
+            )
+            self._mu = threading.Lock()
+            self._watch = QuarantineWatch(cas)
+            self._index = CacheIndex(self.limits)
+            self._flights: dict[str, Flight] = {}
+            self._n: Counter[str] = Counter()
+            self._builder = EntryBuilder(
+                cas,
+                self._disk,
+                fetcher=fetcher,
+                threads=threads,
+                max_inflight=max_inflight,
+                limits=limits,
+                fsync=fsync,
+            )
+            self.overlay = overlay  # None: probed at the first workspace; False: never mount
+            self._sweeper = mounts.Sweeper(
+                self._mounts_fd,
+                self.path / "tmp",
+                self._tmp_parent_fd,
+                self._owned.name,
+                self._disk.trash,
+                self._trasher,
+            )
+            # what the sweep at open found: dead owners' workspaces (cleaned or not)
+            self.dead_mounts, kept = mounts.sweep(self._sweeper)
+            protocol.sweep_dead_instances(
+                self._tmp_parent_fd, {self._owned.name, *kept}, self._disk
+            )
+            for e in protocol.adopt_all(self._disk):
+                self._index.insert(e)
+            with self._mu:
+                self._evict_locked()
+        except BaseException:
+            self._close_disk()
+            raise
 
     # -- public API ---------------------------------------------------------------
 
@@ -175,37 +211,59 @@ class DirectoryCache:
         self.close()
 
     def close(self) -> None:
-        """Finishes pending background deletions and releases the cache's fds."""
+        """Finishes pending background deletions and releases the cache's fds. In a
+        forked child it only closes the child's copies of the fds: the scratch dir,
+        pins and deleter belong to the parent."""
         if self._closed:
             return
         self._closed = True
+        if not self._opened.here:
+            for e in self._index:
+                if e.lock_fd >= 0:
+                    os.close(e.lock_fd)  # the parent's pin lives on in its own fd
+            for fd in (self._owned.fd, self._owned.lock_fd):
+                os.close(fd)
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+                os.close(fd)
+            return
         self._trasher.drain()
-        self._trasher.close()
         with self._mu:
             for e in self._index:
                 if e.lock_fd >= 0:
                     os.close(e.lock_fd)
                     e.lock_fd = -1
-        self._owned.release(self._tmp_parent_fd)
-        for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd):
-            os.close(fd)
+        self._close_disk()
+
+    def _close_disk(self) -> None:
+        """Stops the deleter, removes the scratch dir, closes the directory fds."""
+        self._closed = True
+        try:
+            self._trasher.close()
+            self._owned.release(self._tmp_parent_fd)
+        finally:
+            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+                os.close(fd)
 
     def stats(self) -> CacheStats:
+        self._opened.check()
         with self._mu:
             ix = self._index
             return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
     def entry_path(self, root: Digest) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
+        self._opened.check()
         with self._mu:
             return self._disk.entries / root.key if self._index.get(root.key) else None
 
     def drain(self) -> None:
         """Waits for the background deleter (tests and benchmarks)."""
+        self._opened.check()
         self._trasher.drain()
 
     def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
         """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+        self._opened.check()
         t0 = time.perf_counter()
         dest = Path(dest)
         if self.limits.max_entries == 0:
@@ -220,6 +278,8 @@ class DirectoryCache:
                 entry.touch(self._entries_fd, e.key)
             t1 = time.perf_counter()
             try:
+                if hit:
+                    self._refuse_quarantined(e)
                 method, fell_back = replay.clone(
                     self._disk, e, dest, threads=self.threads, max_inflight=self.max_inflight
                 )
@@ -246,6 +306,7 @@ class DirectoryCache:
         protects the CAS from an action running as the worker's user that chmods an
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
         """
+        self._opened.check()
         dest = Path(dest)
         mounted = None
         if self.limits.max_entries and self.can_overlay():
@@ -260,12 +321,13 @@ class DirectoryCache:
                 with contextlib.suppress(FileNotFoundError):  # the action removed it
                     _binding.remove_tree(dest)
             return
-        e, hit, ws = mounted
+        e, hit, ws, rec = mounted
         try:
             yield Workspace(dest, "overlay", root, hit, ws / "upper")
         finally:
             try:
                 gone = workspace.unmount(dest, ws, self._disk.trash)
+                mounts.forget(self._mounts_fd, rec)  # kept if unmounting failed: a later sweep
                 if gone is not None:
                     self._trasher.put(gone)
             finally:
@@ -342,36 +404,127 @@ class DirectoryCache:
             self._n["stale" if d.stale else "damaged"] += 1
         return e.ident
 
+    def _refuse_quarantined(self, e: Entry) -> None:
+        """Raises ``Damaged`` if the (pinned) entry links an inode that verify moved to
+        the CAS's quarantine: one stat per hit, one lstat pass per entry and change of
+        the quarantine (:mod:`.verify`)."""
+        gen, bad = self._watch.current()
+        if not bad or e.quarantine_checked == gen:
+            return
+        fd = verify.open_dir(self._entries_fd, e.key)
+        if fd is None:
+            return  # gone: the replay's checks say so
+        try:
+            if entry.file_ident(os.fstat(fd)) != e.ident:
+                return  # replaced: likewise
+            if e.replay is None:
+                try:
+                    e.replay = entry.load(self._entries_fd, e.key)
+                except entry.SidecarError:
+                    return  # likewise
+            where = verify.links_quarantined(e.replay, fd, bad)
+        finally:
+            os.close(fd)
+        if where is not None:
+            raise Damaged(f"{where}: links a blob verify quarantined")
+        e.quarantine_checked = gen
+
+    def verify(self) -> CacheVerifyReport:
+        """Verifies the CAS (``LocalCAS.verify``: damaged blobs are quarantined), then
+        every entry on disk (:func:`.verify.check_entry`: no quarantined inode, CAS
+        inodes where the tree links the CAS, private files hashed against their
+        digests); a bad entry is invalidated, or reported ``busy`` while another
+        process uses it. Slow: reads every private file and stats every entry file."""
+        self._opened.check()
+        t0 = time.monotonic()
+        report = CacheVerifyReport(self.cas.verify())
+        bad = frozenset(q.ino for q in self.cas.quarantined())
+        for key in protocol.complete_keys(self._disk):
+            fd = verify.open_dir(self._entries_fd, key)
+            if fd is None:
+                continue  # evicted meanwhile
+            try:
+                try:
+                    r = entry.load(self._entries_fd, key)
+                except entry.SidecarError as err:
+                    problem: str | None = f"sidecar: {err}"
+                else:
+                    c = verify.check_entry(self.cas, r, fd, bad, self._builder.limits)
+                    report.files_checked += c.files
+                    report.files_hashed += c.hashed
+                    problem = c.problem
+            finally:
+                os.close(fd)
+            report.entries_checked += 1
+            if problem is not None:
+                self._invalidate_bad(key, problem, report)
+        report.duration_s = time.monotonic() - t0
+        log.info(
+            "cache %s verified: %d entries, %d files (%d hashed), %d invalidated, %d busy",
+            self.path,
+            report.entries_checked,
+            report.files_checked,
+            report.files_hashed,
+            len(report.invalidated),
+            len(report.busy),
+        )
+        return report
+
+    def _invalidate_bad(self, key: str, problem: str, report: CacheVerifyReport) -> None:
+        log.warning("cache entry %s failed verification: %s", key, problem)
+        with self._mu:
+            if not protocol.invalidate(self._disk, key):
+                report.busy.append((key, problem))
+                return
+            e = self._index.get(key)
+            if e is not None:
+                self._index.remove(e)
+            self._n["damaged"] += 1
+        report.invalidated.append((key, problem))
+
     def can_overlay(self) -> bool:
         """Whether workspaces mount overlays here (probed once, for real)."""
+        self._opened.check()
         if self.overlay is None:
             self.overlay = workspace.probe(self._tmp) and workspace.usable_path(self._disk.entries)
         return self.overlay
 
-    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path] | None:
-        """The pinned entry, hit, and scratch dir of an overlay now mounted at ``dest``;
-        None if the mount itself failed (the caller falls back to a hardlinked copy)."""
+    def _record(self, into: list[str], key: str, dest: Path, ws_name: str) -> None:
+        into.append(mounts.record(self._mounts_fd, self._owned.name, key, ws_name, dest))
+
+    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path, str] | None:
+        """The pinned entry, hit, scratch dir and mount record of an overlay now mounted
+        at ``dest``; None if the mount itself failed (the caller falls back to a
+        hardlinked copy)."""
         damaged: tuple[int, int] | None = None
         for _ in range(_RETRIES):
             e, hit = self._acquire(root, damaged)
+            recs: list[str] = []
+            rec = functools.partial(self._record, recs, e.key, dest)
             try:
+                if hit:
+                    self._refuse_quarantined(e)
                 os.close(replay.open_entry(self._disk, e))
-                ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest)
+                ws = workspace.mount(self._disk.entries / e.key, self._tmp, dest, rec)
             except Damaged as d:
                 self._release(e)
                 damaged = self._invalidate(e, d)
                 continue
             except OSError as err:
+                for r in recs:
+                    mounts.forget(self._mounts_fd, r)
                 self._release(e)
                 if err.errno in _DEST_ERRORS and err.filename in (str(dest), dest):
                     raise  # about dest itself: the caller's problem, not the overlay's
                 log.warning("overlay workspace at %s failed (%s): hardlinking instead", dest, err)
                 return None
             except BaseException:
+                for r in recs:
+                    mounts.forget(self._mounts_fd, r)
                 self._release(e)
                 raise
             if hit:
                 entry.touch(self._entries_fd, e.key)
                 self._count("overlay")
-            return e, hit, ws
+            return e, hit, ws, recs[0]
         raise FastmatError(f"cache entry for {root} keeps failing its checks")

@@ -28,6 +28,7 @@ class Entry:
     replay: Replay | None = None  # loaded lazily from the sidecar
     pins: int = 0  # clones, constructions and workspaces running on it in this process
     lock_fd: int = -1  # held LOCK_SH on locks/<key>.lock while pins > 0 (other processes)
+    quarantine_checked: int = 0  # the QuarantineWatch generation it was last checked at
 
     @property
     def key(self) -> str:

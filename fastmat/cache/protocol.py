@@ -4,8 +4,8 @@ Several processes may share one cache directory. One lock file
 ``locks/<hash>-<size>.lock`` per digest (flock, the recipe of
 :func:`fastmat.fs.locks.lock_file`) carries the protocol:
 
-- LOCK_EX (blocking) around a construction or adoption (:func:`acquire`): one process
-  builds, the others wait and then adopt the entry it renamed into place
+- LOCK_EX (waited for) around a construction or adoption (:func:`acquire`): one
+  process builds, the others wait and then adopt the entry it renamed into place
   (single-flight across processes, invariant 8);
 - LOCK_SH, taken non-blocking (:func:`try_pin`), for as long as a process has the entry
   pinned (cloning from it, or it is a mounted workspace's lower layer);
@@ -13,6 +13,10 @@ Several processes may share one cache directory. One lock file
   (:func:`evict`, :func:`adopt_all`): it fails while any other process pins or builds
   that digest, so nobody's clone source or mounted lower layer is ever taken away
   (invariant 7).
+
+Every wait is bounded by ``Disk.lock_timeout_s`` (tried without blocking first, then
+polled; :func:`fastmat.fs.locks.wait_file`): a holder that never lets go makes the
+waiter fail with LockTimeoutError naming the lock file and the holder's pid.
 
 A lock file is unlinked when its entry is evicted or discarded, by the holder of
 LOCK_EX. That is safe because every acquirer checks, once it holds the flock, that the
@@ -35,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastmat.cache import entry
+from fastmat.cache import entry, mounts
 from fastmat.cache.index import CacheIndex, Entry
 from fastmat.digest import Digest, InvalidDigestError
 from fastmat.errors import FastmatError
@@ -59,22 +63,33 @@ class Disk:
     trasher: Trasher
     tmp: Path  # this instance's own scratch (constructions, workspace upper layers)
     tmp_fd: int
+    mounts_fd: int  # mounts/: a record per overlay workspace (fastmat.cache.mounts)
+    lock_mode: int = locks.LOCK_MODE  # of the lock files it creates (fastmat.fs.access)
+    lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S  # bound of every lock wait
 
 
 def lock_name(key: str) -> str:
     return f"{key}.lock"
 
 
-def lock_key(disk: Disk, key: str, how: int, *, block: bool) -> int | None:
-    """An fd holding flock ``how`` on ``locks/<key>.lock``; None if ``block`` is False
-    and another process holds a conflicting lock."""
-    return locks.lock_file(disk.locks_fd, lock_name(key), how, block=block)
+def lock_key(disk: Disk, key: str, how: int) -> int | None:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``, taken without waiting; None
+    if another process holds a conflicting lock."""
+    return locks.lock_file(disk.locks_fd, lock_name(key), how, mode=disk.lock_mode)
+
+
+def wait_key(disk: Disk, key: str, how: int) -> int:
+    """An fd holding flock ``how`` on ``locks/<key>.lock``, waiting up to the cache's
+    lock timeout for it (LockTimeoutError)."""
+    return locks.wait_file(
+        disk.locks_fd, lock_name(key), how, timeout_s=disk.lock_timeout_s, mode=disk.lock_mode
+    )
 
 
 def try_pin(disk: Disk, key: str) -> int | None:
     """LOCK_SH on ``key`` without waiting (None: another process is evicting or
     rebuilding it); the returned fd holds the pin until closed."""
-    return lock_key(disk, key, fcntl.LOCK_SH, block=False)
+    return lock_key(disk, key, fcntl.LOCK_SH)
 
 
 def parse_key(key: str) -> Digest | None:
@@ -87,12 +102,20 @@ def parse_key(key: str) -> Digest | None:
 
 
 def discard(disk: Disk, key: str) -> None:
-    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key."""
+    """Moves an entry to the trash and drops its sidecar; caller holds LOCK_EX on key.
+
+    An entry under a mount record (a dead owner's workspace not yet swept: a live one
+    pins it) is renamed all the same, which the mount does not notice, but not
+    deleted: its files are the lower layer of that overlay. The next opener's sweep
+    detaches the mount first, then deletes the trash (:func:`sweep_dead_instances`)."""
     gone = to_trash(disk.entries_fd, key, disk.trash)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(entry.sidecar_name(key), dir_fd=disk.entries_fd)
     if gone is not None:
-        disk.trasher.put(gone)
+        if key in mounts.keys(disk.mounts_fd):
+            log.warning("cache entry %s is under a dead workspace's mount: kept in %s", key, gone)
+        else:
+            disk.trasher.put(gone)
 
 
 def _from_disk(
@@ -121,11 +144,11 @@ def acquire(
     build: Callable[[Digest], Entry],
 ) -> tuple[Entry, bool]:
     """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
-    if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, blocking)
-    while another process holds LOCK_EX building it."""
+    if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, up to the
+    lock timeout) while another process holds LOCK_EX building it."""
     key = root.key
     for _ in range(_ADOPT_ATTEMPTS):
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_SH)
+        fd = wait_key(disk, key, fcntl.LOCK_SH)
         try:
             e = _from_disk(disk, root, damaged, exclusive=False)
         except BaseException:
@@ -135,13 +158,19 @@ def acquire(
             e.pins, e.lock_fd = 1, fd
             return e, False
         os.close(fd)
-        fd = locks.wait_file(disk.locks_fd, lock_name(key), fcntl.LOCK_EX)
+        fd = wait_key(disk, key, fcntl.LOCK_EX)
         try:
             e = _from_disk(disk, root, damaged, exclusive=True)
             built = e is None
             if e is None:
                 e = build(root)
-            fcntl.flock(fd, fcntl.LOCK_SH)  # a downgrade is not atomic: look again
+            # a downgrade is not atomic (another process may slip in): look again after
+            locks.flock_within(
+                fd,
+                fcntl.LOCK_SH,
+                disk.lock_timeout_s,
+                lambda: locks.lock_path(disk.locks_fd, lock_name(key)),
+            )
             st = entry.stat_at(disk.entries_fd, key)
             if (
                 locks.still_linked(disk.locks_fd, lock_name(key), fd)
@@ -157,13 +186,38 @@ def acquire(
     raise FastmatError(f"cache entry for {root} vanished three times while adopting")
 
 
+def invalidate(disk: Disk, key: str) -> bool:
+    """Discards entry ``key`` (``verify`` found it bad) unless another process (or
+    another pin of this one) holds its lock; returns whether it did."""
+    fd = lock_key(disk, key, fcntl.LOCK_EX)
+    if fd is None:
+        return False
+    try:
+        discard(disk, key)
+        locks.unlink_file(disk.locks_fd, lock_name(key))
+    finally:
+        os.close(fd)
+    return True
+
+
+def complete_keys(disk: Disk) -> list[str]:
+    """The entries on disk with both their tree and their sidecar, sorted."""
+    names = set(os.listdir(disk.entries_fd))
+    return sorted(n for n in names if entry.sidecar_name(n) in names and parse_key(n) is not None)
+
+
 def evict(index: CacheIndex, disk: Disk) -> int:
     """Takes unpinned victims out of the index while it is over its limits and renames
     them to the trash (cheap; the caller holds the cache lock), leaving the deletion to
     the background trasher. Returns how many were evicted."""
     n = 0
+    mounted: set[str] | None = None
     for v in index.victims():
-        fd = lock_key(disk, v.key, fcntl.LOCK_EX, block=False)
+        if mounted is None:
+            mounted = mounts.keys(disk.mounts_fd)  # listed once per call, only when over the limits
+        if v.key in mounted:
+            continue  # a workspace's lower layer (its owner may be dead: no pin left)
+        fd = lock_key(disk, v.key, fcntl.LOCK_EX)
         if fd is None:
             continue  # pinned or being rebuilt by another process: keep it
         try:
@@ -210,8 +264,9 @@ def adopt_all(disk: Disk) -> list[Entry]:
             bad.add(key)
             continue
         found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
-    for key in orphans | bad:
-        lfd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+    mounted = mounts.keys(disk.mounts_fd)
+    for key in (orphans | bad) - mounted:
+        lfd = lock_key(disk, key, fcntl.LOCK_EX)
         if lfd is None:
             continue  # somebody builds, adopts or pins it right now
         try:
@@ -235,7 +290,7 @@ def _sweep_locks(disk: Disk, keys: set[str]) -> None:
         key = name[: -len(lock_name(""))]
         if not name.endswith(lock_name("")) or key in keys or parse_key(key) is None:
             continue
-        fd = lock_key(disk, key, fcntl.LOCK_EX, block=False)
+        fd = lock_key(disk, key, fcntl.LOCK_EX)
         if fd is None:
             continue
         try:
@@ -246,17 +301,21 @@ def _sweep_locks(disk: Disk, keys: set[str]) -> None:
             os.close(fd)
 
 
-def sweep_dead_instances(tmp_fd: int, mine: str, disk: Disk) -> int:
-    """Moves dead instances' temp dirs to the trash and queues the whole trash for the
-    background deleter; returns how many trash items were queued."""
+def sweep_dead_instances(tmp_fd: int, keep: set[str], disk: Disk) -> int:
+    """Moves dead instances' temp dirs (but those in ``keep``: this instance's, and
+    dead owners' whose mounts could not be cleaned) to the trash and queues the trash
+    for the background deleter, but entries still under a mount record; returns how
+    many trash items were queued. Run after :func:`fastmat.cache.mounts.sweep`."""
 
     def to_bin(parent_fd: int, name: str) -> None:
         if to_trash(parent_fd, name, disk.trash) is None:
             raise FileNotFoundError(name)
 
-    sweep_dead(tmp_fd, keep=mine, remove=to_bin)
+    sweep_dead(tmp_fd, keep=keep, remove=to_bin)
+    mounted = mounts.keys(disk.mounts_fd)
     n = 0
     for t in disk.trash.iterdir():
-        disk.trasher.put(t)
-        n += 1
+        if t.name.split(".", 1)[0] not in mounted:
+            disk.trasher.put(t)
+            n += 1
     return n

@@ -14,6 +14,7 @@ import contextlib
 import errno
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,9 +69,11 @@ def probe(scratch: Path) -> bool:
             _binding.remove_tree(base)
 
 
-def mount(lower: Path, scratch: Path, dest: Path) -> Path:
+def mount(lower: Path, scratch: Path, dest: Path, record: Callable[[str], object]) -> Path:
     """Creates ``dest`` and mounts the overlay; returns the private dir to pass to
-    ``unmount``. Leaves nothing behind on failure."""
+    ``unmount``. ``record(name of that dir)`` is called before ``dest`` is created or
+    anything mounted (so a crash from then on leaves a record for the next opener;
+    :mod:`.mounts`). Leaves nothing behind on failure but the record."""
     ws = scratch / unique("ws-")
     os.mkdir(ws, 0o700)
     made_dest = False
@@ -78,6 +81,7 @@ def mount(lower: Path, scratch: Path, dest: Path) -> Path:
         os.mkdir(ws / "upper", 0o755)
         os.chmod(ws / "upper", 0o755)  # noqa: S103 - the mount root takes its mode
         os.mkdir(ws / "work", 0o700)
+        record(ws.name)
         os.mkdir(dest, 0o755)
         made_dest = True
         _binding.mount_overlay(str(lower), str(ws / "upper"), str(ws / "work"), str(dest))

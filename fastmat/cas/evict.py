@@ -100,7 +100,10 @@ class Evictor:
             self._thread = threading.Thread(target=self._run, name="fastmat-cas-evict", daemon=True)
             self._thread.start()
 
-    def close(self) -> None:
+    def close(self, in_child: bool = False) -> None:
+        """Stops the background thread (a forked child has none: nothing to do)."""
+        if in_child:
+            return
         self._closed.set()
         self._wake.set()
         if self._thread is not None and self._thread is not threading.current_thread():

@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 
 from fastmat.digest import Digest
+from fastmat.fs.access import Access
 
 BLOBS = "blobs"
 EXEC = "exec"
@@ -48,6 +49,11 @@ _EXEC_B = b"exec/"
 def blob_rel(h: str, size: int) -> str:
     """``blobs/<hh>/<hash>-<size>`` for a validated hex hash."""
     return f"blobs/{h[:2]}/{h}-{size}"
+
+
+def blob_rels(hashes: list[str], sizes: list[int]) -> list[str]:
+    """:func:`blob_rel` of each (hash, size): one call per directory on the hot path."""
+    return [f"blobs/{h[:2]}/{h}-{s}" for h, s in zip(hashes, sizes, strict=True)]
 
 
 def exec_rel(h: str, size: int) -> str:
@@ -105,18 +111,21 @@ def variant_of(path: bytes) -> bytes:
     return _EXEC_B + path[len(_BLOBS_B) :]
 
 
-def create(root: Path) -> None:
+def create(root: Path, access: Access) -> None:
     """Creates the directories of a CAS at ``root`` (idempotent; the last shard of the
-    last area is made last, so its presence means the layout is complete)."""
-    if (root / EXEC / SHARDS[-1]).is_dir():
+    last area is made last, so its presence means the layout is complete). A new root
+    is private (0700), or shared with ``access.gid`` (2770, and so is every directory
+    in it, also when an existing CAS is shared for the first time)."""
+    fresh = access.make_root(root)
+    if not fresh and (root / EXEC / SHARDS[-1]).is_dir():
         return
-    root.mkdir(parents=True, exist_ok=True)
     for sub in (TMP, LOCKS, QUARANTINE):
-        (root / sub).mkdir(exist_ok=True)
+        access.make_dir(root / sub)
     for area in AREAS:
-        (root / area).mkdir(exist_ok=True)
+        access.make_dir(root / area)
         for shard in SHARDS:
-            (root / area / shard).mkdir(exist_ok=True)
+            access.make_dir(root / area / shard)
+    access.make_dir(root / USAGE)
     # Durable once: a blob's group commit fsyncs its shard, not the shard's parents.
     for d in (*(root / area for area in AREAS), root, root.parent):
         fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

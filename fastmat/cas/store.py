@@ -34,9 +34,17 @@ from fastmat.cas import layout
 from fastmat.cas.commit import CommitResult, Committer, Staged, sync_mode_for
 from fastmat.cas.evict import Budget, Evictor, EvictReport
 from fastmat.cas.usage import Index, Pin, Usage, UsageCounters, file_links, scan_names
-from fastmat.cas.verify import VerifyReport, verify_cas
+from fastmat.cas.verify import (
+    Quarantined,
+    VerifyReport,
+    quarantine_stamp,
+    quarantined,
+    verify_cas,
+)
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
+from fastmat.fs.access import Access
+from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
 __all__ = ["Batch", "CASCounters", "CASUsage", "LocalCAS"]
@@ -93,12 +101,13 @@ def _release(
     tmp_parent_fd: int,
     fds: list[int],
     pid: int,
-    closers: list[Callable[[], None]],
+    closers: list[Callable[[bool], None]],
 ) -> None:
     try:
-        if os.getpid() == pid:
-            for close in closers:  # the evictor's thread, the use record's files
-                close()
+        in_child = os.getpid() != pid
+        for close in closers:  # the evictor's thread, the use record's files
+            close(in_child)
+        if not in_child:
             owned.release(tmp_parent_fd)
         else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
             os.close(owned.fd)
@@ -124,7 +133,16 @@ class LocalCAS:
 
     ``fsync=False`` skips every fsync (faster, not crash-safe). ``max_bytes`` /
     ``max_blobs`` bound the CAS (:mod:`fastmat.cas.evict`: its names, executable
-    variants included, least recently used evicted first, pinned ones never).
+    variants included, least recently used evicted first, pinned ones never). A new
+    root is private (0700, lock files 0600); ``group`` (a name or gid) shares it with
+    that group's members instead (2770 and group-owned, lock files 0660): see
+    :mod:`fastmat.fs.access`. ``lock_timeout_s`` bounds every wait for a lock another
+    thread or process holds (a variant being built, a blob being fetched, the use
+    record's lock): then ``LockTimeoutError`` names the lock and its holder.
+
+    Open it after fork: an instance belongs to the process that opened it, and any use
+    in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
+    each opening it.
     """
 
     exec_writers_timeout_s: float = 2.0  # see _build_variant
@@ -136,38 +154,53 @@ class LocalCAS:
         fsync: bool = True,
         max_bytes: int | None = None,
         max_blobs: int | None = None,
+        group: str | int | None = None,
+        lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
     ) -> None:
         self.root = Path(path).absolute()
         self._fsync = fsync
-        layout.create(self.root)
-        self.root_fd = os.open(self.root, _DIR_PATH)
-        fds = [self.root_fd]
+        self.lock_timeout_s = lock_timeout_s
+        self.access = Access.of(group)
+        layout.create(self.root, self.access)
+        self._opened = OpenedHere(f"LocalCAS {self.root}")
+        self._root_fd = os.open(self.root, _DIR_PATH)
+        fds = [self._root_fd]
         try:
             self._tmp_parent_fd = os.open(layout.TMP, _DIR, dir_fd=self.root_fd)
             fds.append(self._tmp_parent_fd)
             self._locks_fd = os.open(layout.LOCKS, _DIR_PATH, dir_fd=self.root_fd)
             fds.append(self._locks_fd)
-            self._owned = OwnedDir.create(self._tmp_parent_fd)
+            self._owned = OwnedDir.create(
+                self._tmp_parent_fd, self.access.dir_mode, self.access.lock_mode
+            )
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         self.tmp_dir = self.root / layout.TMP / self._owned.name
-        self.tmp_fd = self._owned.fd
-        closers: list[Callable[[], None]] = []
+        self._tmp_fd = self._owned.fd
+        closers: list[Callable[[bool], None]] = []
         self._finalizer = weakref.finalize(
             self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid(), closers
         )
-        self._locks = locks.KeyedLock(self._locks_fd)
+        self._locks = locks.KeyedLock(
+            self._locks_fd, mode=self.access.lock_mode, timeout_s=lock_timeout_s
+        )
         self._names = itertools.count()
         self._mutex = threading.Lock()
         self._counters = CASCounters()
         self._reflink: bool | None = None  # probed on first put_file
         self._no_reflink_devs: set[int] = set()
         self._committer = Committer(
-            self.tmp_fd, self.root_fd, fsync=fsync, sync_mode=sync_mode_for(self.tmp_fd)
+            self._tmp_fd, self._root_fd, fsync=fsync, sync_mode=sync_mode_for(self._tmp_fd)
         )
-        self._usage = Usage(self.root_fd, self._tmp_parent_fd, self.tmp_fd)
+        self._usage = Usage(
+            self._root_fd,
+            self._tmp_parent_fd,
+            self._tmp_fd,
+            access=self.access,
+            timeout_s=lock_timeout_s,
+        )
         closers.append(self._usage.close)
         self.budget = Budget(max_bytes, max_blobs)
         self._evictor: Evictor | None = None
@@ -201,11 +234,25 @@ class LocalCAS:
         self._finalizer()
 
     @property
+    def root_fd(self) -> int:
+        """An fd of the CAS root (``O_PATH`` where there is one), for ``*at()`` calls."""
+        self._opened.check()
+        return self._root_fd
+
+    @property
+    def tmp_fd(self) -> int:
+        """An fd of this instance's own temp directory."""
+        self._opened.check()
+        return self._tmp_fd
+
+    @property
     def counters(self) -> CASCounters:
+        self._opened.check()
         with self._mutex:
             return CASCounters(**vars(self._counters))
 
     def _count(self, **deltas: int) -> None:
+        self._opened.check()
         with self._mutex:
             for name, delta in deltas.items():
                 setattr(self._counters, name, getattr(self._counters, name) + delta)
@@ -239,6 +286,7 @@ class LocalCAS:
     def commit(self, staged: Sequence[Staged], **counts: int) -> CommitResult:
         """Publishes staged temps as one group (:mod:`fastmat.cas.commit`) and counts
         them; the result says, per blob, whether this call published it."""
+        self._opened.check()
         res = self._committer.commit(staged)
         written = [s for s, p in zip(staged, res.published, strict=True) if p]
         present = sum(
@@ -278,6 +326,7 @@ class LocalCAS:
 
     def read(self, d: Digest) -> bytes:
         """The blob's bytes. BlobNotFoundError if absent."""
+        self._opened.check()
         if d.size_bytes == 0:
             return b""
         try:
@@ -550,6 +599,7 @@ class LocalCAS:
         evicted before the pin is absent when looked for (fetch it again, or raise
         ``BlobNotFoundError``). ``Pin.add`` pins more inside the block.
         """
+        self._opened.check()
         if not isinstance(names, bytes):
             names = b"\0".join(layout.rel(layout.BLOBS, d).encode() for d in names)
         return self._usage.pin(names)
@@ -559,6 +609,7 @@ class LocalCAS:
         they disagree), then evicts least recently used unpinned names until at most
         ``max_bytes`` / ``max_blobs`` remain (default: this instance's bounds; neither:
         only the rescan)."""
+        self._opened.check()
         self._usage.compact()
         mb = self.budget.max_bytes if max_bytes is None else max_bytes
         mn = self.budget.max_blobs if max_blobs is None else max_blobs
@@ -569,6 +620,7 @@ class LocalCAS:
     def usage(self) -> CASUsage:
         """Names and bytes held, by area and by sharing, pins and cumulative evictions
         (a readdir and an lstat per name: for ``fastmat stats``, not a hot path)."""
+        self._opened.check()
         idx = self._usage.tail()
         names = scan_names(self.root_fd)
         only, shared = file_links(self.root_fd, names)
@@ -596,6 +648,7 @@ class LocalCAS:
     @property
     def index(self) -> Index:
         """The use record, up to date (tests, diagnostics)."""
+        self._opened.check()
         return self._usage.tail()
 
     # ---- verification ----
@@ -604,6 +657,15 @@ class LocalCAS:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
         one to ``quarantine/`` (it then reads as missing) and reports it."""
         return verify_cas(self.root, self.root_fd)
+
+    def quarantine_stamp(self) -> tuple[int, int, int, int]:
+        """A fingerprint of ``quarantine/`` (one stat): it changes when verify
+        quarantines something (what a cache checks before serving a hit)."""
+        return quarantine_stamp(self.root_fd)
+
+    def quarantined(self) -> list[Quarantined]:
+        """Every file ``verify`` moved to ``quarantine/``, with its inode."""
+        return quarantined(self.root_fd)
 
 
 class Batch:

@@ -51,7 +51,9 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from fastmat.cas import layout
-from fastmat.fs.locks import LOCK_MODE, LOCK_OPEN
+from fastmat.errors import LockTimeoutError
+from fastmat.fs.access import Access
+from fastmat.fs.locks import DEFAULT_LOCK_TIMEOUT_S, flock_within, lock_path, open_lock
 
 __all__ = ["EVICT_ROUND", "Index", "Pin", "Usage", "UsageCounters"]
 
@@ -66,6 +68,21 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _PIN_PREFIX = "pin."
 _BITS = {layout.BLOBS: 1, layout.EXEC: 2}
 _AREA_OF_BIT = {1: layout.BLOBS, 2: layout.EXEC}
+
+
+def _open_file(dir_fd: int, name: str, flags: int, mode: int) -> int:
+    """``os.open`` that keeps a shared group's bits whatever the umask (``mode`` 0660:
+    the other members append to the logs and read the pin files too)."""
+    fd = os.open(name, flags, mode, dir_fd=dir_fd)
+    if mode & 0o070:
+        try:
+            os.fchmod(fd, mode)
+        except PermissionError:
+            pass  # another member made it, and set them
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def _chunk(kind: bytes, t: int, body: bytes) -> bytes:
@@ -170,10 +187,11 @@ class Index:
 class _Log:
     """One append-only log file followed from where this process last read it."""
 
-    def __init__(self, dir_fd: int, name: str) -> None:
+    def __init__(self, dir_fd: int, name: str, mode: int) -> None:
         self.dir_fd = dir_fd
         self.name = name
-        self.fd = os.open(name, _APPEND, LOCK_MODE, dir_fd=dir_fd)
+        self.mode = mode
+        self.fd = _open_file(dir_fd, name, _APPEND, mode)
         self.ino = os.fstat(self.fd).st_ino
         self.offset = 0
         self.kind = b""  # the header of a chunk whose body was not read yet
@@ -191,7 +209,7 @@ class _Log:
 
     def reopen(self) -> None:
         os.close(self.fd)
-        self.fd = os.open(self.name, _APPEND, LOCK_MODE, dir_fd=self.dir_fd)
+        self.fd = _open_file(self.dir_fd, self.name, _APPEND, self.mode)
         self.ino = os.fstat(self.fd).st_ino
         self.offset = 0
         self.kind = b""
@@ -245,21 +263,31 @@ class Pin:
 class Usage:
     """The use record and pins of one ``LocalCAS`` instance (see the module)."""
 
-    def __init__(self, root_fd: int, tmp_parent_fd: int, tmp_fd: int) -> None:
+    def __init__(
+        self,
+        root_fd: int,
+        tmp_parent_fd: int,
+        tmp_fd: int,
+        *,
+        access: Access | None = None,
+        timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
         self.root_fd = root_fd
         self.tmp_parent_fd = tmp_parent_fd
         self.tmp_fd = tmp_fd
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(layout.USAGE, 0o755, dir_fd=root_fd)
+        self.access = access or Access()
+        self.timeout_s = timeout_s
+        mode = self.access.lock_mode  # 0600, or 0660 when the CAS is shared with a group
+        self.file_mode = mode
         fds: list[int] = []
         try:
-            self.dir_fd = os.open(layout.USAGE, _DIR, dir_fd=root_fd)
+            self.dir_fd = _open_usage_dir(root_fd, self.access)
             fds.append(self.dir_fd)
-            self.lock_fd = os.open(layout.USAGE_LOCK, LOCK_OPEN, LOCK_MODE, dir_fd=self.dir_fd)
+            self.lock_fd = open_lock(self.dir_fd, layout.USAGE_LOCK, mode)
             fds.append(self.lock_fd)
-            self.store = _Log(self.dir_fd, layout.STORE_LOG)
+            self.store = _Log(self.dir_fd, layout.STORE_LOG, mode)
             fds.append(self.store.fd)
-            self.uses = _Log(self.dir_fd, layout.USES_LOG)
+            self.uses = _Log(self.dir_fd, layout.USES_LOG, mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -271,8 +299,16 @@ class Usage:
         self._compacting = threading.Lock()
         self._closed = False
 
-    def close(self) -> None:
-        """Waits for a compaction running in the background, then closes the files."""
+    def close(self, in_child: bool = False) -> None:
+        """Waits for a compaction running in the background, then closes the files. In a
+        forked child (no thread, maybe a mutex copied while held) it only closes them:
+        the flock belongs to the parent's open file description."""
+        if in_child:
+            if not self._closed:
+                self._closed = True
+                for fd in (self.store.fd, self.uses.fd, self.lock_fd, self.dir_fd):
+                    os.close(fd)
+            return
         with self._compacting, self._mutex:  # _compacting: held by a compaction thread
             if self._closed:
                 return
@@ -284,12 +320,24 @@ class Usage:
 
     @contextlib.contextmanager
     def _flock(self, how: int) -> Iterator[None]:
-        with self._mutex:
-            fcntl.flock(self.lock_fd, how)
+        """The in-process mutex, then the flock; each wait bounded by ``timeout_s``
+        (``LockTimeoutError`` naming ``usage/lock`` and, when /proc tells, its holder)."""
+        if not self._mutex.acquire(timeout=self.timeout_s):
+            path = lock_path(self.dir_fd, layout.USAGE_LOCK)
+            raise LockTimeoutError(path, self.timeout_s, os.getpid())
+        try:
+            flock_within(
+                self.lock_fd,
+                how,
+                self.timeout_s,
+                lambda: lock_path(self.dir_fd, layout.USAGE_LOCK),
+            )
             try:
                 yield
             finally:
                 fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
 
     def shared(self) -> contextlib.AbstractContextManager[None]:
         return self._flock(fcntl.LOCK_SH)
@@ -328,7 +376,7 @@ class Usage:
         (``U``) when it ends."""
         name = f"{_PIN_PREFIX}{next(self._pins)}"
         with self.shared():
-            fd = os.open(name, _APPEND | os.O_EXCL, 0o644, dir_fd=self.tmp_fd)
+            fd = _open_file(self.tmp_fd, name, _APPEND | os.O_EXCL, self.file_mode)
             try:
                 if names:
                     os.write(fd, names + b"\0")
@@ -522,8 +570,9 @@ class Usage:
                     by_time.setdefault(e[0], []).append(layout.name_of(area, key))
         parts.extend(_chunk(b"S", t, b"\0".join(names)) for t, names in by_time.items())
         tmp = f"{layout.STORE_LOG}.{os.getpid()}.new"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, LOCK_MODE,
-                     dir_fd=self.dir_fd)  # fmt: skip
+        fd = _open_file(
+            self.dir_fd, tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, self.file_mode
+        )
         try:
             for part in parts:
                 os.write(fd, part)
@@ -534,6 +583,29 @@ class Usage:
         self.index = None
         self._reload()
         log.info("CAS use record compacted: %d keys", len(idx.entries))
+
+
+def _open_usage_dir(root_fd: int, access: Access) -> int:
+    """``usage/``, made at first use (a CAS older than the use record has none) with
+    the CAS's access (private, or the shared group's 2770)."""
+    try:
+        return os.open(layout.USAGE, _DIR, dir_fd=root_fd)
+    except FileNotFoundError:
+        pass
+    made = True
+    try:
+        os.mkdir(layout.USAGE, 0o755 if access.gid is None else 0o2770, dir_fd=root_fd)
+    except FileExistsError:
+        made = False  # another opener was first, and gave it the access
+    fd = os.open(layout.USAGE, _DIR, dir_fd=root_fd)
+    if made and access.gid is not None:  # whatever the umask took
+        try:
+            os.fchown(fd, -1, access.gid)
+            os.fchmod(fd, 0o2770)
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
 
 
 def scan_names(root_fd: int) -> set[bytes]:

@@ -1,6 +1,9 @@
 """``LocalCAS.verify()``: checks every blob and variant, quarantines the damaged.
 
-Works on the layout alone (:mod:`fastmat.cas.layout`): a CAS root and its fd.
+Works on the layout alone (:mod:`fastmat.cas.layout`): a CAS root and its fd. The
+quarantine is also what tells a directory cache which inodes verify found bad: a
+cache entry hard-links CAS inodes, so a quarantined inode may still be linked there
+(:func:`quarantine_stamp`, :func:`quarantined`).
 """
 
 from __future__ import annotations
@@ -152,3 +155,52 @@ def _check_file(
         return ("; ".join(reasons) or None), ino
     finally:
         os.close(fd)
+
+
+class Quarantined(NamedTuple):
+    """One file in ``quarantine/``: what it was, and its inode's link count (more than
+    one: something outside the quarantine still links it, a cache entry maybe)."""
+
+    name: str
+    digest: Digest | None
+    ino: tuple[int, int]  # (st_dev, st_ino)
+    nlink: int
+
+
+def quarantine_stamp(root_fd: int) -> tuple[int, int, int, int]:
+    """A cheap fingerprint of ``quarantine/`` (one stat): changes when verify moves a
+    file in (mtime and ctime, at the filesystem's timestamp granularity)."""
+    st = os.stat(layout.QUARANTINE, dir_fd=root_fd, follow_symlinks=False)
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size
+
+
+def quarantined(root_fd: int) -> list[Quarantined]:
+    """Every file verify moved to ``quarantine/``, with its inode."""
+    q_fd = os.open(layout.QUARANTINE, _DIR, dir_fd=root_fd)
+    try:
+        with os.scandir(q_fd) as it:
+            names = [e.name for e in it]
+        out = []
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=q_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            out.append(
+                Quarantined(name, _quarantined_digest(name), (st.st_dev, st.st_ino), st.st_nlink)
+            )
+        return out
+    finally:
+        os.close(q_fd)
+
+
+def _quarantined_digest(name: str) -> Digest | None:
+    """The digest in a quarantine name ``<kind>.<hash>-<size>.<pid>.<rand>``."""
+    parts = name.split(".")
+    if len(parts) != 4:
+        return None
+    h, _, size = parts[1].rpartition("-")
+    try:
+        return Digest(h, int(size)) if size.isdigit() else None
+    except InvalidDigestError:
+        return None

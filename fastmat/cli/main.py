@@ -148,30 +148,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
-    sub.add_parser(
+    s = sub.add_parser(
         "verify",
         parents=[common, cas],
-        help="re-hash every blob, quarantine damage",
+        help="re-hash every blob (and cache entry), quarantine damage",
         description="Check every blob and executable variant (type, mode, size, SHA-256); "
-        "damaged ones are moved to <cas>/quarantine/ and reported. Exit status 1 if any.",
+        "damaged ones are moved to <cas>/quarantine/ and reported. With --cache, then "
+        "check every cache entry (no file links a quarantined blob, private files hash to "
+        "their digests) and invalidate the bad ones. Exit status 1 if anything was bad.",
     )
+    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
     s = sub.add_parser(
         "gc",
         parents=[common, cas],
-        help="evict CAS blobs (or cache entries) down to a size",
-        description="Evict the least recently used unpinned CAS blobs and executable "
-        "variants until the CAS holds at most --max-bytes (and --max-blobs names); with "
-        "--cache DIR, evict unpinned directory-cache entries (least recently used first) "
-        "until the cache holds at most --max-bytes instead. Trees and cache entries "
-        "already linked to an evicted blob keep it.",
+        help="evict CAS blobs down to a size, or clean up a directory cache",
+        description="Without --cache: evict the least recently used unpinned CAS blobs "
+        "and executable variants until the CAS holds at most --max-bytes (and "
+        "--max-blobs names); trees and cache entries already linked to an evicted blob "
+        "keep it. With --cache DIR: clean up after dead processes (workspaces whose owner "
+        "was killed: their overlay detached, then their upper layer removed; dead "
+        "instances' scratch; orphans), each dead workspace reported (exit status 1 if "
+        "one could not be cleaned), and with --max-bytes also evict unpinned entries "
+        "(least recently used first) until the cache holds at most that.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--max-bytes",
         type=parse_size,
+        default=None,
         metavar="SIZE",
-        help="bound, e.g. 500M, 10G, 2GB",
+        help="bound, e.g. 500M, 10G, 2GB (default: evict nothing)",
     )
     s.add_argument(
         "--max-blobs", type=int, metavar="N", help="bound on the CAS's names (without --cache)"

@@ -1,7 +1,7 @@
 """The verbs of the ``fastmat`` command: each returns (exit status, JSON payload, text).
 
 ``fastmat.cli`` parses the arguments and prints; nothing here prints except a held
-workspace's banner, and nothing here exits.
+workspace's banner and a workspace's warning on stderr, and nothing here exits.
 """
 
 from __future__ import annotations
@@ -10,8 +10,10 @@ import argparse
 import contextlib
 import errno
 import json
+import os
 import signal
 import subprocess
+import sys
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,12 @@ if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
 
 _NO_BOUND = 1 << 62
+ROOT_HARDLINK_WARNING = (
+    "fastmat: warning: no overlay could be mounted: the workspace at {dest} is hardlinked "
+    "to the CAS, and an action running as root writes through its read-only inputs into "
+    "the CAS and every tree that shares them. Run the action as another user, or where "
+    "overlays can be mounted (see the README, 'Root actions and the CAS')."
+)
 
 
 class UsageError(Exception):
@@ -154,6 +162,8 @@ def _workspace(
     """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
     with cache.workspace(args.digest, dest) as ws:
         method = ws.method
+        if method != "overlay" and os.geteuid() == 0:
+            print(ROOT_HARDLINK_WARNING.format(dest=dest), file=sys.stderr, flush=True)
         info = {"root": str(args.digest), "dest": str(dest), "method": method}
         if command:
             rc = subprocess.run(command, cwd=dest, check=False).returncode
@@ -228,30 +238,59 @@ def cmd_stats(args: argparse.Namespace) -> Outcome:
 
 def cmd_verify(args: argparse.Namespace) -> Outcome:
 
-    with _open_cas(args.cas) as cas, Progress("verifying the CAS", enabled=_bars(args)):
-        report = cas.verify()
-    payload = {
-        "ok": report.ok,
-        "blobs_checked": report.blobs_checked,
-        "exec_checked": report.exec_checked,
-        "bytes_checked": report.bytes_checked,
-        "damaged": [
-            {"digest": str(b.digest), "reason": b.reason, "kind": b.kind} for b in report.damaged
-        ],
-        "unexpected": list(report.unexpected),
-        "quarantined": [str(p) for p in report.quarantined],
-        "duration_s": round(report.duration_s, 3),
-    }
-    lines = [
-        f"checked {report.blobs_checked:,} blobs and {report.exec_checked:,} executable "
-        f"variants ({human_bytes(report.bytes_checked)}) in {report.duration_s:.1f} s"
-    ]
-    lines += [f"damaged {b.kind} {b.digest}: {b.reason}" for b in report.damaged]
-    lines += [f"unexpected file: {name}" for name in report.unexpected]
-    if report.quarantined:
-        lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
-    lines.append("OK" if report.ok else "DAMAGED")
-    return (0 if report.ok else 1), payload, "\n".join(lines)
+    with contextlib.ExitStack() as stack:
+        cas = stack.enter_context(_open_cas(args.cas))
+        cache_report = None
+        if args.cache is None:
+            with Progress("verifying the CAS", enabled=_bars(args)):
+                report = cas.verify()
+        else:
+            cache = stack.enter_context(_open_cache_readonly(cas, args.cache))
+            with Progress("verifying the CAS and the cache", enabled=_bars(args)):
+                cache_report = cache.verify()
+            report = cache_report.cas
+        payload: dict[str, Any] = {
+            "ok": report.ok,
+            "blobs_checked": report.blobs_checked,
+            "exec_checked": report.exec_checked,
+            "bytes_checked": report.bytes_checked,
+            "damaged": [
+                {"digest": str(b.digest), "reason": b.reason, "kind": b.kind}
+                for b in report.damaged
+            ],
+            "unexpected": list(report.unexpected),
+            "quarantined": [str(p) for p in report.quarantined],
+            "duration_s": round(report.duration_s, 3),
+        }
+        lines = [
+            f"checked {report.blobs_checked:,} blobs and {report.exec_checked:,} executable "
+            f"variants ({human_bytes(report.bytes_checked)}) in {report.duration_s:.1f} s"
+        ]
+        lines += [f"damaged {b.kind} {b.digest}: {b.reason}" for b in report.damaged]
+        lines += [f"unexpected file: {name}" for name in report.unexpected]
+        if report.quarantined:
+            lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
+        ok = report.ok
+        if cache_report is not None:
+            c = cache_report
+            ok = c.ok
+            payload["ok"] = ok
+            payload["cache"] = {
+                "path": str(args.cache),
+                "entries_checked": c.entries_checked,
+                "files_checked": c.files_checked,
+                "files_hashed": c.files_hashed,
+                "invalidated": [{"key": k, "reason": r} for k, r in c.invalidated],
+                "busy": [{"key": k, "reason": r} for k, r in c.busy],
+            }
+            lines.append(
+                f"checked {c.entries_checked:,} cache entries ({c.files_checked:,} files, "
+                f"{c.files_hashed:,} private ones hashed)"
+            )
+            lines += [f"invalidated cache entry {k}: {r}" for k, r in c.invalidated]
+            lines += [f"bad cache entry {k} is in use, not invalidated: {r}" for k, r in c.busy]
+    lines.append("OK" if ok else "DAMAGED")
+    return (0 if ok else 1), payload, "\n".join(lines)
 
 
 def _open_cache_readonly(cas: Any, path: Path) -> Any:
@@ -264,37 +303,47 @@ def _open_cache_readonly(cas: Any, path: Path) -> Any:
 def cmd_gc(args: argparse.Namespace) -> Outcome:
     if args.cache is None:
         return _gc_cas(args)
-    if args.max_bytes is None:
-        raise UsageError("gc --cache needs --max-bytes (the cache's bound)")
+    if args.max_blobs is not None:
+        raise UsageError("--max-blobs bounds the CAS: run gc without --cache for it")
     from fastmat.cache import DirectoryCache
 
     with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
+        # Opening a cache sweeps: dead owners' workspaces (detached, then their upper
+        # layers trashed), dead instances' scratch dirs, orphans; close() waits for
+        # the background deletions.
         with _open_cache_readonly(cas, args.cache) as cache:
             before = cache.stats()
-        # Opening with the bound evicts unpinned entries (least recently used first);
-        # close() waits for the background deletions.
-        with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
-            cache.drain()
-            after = cache.stats()
+            dead = cache.dead_mounts
+        after = before
+        if args.max_bytes is not None:  # reopening with the bound evicts unpinned entries
+            with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
+                cache.drain()
+                after = cache.stats()
     payload = {
         "max_bytes": args.max_bytes,
         "evicted": before.entries - after.entries,
         "freed_bytes": before.bytes - after.bytes,
+        "dead_mounts": jsonable(dead),
         "before": jsonable(before),
         "after": jsonable(after),
     }
-    text = (
+    lines = [
         f"evicted {before.entries - after.entries} of {before.entries} cache entries, "
         f"freed {human_bytes(before.bytes - after.bytes)}; "
         f"{after.entries} entries ({human_bytes(after.bytes)}) remain"
-    )
-    return 0, payload, text
+    ]
+    for m in dead:
+        how = "detached and removed" if m.was_mounted else "removed (no longer mounted)"
+        what = how if m.cleaned else f"left in place: {m.problem}"
+        lines.append(f"dead workspace {m.dest} (entry {m.key}, instance {m.owner}): {what}")
+    kept = [m for m in dead if not m.cleaned]
+    return (1 if kept else 0), payload, "\n".join(lines)
 
 
 def _gc_cas(args: argparse.Namespace) -> Outcome:
     """The CAS itself: least recently used unpinned names evicted down to the bounds."""
     if args.max_bytes is None and args.max_blobs is None:
-        raise UsageError("gc needs --max-bytes or --max-blobs (with --cache DIR: the cache's)")
+        raise UsageError("gc --cas needs --max-bytes or --max-blobs (or --cache DIR)")
     with _open_cas(args.cas) as cas, Progress("collecting the CAS", enabled=_bars(args)):
         rep = cas.gc(max_bytes=args.max_bytes, max_blobs=args.max_blobs)
     payload = {"max_bytes": args.max_bytes, "max_blobs": args.max_blobs, **jsonable(rep)}

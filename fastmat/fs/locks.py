@@ -1,10 +1,16 @@
-"""Lock files shared by threads and processes, and the write-lease test.
+"""Lock files shared by threads and processes, bounded waits, and the write-lease test.
 
-The lock-file recipe (:func:`lock_file`): open ``<dir>/<name>``, ``flock`` it, then
-check that the name still leads to the inode just locked. A holder may unlink its lock
-file while still holding it (so lock files never accumulate); a waiter that locked an
-unlinked inode notices the mismatch and starts over, so a lock taken on an unlinked
-inode is never trusted.
+The lock-file recipe (:func:`lock_file`, :func:`wait_file`): open ``<dir>/<name>``,
+``flock`` it, then check that the name still leads to the inode just locked. A holder
+may unlink its lock file while still holding it (so lock files never accumulate); a
+waiter that locked an unlinked inode notices the mismatch and starts over, so a lock
+taken on an unlinked inode is never trusted.
+
+Every wait is bounded (issue 10, item 4): a lock is first tried without blocking (one
+system call, as cheap as a blocking ``flock`` that is granted at once); only a
+contended one is polled, with backoff from 0.5 ms to 25 ms, until ``timeout_s``, and
+then :class:`~fastmat.errors.LockTimeoutError` names the lock file and, when
+``/proc`` tells, the process holding it.
 
 ``KeyedLock`` combines an in-process ``threading.Lock`` per key (so threads of one
 process queue without churning file descriptors) with that recipe (so processes
@@ -22,10 +28,16 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+
+from fastmat.errors import LockTimeoutError
 
 LOCK_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-LOCK_MODE = 0o644
+LOCK_MODE = 0o600  # only the owner may open, and so flock, a lock file (issue 10, item 4)
+SHARED_LOCK_MODE = 0o660  # and a shared group's members (fastmat.fs.access)
+DEFAULT_LOCK_TIMEOUT_S = 600.0  # longer than any legitimate construction or fetch
+_POLL_FIRST_S = 0.0005
+_POLL_MAX_S = 0.025
 
 
 def try_lock(fd: int, how: int) -> bool:
@@ -47,17 +59,54 @@ def still_linked(dir_fd: int, name: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino)
 
 
-def lock_file(dir_fd: int, name: str, how: int, *, block: bool) -> int | None:
-    """An fd holding flock ``how`` on ``dir_fd/name`` (created if absent); None if
-    ``block`` is False and another open file description holds a conflicting lock."""
-    while True:
-        fd = os.open(name, LOCK_OPEN, LOCK_MODE, dir_fd=dir_fd)
+def open_lock(dir_fd: int, name: str, mode: int = LOCK_MODE) -> int:
+    """Opens (creating it with ``mode`` if absent) the lock file ``dir_fd/name``."""
+    fd = os.open(name, LOCK_OPEN, mode, dir_fd=dir_fd)
+    if mode & 0o070:  # shared: the umask may have taken the group bits
         try:
-            if block:
-                fcntl.flock(fd, how)
-            elif not try_lock(fd, how):
+            os.fchmod(fd, mode)
+        except PermissionError:
+            pass  # another member created it, and set them
+        except BaseException:
+            os.close(fd)
+            raise
+    return fd
+
+
+def lock_file(dir_fd: int, name: str, how: int, *, mode: int = LOCK_MODE) -> int | None:
+    """An fd holding flock ``how`` on ``dir_fd/name`` (created with ``mode`` if
+    absent); None if another open file description holds a conflicting lock."""
+    while True:
+        fd = open_lock(dir_fd, name, mode)
+        try:
+            if not try_lock(fd, how):
                 os.close(fd)
                 return None
+            if still_linked(dir_fd, name, fd):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # unlinked by its holder meanwhile: lock the new file
+
+
+def wait_file(
+    dir_fd: int,
+    name: str,
+    how: int,
+    *,
+    timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    mode: int = LOCK_MODE,
+) -> int:
+    """:func:`lock_file`, waiting up to ``timeout_s`` for the lock (LockTimeoutError)."""
+    deadline: float | None = None
+    while True:
+        fd = open_lock(dir_fd, name, mode)
+        try:
+            if not try_lock(fd, how):
+                if deadline is None:
+                    deadline = time.monotonic() + timeout_s
+                _flock_until(fd, how, deadline, timeout_s, lambda: lock_path(dir_fd, name))
             if still_linked(dir_fd, name, fd):
                 return fd
         except BaseException:
@@ -66,12 +115,112 @@ def lock_file(dir_fd: int, name: str, how: int, *, block: bool) -> int | None:
         os.close(fd)  # unlinked by its holder while we waited: lock the new file
 
 
-def wait_file(dir_fd: int, name: str, how: int) -> int:
-    """:func:`lock_file`, blocking until the lock is held."""
-    fd = lock_file(dir_fd, name, how, block=True)
-    if fd is None:  # pragma: no cover - a blocking flock returns only once held
-        raise AssertionError("blocking flock returned without the lock")
-    return fd
+def wait_until(
+    attempt: Callable[[], bool], deadline: float, timed_out: Callable[[], BaseException]
+) -> None:
+    """Calls ``attempt`` (a non-blocking lock) with growing pauses until it succeeds;
+    raises ``timed_out()`` once ``deadline`` (``time.monotonic``) has passed."""
+    delay_s = _POLL_FIRST_S
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise timed_out()
+        time.sleep(min(delay_s, left))
+        delay_s = min(delay_s * 2, _POLL_MAX_S)
+        if attempt():
+            return
+
+
+def flock_within(fd: int, how: int, timeout_s: float, path: Callable[[], str]) -> None:
+    """flock ``how`` on an open ``fd``, waiting up to ``timeout_s`` (LockTimeoutError
+    naming ``path()``). For a conversion (LOCK_EX -> LOCK_SH), which is not atomic."""
+    if not try_lock(fd, how):
+        _flock_until(fd, how, time.monotonic() + timeout_s, timeout_s, path)
+
+
+def _flock_until(
+    fd: int, how: int, deadline: float, timeout_s: float, path: Callable[[], str]
+) -> None:
+    wait_until(
+        lambda: try_lock(fd, how),
+        deadline,
+        lambda: LockTimeoutError(path(), timeout_s, holder_pid(fd, os.getpid())),
+    )
+
+
+def lock_path(dir_fd: int, name: str) -> str:
+    """``dir_fd/name`` as a path, for messages (the name alone if /proc cannot tell)."""
+    try:
+        return os.path.join(os.readlink(f"/proc/self/fd/{dir_fd}"), name)
+    except OSError:
+        return name
+
+
+def holder_pid(fd: int, me: int, byte: int | None = None) -> int | None:
+    """A process holding a lock on the file open at ``fd`` (on ``byte`` of it, for a
+    byte-range lock), other than ``me``; None if ``/proc`` does not tell.
+
+    ``/proc/locks`` names the locker of an flock or POSIX lock; an OFD lock shows pid
+    -1 there, so then the holder is the process whose fdinfo lists the lock."""
+    st = os.fstat(fd)
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    anonymous = False
+    for line in lines:
+        pid = _lock_line_pid(line, want, st.st_ino, byte)
+        if pid is None:
+            continue
+        if pid > 0 and pid != me:
+            return pid
+        anonymous = anonymous or pid < 0
+    return _fdinfo_holder(want, st.st_ino, me, byte) if anonymous else None
+
+
+def _lock_line_pid(line: str, want: str, ino: int, byte: int | None) -> int | None:
+    """The pid of a granted lock on the wanted inode in a /proc/locks line, else None
+    ("1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF"; waiters have a "->")."""
+    parts = line.split()
+    if len(parts) < 8 or parts[1] == "->":
+        return None
+    dev_ino = parts[5]
+    # btrfs and friends report another device number in stat: the inode must match
+    if dev_ino != want and dev_ino.rsplit(":", 1)[-1] != str(ino):
+        return None
+    if byte is not None:
+        end = parts[7]
+        if int(parts[6]) > byte or (end != "EOF" and int(end) < byte):
+            return None
+    try:
+        return int(parts[4])
+    except ValueError:
+        return None
+
+
+def _fdinfo_holder(want: str, ino: int, me: int, byte: int | None) -> int | None:
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        if pid == me:
+            continue
+        try:
+            fds = os.listdir(f"/proc/{pid}/fdinfo")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if (
+                    line.startswith("lock:")
+                    and _lock_line_pid(line[5:], want, ino, byte) is not None
+                ):
+                    return pid
+    return None
 
 
 def unlink_file(dir_fd: int, name: str) -> None:
@@ -83,22 +232,33 @@ def unlink_file(dir_fd: int, name: str) -> None:
 class KeyedLock:
     """Mutual exclusion per key, across the threads of this process and across processes.
 
-    ``dir_fd`` is a directory fd (``O_PATH`` is fine) holding the lock files; it must
-    stay open while this object is used. Keys must be valid file names.
+    ``dir_fd`` is a directory fd (``O_PATH`` is fine) holding the lock files (created
+    with ``mode``); it must stay open while this object is used. Keys must be valid
+    file names. A wait longer than ``timeout_s`` (threads and processes together)
+    raises LockTimeoutError.
     """
 
-    def __init__(self, dir_fd: int) -> None:
+    def __init__(
+        self, dir_fd: int, *, mode: int = LOCK_MODE, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    ) -> None:
         self._dir_fd = dir_fd
+        self._mode = mode
+        self._timeout_s = timeout_s
         self._mutex = threading.Lock()
         self._held: dict[str, tuple[threading.Lock, int]] = {}
 
     @contextlib.contextmanager
     def hold(self, key: str) -> Iterator[None]:
         """Holds the lock for ``key`` for the duration of the ``with`` block."""
+        t0 = time.monotonic()
         tlock = self._enter(key)
         try:
-            with tlock:
-                fd = self._flock(key)
+            if not tlock.acquire(timeout=self._timeout_s):
+                path = lock_path(self._dir_fd, key)
+                raise LockTimeoutError(f"{path} (in-process)", self._timeout_s, os.getpid())
+            try:
+                left = max(0.0, self._timeout_s - (time.monotonic() - t0))
+                fd = wait_file(self._dir_fd, key, fcntl.LOCK_EX, timeout_s=left, mode=self._mode)
                 try:
                     yield
                 finally:
@@ -106,6 +266,8 @@ class KeyedLock:
                     # meanwhile sees the mismatch after locking and retries.
                     unlink_file(self._dir_fd, key)
                     os.close(fd)
+            finally:
+                tlock.release()
         finally:
             self._leave(key)
 
@@ -122,9 +284,6 @@ class KeyedLock:
                 del self._held[key]
             else:
                 self._held[key] = (tlock, users - 1)
-
-    def _flock(self, key: str) -> int:
-        return wait_file(self._dir_fd, key, fcntl.LOCK_EX)
 
 
 _F_SETLEASE = getattr(fcntl, "F_SETLEASE", 1024)  # Linux: F_LINUX_SPECIFIC_BASE + 0

@@ -16,11 +16,11 @@ import fcntl
 import logging
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from fastmat import _binding
-from fastmat.fs.locks import LOCK_OPEN
+from fastmat.fs.locks import LOCK_MODE, open_lock
 
 log = logging.getLogger("fastmat")
 
@@ -44,8 +44,10 @@ class OwnedDir:
     lock_fd: int  # flock'ed owner.lock, held until release()
 
     @classmethod
-    def create(cls, parent_fd: int, mode: int = 0o755) -> OwnedDir:
-        """Creates ``<pid>.<random>/`` with a held ``owner.lock`` inside."""
+    def create(cls, parent_fd: int, mode: int = 0o700, lock_mode: int = LOCK_MODE) -> OwnedDir:
+        """Creates ``<pid>.<random>/`` (``mode``, group bits kept whatever the umask)
+        with a held ``owner.lock`` (``lock_mode``) inside. On failure nothing is left:
+        no fd open, no directory."""
         for _ in range(16):
             name = unique("")
             os.mkdir(name, mode, dir_fd=parent_fd)
@@ -53,20 +55,43 @@ class OwnedDir:
                 fd = os.open(name, _DIR_OPEN, dir_fd=parent_fd)
             except FileNotFoundError:
                 continue  # swept in the instant before owner.lock existed; take another
-            # owner.lock is locked under a temp name and renamed into place, so an
-            # owner.lock that a sweeper can see is always locked while we live.
-            tmp = f".{OWNER_LOCK}.{secrets.token_hex(4)}"
-            lock_fd = os.open(tmp, LOCK_OPEN | os.O_EXCL, 0o644, dir_fd=fd)
-            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BaseException:
+                _rmdir_quietly(parent_fd, name)
+                raise
             try:
-                os.rename(tmp, OWNER_LOCK, src_dir_fd=fd, dst_dir_fd=fd)
-                os.stat(name, dir_fd=parent_fd)
-            except FileNotFoundError:
-                os.close(lock_fd)
+                if mode & 0o070:  # shared: the umask may have taken the group bits
+                    os.fchmod(fd, mode)
+                got = cls._claim(parent_fd, name, fd, lock_mode)
+            except BaseException:
                 os.close(fd)
-                continue
-            return cls(name, fd, lock_fd)
+                with contextlib.suppress(OSError):
+                    _binding.remove_tree(name, parent_fd)
+                raise
+            if got is not None:
+                return got
+            os.close(fd)
         raise OSError(errno.EAGAIN, "could not claim a temp directory", name)
+
+    @classmethod
+    def _claim(cls, parent_fd: int, name: str, fd: int, lock_mode: int) -> OwnedDir | None:
+        """Locks owner.lock in the new directory (open at ``fd``); None if a sweeper
+        removed the directory meanwhile. The caller closes ``fd`` on None or raise."""
+        # owner.lock is locked under a temp name and renamed into place, so an
+        # owner.lock that a sweeper can see is always locked while we live.
+        tmp = f".{OWNER_LOCK}.{secrets.token_hex(4)}"
+        lock_fd = -1
+        try:
+            lock_fd = open_lock(fd, tmp, lock_mode)
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(tmp, OWNER_LOCK, src_dir_fd=fd, dst_dir_fd=fd)
+            os.stat(name, dir_fd=parent_fd)
+        except BaseException as e:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            if isinstance(e, FileNotFoundError):
+                return None
+            raise
+        return cls(name, fd, lock_fd)
 
     def release(self, parent_fd: int) -> None:
         """Removes the directory (still holding the lock), then drops the lock."""
@@ -78,7 +103,13 @@ class OwnedDir:
             os.close(self.lock_fd)
 
 
-def _pid_alive(pid: int) -> bool:
+def _rmdir_quietly(parent_fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        os.rmdir(name, dir_fd=parent_fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (in our pid namespace)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -88,8 +119,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep_dead(parent_fd: int, keep: str, remove: Remover | None = None) -> int:
-    """Removes the temp dirs under ``parent_fd`` whose owner is dead; returns how many.
+def sweep_dead(parent_fd: int, keep: str | Collection[str], remove: Remover | None = None) -> int:
+    """Removes the temp dirs under ``parent_fd`` whose owner is dead, but ``keep`` (one
+    name or several); returns how many.
 
     ``remove(parent_fd, name)`` does the removal (default: ``remove_tree`` right here;
     the directory cache moves them to its trash instead); it raises
@@ -101,7 +133,8 @@ def sweep_dead(parent_fd: int, keep: str, remove: Remover | None = None) -> int:
     (another user's, say) is left for a later opener and logged.
     """
     with os.scandir(parent_fd) as it:
-        names = [e.name for e in it if e.name != keep and e.is_dir(follow_symlinks=False)]
+        kept = {keep} if isinstance(keep, str) else set(keep)
+        names = [e.name for e in it if e.name not in kept and e.is_dir(follow_symlinks=False)]
     swept = 0
     failed: list[str] = []
     for name in names:
@@ -129,7 +162,7 @@ def _sweep_one(parent_fd: int, name: str, remove: Remover) -> bool:
             lfd = os.open(OWNER_LOCK, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=dfd)
         except FileNotFoundError:
             pid = name.split(".", 1)[0]
-            if pid.isdigit() and _pid_alive(int(pid)):
+            if pid.isdigit() and pid_alive(int(pid)):
                 return False  # its creator is between mkdir and locking
         if lfd >= 0:
             try:

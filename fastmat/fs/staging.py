@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from fastmat import _binding
 from fastmat.fs.locks import still_linked, try_lock
-from fastmat.fs.owned import unique
+from fastmat.fs.owned import pid_alive, unique
 
 log = logging.getLogger("fastmat")
 
@@ -67,7 +67,7 @@ class StagedDir:
         self.published = True
 
 
-def _sweep(parent_fd: int) -> int:
+def sweep(parent_fd: int) -> int:
     """Removes the dead staging directories in the parent; returns how many."""
     try:
         list_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=parent_fd)
@@ -80,6 +80,9 @@ def _sweep(parent_fd: int) -> int:
         os.close(list_fd)
     n = 0
     for name in names:
+        pid = name[len(PREFIX) :].split(".", 1)[0]
+        if pid.isdigit() and pid_alive(int(pid)):
+            continue  # its builder lives (in our pid namespace): maybe not locked yet
         try:
             fd = os.open(name, _DIR, dir_fd=parent_fd)
         except (FileNotFoundError, NotADirectoryError, PermissionError):
@@ -105,7 +108,7 @@ def _sweep_once(parent_fd: int) -> None:
         if len(_swept) >= _SWEPT_MAX:
             _swept.clear()
         _swept[key] = None
-    n = _sweep(parent_fd)
+    n = sweep(parent_fd)
     if n:
         log.info("swept %d dead staging directories beside the destination", n)
 
@@ -115,7 +118,10 @@ def _make(parent_fd: int) -> tuple[str, int]:
     for _ in range(16):
         tmp = unique(PREFIX)
         os.mkdir(tmp, 0o700, dir_fd=parent_fd)
-        fd = os.open(tmp, _DIR, dir_fd=parent_fd)
+        try:
+            fd = os.open(tmp, _DIR, dir_fd=parent_fd)
+        except FileNotFoundError:
+            continue  # a sweeper in another pid namespace took it before our flock
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             if still_linked(parent_fd, tmp, fd):

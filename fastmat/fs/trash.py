@@ -17,7 +17,7 @@ log = logging.getLogger("fastmat")
 
 def to_trash(src_dirfd: int, name: str, trash: Path) -> Path | None:
     """Renames ``name`` into the trash under a unique name; None if it is gone."""
-    dst = trash / unique(f"{name[:80]}.")
+    dst = trash / unique(f"{name[:200]}.")  # a whole entry key: see cache.mounts
     try:
         os.rename(name, dst, src_dir_fd=src_dirfd)
     except FileNotFoundError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -128,6 +129,7 @@ class RemoteCAS:
         self.stats = self.channel.stats
         self._batch_limit: int | None = None
         self._caps_msg: Any = _UNASKED
+        self._caps_lock = threading.Lock()
 
     # -- plumbing ---------------------------------------------------------
 
@@ -146,20 +148,21 @@ class RemoteCAS:
     # -- API --------------------------------------------------------------
 
     def capabilities(self) -> Any:
-        """The server's ``ServerCapabilities`` (asked once), or None when it does not
-        implement GetCapabilities."""
-        if self._caps_msg is _UNASKED:
-            ch = self.channel
-            req = proto.GetCapabilitiesRequest(instance_name=self.instance_name)
-            try:
-                self._caps_msg = ch.call(
-                    "GetCapabilities", lambda: ch.capabilities(req, timeout=self.timeout_s)
-                )
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.UNIMPLEMENTED:
-                    raise ch.fail("GetCapabilities", e, 1) from e
-                self._caps_msg = None
-        return self._caps_msg
+        """The server's ``ServerCapabilities`` (asked once, on first use, however many
+        threads ask at once), or None when it does not implement GetCapabilities."""
+        with self._caps_lock:
+            if self._caps_msg is _UNASKED:
+                ch = self.channel
+                req = proto.GetCapabilitiesRequest(instance_name=self.instance_name)
+                try:
+                    self._caps_msg = ch.call(
+                        "GetCapabilities", lambda: ch.capabilities(req, timeout=self.timeout_s)
+                    )
+                except grpc.RpcError as e:
+                    if e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise ch.fail("GetCapabilities", e, 1) from e
+                    self._caps_msg = None
+            return self._caps_msg
 
     @property
     def max_batch_bytes(self) -> int:

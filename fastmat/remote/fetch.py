@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from fastmat import _binding
     from fastmat.cas import LocalCAS
     from fastmat.cas.usage import Pin
+    from fastmat.control import CancelToken, Reporter
     from fastmat.tree import Plan
 
 __all__ = ["DEFAULT_MAX_INFLIGHT", "BlobSource", "FetchStats", "RemoteFetcher"]
@@ -102,7 +103,9 @@ class RemoteFetcher:
         self._inflight = 0
         # the bound holds per fetcher, however many fetch_blobs calls run at once
         self._slots = threading.BoundedSemaphore(max_inflight)
-        self.locks = FetchLocks(cas.root / "locks")
+        self.locks = FetchLocks(
+            cas.root / "locks", mode=cas.access.lock_mode, timeout_s=cas.lock_timeout_s
+        )
         self._dir_pins = threading.local()  # per thread: the Directory messages of one load
         self._open_pins: set[contextlib.ExitStack] = set()
 
@@ -302,13 +305,27 @@ class RemoteFetcher:
     # ---- the pipeline ----
 
     def materialize_plan(
-        self, plan: Plan, dest: str, *, threads: int = 0, max_inflight: int = 64
+        self,
+        plan: Plan,
+        dest: str,
+        *,
+        threads: int = 0,
+        max_inflight: int = 64,
+        reporter: Reporter | None = None,
+        cancel: CancelToken | None = None,
     ) -> _binding.ExecResult:
         """Builds ``plan`` at ``dest``, linking files while the missing blobs arrive
         (:func:`fastmat.remote.pipeline.run_pipelined`)."""
         try:
             return run_pipelined(
-                self.cas, plan, dest, self, threads=threads, max_inflight=max_inflight
+                self.cas,
+                plan,
+                dest,
+                self,
+                threads=threads,
+                max_inflight=max_inflight,
+                reporter=reporter,
+                cancel=cancel,
             )
         finally:
             self._release_dir_pin()

@@ -17,23 +17,23 @@ import os
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from fastmat.control import Cancelled
 from fastmat.digest import Digest
-from fastmat.fs.locks import LOCK_MODE, LOCK_OPEN
+from fastmat.errors import LockTimeoutError
+from fastmat.fs import locks
+from fastmat.fs.locks import DEFAULT_LOCK_TIMEOUT_S, LOCK_MODE, open_lock
 
-__all__ = ["Cancelled", "FetchHost", "FetchJob", "FetchLocks", "OnReady"]
+__all__ = ["FetchHost", "FetchJob", "FetchLocks", "OnReady"]
 
 _OFD_SETLK: int = getattr(fcntl, "F_OFD_SETLK", 0)  # Linux >= 3.15; 0: absent
-_OFD_SETLKW: int = getattr(fcntl, "F_OFD_SETLKW", 0)
+_DIR_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC  # macOS: no O_PATH
 
 OnReady = Callable[[list[Digest]], None]
-
-
-class Cancelled(Exception):
-    """A ``fetch_blobs`` call stopped early because its ``cancel`` event was set."""
 
 
 class FetchLocks:
@@ -44,11 +44,22 @@ class FetchLocks:
     collision only serializes two fetches). Each thread locks through its own
     fd, so threads exclude each other too. Two syscalls per blob, no files
     created. Elsewhere: one flock'ed file per digest, unlinked by its holder
-    (the ``fastmat.fs.locks.KeyedLock`` recipe).
+    (the ``fastmat.fs.locks.KeyedLock`` recipe). Lock files are created with
+    ``mode`` (the CAS's: 0600, or 0660 for a shared group), and ``fetch.ofd``, which
+    outlives its creator, is brought to that mode when this process owns it.
+    :meth:`wait_lock` waits up to ``timeout_s`` (LockTimeoutError).
     """
 
-    def __init__(self, locks_dir: Path) -> None:
-        self._dir_fd = os.open(locks_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    def __init__(
+        self,
+        locks_dir: Path,
+        *,
+        mode: int = LOCK_MODE,
+        timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    ) -> None:
+        self._mode = mode
+        self._timeout_s = timeout_s
+        self._dir_fd = os.open(locks_dir, _DIR_PATH)
         self._ofd = _OFD_SETLK != 0
         self._local = threading.local()
         self._fds: list[int] = []
@@ -72,7 +83,14 @@ class FetchLocks:
     def _thread_fd(self) -> int:
         fd: int | None = getattr(self._local, "fd", None)
         if fd is None:
-            fd = os.open("fetch.ofd", LOCK_OPEN, LOCK_MODE, dir_fd=self._dir_fd)
+            fd = open_lock(self._dir_fd, "fetch.ofd", self._mode)
+            try:
+                st = os.fstat(fd)
+                if st.st_mode & 0o777 != self._mode and st.st_uid == os.geteuid():
+                    os.fchmod(fd, self._mode)  # an older fastmat's, 0644: anyone could lock
+            except BaseException:
+                os.close(fd)
+                raise
             with self._mutex:
                 self._fds.append(fd)
             self._local.fd = fd
@@ -98,23 +116,41 @@ class FetchLocks:
         """A token for ``unlock``, or None when another thread or process holds it."""
         if self._ofd:
             fd = self._thread_fd()
-            try:
-                fcntl.fcntl(fd, _OFD_SETLK, self._range(d, fcntl.F_WRLCK))
-            except OSError as e:
-                if e.errno in (errno.EAGAIN, errno.EACCES):
-                    return None
-                raise
-            return fd
-        return self._flock(d, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd if self._ofd_try(fd, d) else None
+        return locks.lock_file(self._dir_fd, f"{d.key}.fetch", fcntl.LOCK_EX, mode=self._mode)
 
     def wait_lock(self, d: Digest) -> int:
-        if self._ofd:
-            fd = self._thread_fd()
-            fcntl.fcntl(fd, _OFD_SETLKW, self._range(d, fcntl.F_WRLCK))
-            return fd
-        got = self._flock(d, fcntl.LOCK_EX)
-        assert got is not None
-        return got
+        """A token for ``unlock`` once the lock is granted; LockTimeoutError (naming the
+        lock and, when /proc tells, its holder) after ``timeout_s``."""
+        if not self._ofd:
+            return locks.wait_file(
+                self._dir_fd,
+                f"{d.key}.fetch",
+                fcntl.LOCK_EX,
+                timeout_s=self._timeout_s,
+                mode=self._mode,
+            )
+        fd = self._thread_fd()
+        if not self._ofd_try(fd, d):
+            byte = int(d.hash[:15], 16)
+
+            def timed_out() -> LockTimeoutError:
+                where = f"{locks.lock_path(self._dir_fd, 'fetch.ofd')} byte {byte} ({d})"
+                holder = locks.holder_pid(fd, os.getpid(), byte)
+                return LockTimeoutError(where, self._timeout_s, holder)
+
+            deadline = time.monotonic() + self._timeout_s
+            locks.wait_until(lambda: self._ofd_try(fd, d), deadline, timed_out)
+        return fd
+
+    def _ofd_try(self, fd: int, d: Digest) -> bool:
+        try:
+            fcntl.fcntl(fd, _OFD_SETLK, self._range(d, fcntl.F_WRLCK))
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            raise
+        return True
 
     def unlock(self, d: Digest, token: int) -> None:
         if self._ofd:
@@ -125,26 +161,6 @@ class FetchLocks:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{d.key}.fetch", dir_fd=self._dir_fd)
         os.close(token)
-
-    def _flock(self, d: Digest, how: int) -> int | None:
-        key = f"{d.key}.fetch"
-        while True:
-            fd = os.open(key, LOCK_OPEN, LOCK_MODE, dir_fd=self._dir_fd)
-            try:
-                fcntl.flock(fd, how)
-                st = os.fstat(fd)
-                now = os.stat(key, dir_fd=self._dir_fd, follow_symlinks=False)
-                if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                    return fd
-            except BlockingIOError:
-                os.close(fd)
-                return None
-            except FileNotFoundError:
-                pass  # its holder unlinked it after we opened it: lock a fresh one
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
 
 
 class FetchHost(Protocol):
@@ -219,7 +235,7 @@ class FetchJob:
         if self.errors:
             raise self.errors[0]
         if self.cancel.is_set():
-            raise Cancelled
+            raise Cancelled("fetch cancelled")
 
     def worker(self) -> None:
         while (item := self.work.get()) is not None:

@@ -21,10 +21,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
+from fastmat.control import Cancelled, CancelToken, Reporter, check_cancel, watching
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
 from fastmat.fs.staging import staged
 from fastmat.materialize import failure
-from fastmat.remote.flight import Cancelled, OnReady
+from fastmat.remote.flight import OnReady
 from fastmat.tree.node import OP_COPY, OP_LINK
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ class _Linker:
         self, cas: LocalCAS, plan: Plan, dest: str, dest_fd: int, *, threads: int, inflight: int
     ) -> None:
         self.dest = dest
+        self.ctl = _binding.ExecControl()  # shared by every link call: done accumulates
         self.cas = cas
         self.plan = plan
         self.dest_fd = dest_fd
@@ -120,7 +122,10 @@ class _Linker:
             max_inflight=self.inflight,
             dirs_exist=not first,
             tmp_dirfd=self.cas.tmp_fd,
+            ctl=self.ctl,
         )
+        if res.rc == -errno.ECANCELED and self.ctl.cancelled:
+            raise Cancelled(f"materialize of {self.plan.root} at {self.dest} cancelled")
         if first:
             self.dir_status = res.dir_status
         for k, i in enumerate(idx):
@@ -144,6 +149,8 @@ def run_pipelined(
     *,
     threads: int = 0,
     max_inflight: int = 64,
+    reporter: Reporter | None = None,
+    cancel: CancelToken | None = None,
 ) -> _binding.ExecResult:
     """``fastmat.materialize.run_plan`` with the missing blobs fetched while linking.
 
@@ -153,16 +160,24 @@ def run_pipelined(
     failure the fetches are cancelled, ``dest`` never appears and the error is
     raised: ``BlobNotFoundError`` / ``DigestMismatchError`` naming the digest and
     its path in the tree, ``RemoteError``, or the ``OSError`` of the first entry
-    that failed. Returns the merged per-entry result.
+    that failed. ``reporter`` is told the entries linked; ``cancel`` stops the
+    fetches and the links (:class:`~fastmat.control.Cancelled`). Returns the merged
+    per-entry result.
     """
     path = os.fspath(dest)
-    cancel = threading.Event()
+    stop = threading.Event()  # ends the fetches: on a failure, or when cancelled
     fetch_thread: threading.Thread | None = None
     try:
         # Pinned before looking: no process evicts a blob of the plan until the tree is
         # published (one evicted before the pin is missing here, so fetched again).
-        with cas.pinned(plan.blobs), staged(path) as st:
+        with cas.pinned(plan.blobs), staged(path) as st, contextlib.ExitStack() as watch:
             linker = _Linker(cas, plan, path, st.fd, threads=threads, inflight=max_inflight)
+
+            def stop_all() -> None:
+                stop.set()
+                linker.ctl.cancel()
+
+            watch.enter_context(watching(lambda: linker.ctl.done, stop_all, reporter, cancel))
             missing = set(cas.missing(linker.by_digest))
             ready_q: queue.SimpleQueue[list[Digest] | None] = queue.SimpleQueue()
             errors: list[BaseException] = []
@@ -175,7 +190,7 @@ def run_pipelined(
 
             def fetch() -> None:
                 try:
-                    fetcher.fetch_blobs(sorted(missing, key=str), on_ready=on_ready, cancel=cancel)
+                    fetcher.fetch_blobs(sorted(missing, key=str), on_ready=on_ready, cancel=stop)
                 except Cancelled:
                     pass
                 except BaseException as e:  # re-raised below
@@ -208,6 +223,8 @@ def run_pipelined(
                     fetcher.stats.first_link_ns = time.monotonic_ns()
                     first_fetched = False
             fetch_thread.join()
+            watch.close()  # the watcher thread ends here
+            check_cancel(cancel, f"materialize of {plan.root} at {path}")
             if errors:
                 raise _with_path(errors[0], plan, linker) from errors[0]
             st.publish()
@@ -218,7 +235,7 @@ def run_pipelined(
                 fetcher.stats.link_calls,
             )
     except BaseException:
-        cancel.set()
+        stop.set()
         if fetch_thread is not None:
             fetch_thread.join()
         raise

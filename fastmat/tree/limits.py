@@ -15,7 +15,10 @@ class TreeLimits:
     ``max_entries_per_dir``: files + directories + symlinks of one directory.
     ``max_total_entries``: files + directories + symlinks of the whole tree.
     ``max_name_bytes`` / ``max_symlink_target_bytes``: UTF-8 bytes (NAME_MAX,
-    PATH_MAX - 1 on Linux). ``max_directory_bytes``: one ``Directory`` message.
+    PATH_MAX - 1 on Linux). ``max_path_bytes``: UTF-8 bytes of the longest
+    dest-relative path of any entry (PATH_MAX - 1: the executor's ``openat2``
+    fails beyond it); a reused ``Directory`` counts at its deepest place.
+    ``max_directory_bytes``: one ``Directory`` message.
     """
 
     max_depth: int = 256
@@ -23,6 +26,7 @@ class TreeLimits:
     max_total_entries: int = 10_000_000
     max_name_bytes: int = 255
     max_symlink_target_bytes: int = 4095
+    max_path_bytes: int = 4095
     max_directory_bytes: int = 64 << 20
 
 

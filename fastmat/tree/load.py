@@ -15,16 +15,21 @@ Decisions, all checked before anything is created:
   (``InvalidTreeError``), not normalised: a canonical tree has one digest.
 - ``unix_mode``: permission bits only. setuid/setgid/sticky are dropped
   silently (a private inode gets ``unix_mode & 0o777``); bits above
-  ``0o7777`` (file-type bits) are refused. A negative ``mtime`` or
-  ``nanos`` outside ``[0, 1e9)`` is refused. ``node_properties`` of
+  ``0o7777`` (file-type bits) are refused. An ``mtime`` before 1970 (the
+  executor's "none" is -1), ``nanos`` outside ``[0, 1e9)`` or past 2**63 - 1
+  ns (in 2262: the executor's int64) is refused. ``node_properties`` of
   directories and symlinks are ignored: directories are always 0755
   (invariant 4) and Linux has no symlink modes.
 - Symlink targets are kept verbatim (absolute, ``..``, dangling are fine:
   they are never followed) but must be non-empty, NUL-free and at most
   ``max_symlink_target_bytes``.
+- Paths: the dest-relative path of every entry is at most ``max_path_bytes``
+  UTF-8 bytes (PATH_MAX - 1 by default), so no system call is refused
+  ``ENAMETOOLONG`` halfway through a tree.
 - The same ``Directory`` digest may appear in several places (a DAG); limits
-  on depth and total entries apply to the tree after expansion, computed per
-  distinct digest, so a "width bomb" is refused without being expanded.
+  on depth, path length and total entries apply to the tree after expansion,
+  computed per distinct digest (a reused digest counts at its deepest, longest
+  place), so a "width bomb" is refused without being expanded.
 - Validated nodes are kept in a bounded in-process cache keyed by digest and
   limits (:mod:`fastmat.tree.nodecache`): content addressing makes them valid
   forever, and a worker sees the same directories in action after action.
@@ -71,6 +76,16 @@ class Fetcher(Protocol):
 
 def _join(parts: Sequence[str]) -> str:
     return "/".join(p for p in parts if p)
+
+
+def _longest_entry(node: Node) -> str:
+    """The name of one of ``node``'s longest entries (files, symlinks, directories)."""
+    names = [*node.names.split(b"\0"), *(name for name, _ in node.children)]
+    return next(x for x in names if len(x) == node.longest_name).decode()
+
+
+def _path_too_long(n: int, limits: TreeLimits) -> str:
+    return f"path of {n} bytes is longer than max_path_bytes ({limits.max_path_bytes})"
 
 
 def _digest(key: str) -> Digest:
@@ -148,11 +163,14 @@ class _Loader:
             ) from e
 
     def load(self, root: Digest) -> dict[str, Node]:
-        """Breadth first over distinct digests; depth checked at the first sighting."""
+        """Breadth first over distinct digests; depth and path length checked at the
+        first sighting (the only one, unless ``self.reused``)."""
         self.root = root
         seen = self.seen
         limits = self.limits
+        max_path = limits.max_path_bytes
         seen[root.key] = (None, "")
+        prefix = {root.key: 0}  # key -> UTF-8 bytes of "its/path/" at the first sighting
         nodes: dict[str, Node] = {}
         cache = node_cache if node_cache.max_bytes > 0 else None
         level = [root.key]
@@ -173,11 +191,16 @@ class _Loader:
                 loaded_entries += node.n + len(node.children)
                 if loaded_entries > limits.max_total_entries:
                     self.fail(key, f"more than max_total_entries ({limits.max_total_entries})")
+                here = prefix[key]
+                if node.longest_name and here + node.longest_name > max_path:
+                    n = here + node.longest_name
+                    self.fail(key, _path_too_long(n, limits), _longest_entry(node))
                 for name, child in node.children:
                     if child in seen:
                         self.reused = True
                     else:
                         seen[child] = (key, name.decode())
+                        prefix[child] = here + len(name) + 1
                         nxt.append(child)
             depth += 1
             if nxt and depth > limits.max_depth:
@@ -190,11 +213,13 @@ class _Loader:
 
 
 def _check_shape(nodes: dict[str, Node], root: str, limits: TreeLimits) -> None:
-    """Depth and total entries after expansion, memoised per digest (post-order DFS).
+    """Depth, total entries and path length after expansion, memoised per digest
+    (post-order DFS).
 
     Only needed when a digest is reused: otherwise the tree is what was loaded.
     """
-    memo: dict[str, tuple[int, int]] = {}  # key -> (height, expanded entries)
+    # key -> (height, expanded entries, UTF-8 bytes of the longest path below it)
+    memo: dict[str, tuple[int, int, int]] = {}
     stack: list[list[Any]] = [[root, 0]]
     names: list[str] = [""]
 
@@ -218,16 +243,36 @@ def _check_shape(nodes: dict[str, Node], root: str, limits: TreeLimits) -> None:
             stack.append([child, 0])
             names.append(name_b.decode())
             continue
-        height, total = 0, node.n + len(node.children)
-        for _, child in node.children:
-            h, t = memo[child]
+        height, total, longest = 0, node.n + len(node.children), node.longest_name
+        for name_b, child in node.children:
+            h, t, p = memo[child]
             height = max(height, h + 1)
             total += t
+            if p:
+                longest = max(longest, len(name_b) + 1 + p)
         if total > limits.max_total_entries:
             fail(f"more than max_total_entries ({limits.max_total_entries}) after expansion")
-        memo[top[0]] = (height, total)
+        memo[top[0]] = (height, total, longest)
         stack.pop()
         names.pop()
+    longest = memo[root][2]
+    if longest > limits.max_path_bytes:
+        raise InvalidTreeError(_path_too_long(longest, limits), _longest_path(nodes, memo, root))
+
+
+def _longest_path(nodes: dict[str, Node], memo: dict[str, tuple[int, int, int]], key: str) -> str:
+    """The path of one of the longest entries below ``key`` (from ``_check_shape``'s memo)."""
+    parts: list[str] = []
+    while True:
+        node, want = nodes[key], memo[key][2]
+        if node.longest_name == want:
+            return _join([*parts, _longest_entry(node)])
+        name_b, key = next(
+            (name_b, c)
+            for name_b, c in node.children
+            if memo[c][2] and len(name_b) + 1 + memo[c][2] == want
+        )
+        parts.append(name_b.decode())
 
 
 def load_plan(

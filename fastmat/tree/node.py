@@ -13,7 +13,7 @@ from array import array
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from fastmat.cas.layout import blob_rel, exec_rel
+from fastmat.cas.layout import blob_rel, blob_rels, exec_rel
 from fastmat.digest import EMPTY_DIGEST, Digest
 
 if TYPE_CHECKING:
@@ -24,9 +24,11 @@ __all__ = ["OP_COPY", "OP_EMPTY", "OP_LINK", "OP_SYMLINK", "BadNode", "Node", "b
 # FM_OP_* from csrc/fastmat.h (repeated here so validation never needs the C core).
 OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
 _HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _RESERVED = ("", ".", "..")
 _MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
+_MAX_MTIME_NS = 2**63 - 1  # the executor's int64 (-1: none)
 
 
 class BadNode(Exception):
@@ -53,6 +55,7 @@ class Node:
     n_bytes: int
     exec_digests: list[Digest]
     blobs: list[bytes]  # the ``blobs/..`` relpaths its files read (exec: the plain blob)
+    longest_name: int  # UTF-8 bytes of its longest entry name (directories too); 0: empty
 
 
 def _name_problem(name: str, limits: TreeLimits) -> str | None:
@@ -65,7 +68,9 @@ def _name_problem(name: str, limits: TreeLimits) -> str | None:
     return None
 
 
-def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> None:
+def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimits) -> int:
+    """Raises :class:`BadNode` for a bad, unsorted or duplicate name; returns the UTF-8
+    byte length of the longest name (0 for none)."""
     for kind, lst in zip(("files", "directories", "symlinks"), lists, strict=True):
         if lst != sorted(lst):
             i = next(i for i in range(len(lst) - 1) if lst[i] > lst[i + 1])
@@ -75,12 +80,12 @@ def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimi
     if n > limits.max_entries_per_dir:
         raise BadNode(f"more than max_entries_per_dir ({limits.max_entries_per_dir}) entries")
     if not n:
-        return
+        return 0
     joined = "/".join(names)
     unique = set(names)
     longest = max(map(len, names))
-    if longest * 4 > limits.max_name_bytes and len(joined.encode()) != len(joined):
-        longest = max(len(x.encode()) for x in names)
+    if not joined.isascii():  # O(1): CPython knows whether a str is ASCII
+        longest = max(map(len, map(str.encode, names)))
     if (
         "\0" in joined
         or joined.count("/") != n - 1
@@ -97,6 +102,7 @@ def _check_names(lists: tuple[list[str], list[str], list[str]], limits: TreeLimi
             if x in seen:
                 raise BadNode(f"duplicate name {x!r} (files, directories, symlinks)", x)
             seen.add(x)
+    return longest
 
 
 def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
@@ -111,15 +117,18 @@ def _file_props(node: Any, executable: bool) -> tuple[int, int] | None:
     mtime = -1
     if has_mtime:
         sec, nanos = node.mtime.seconds, node.mtime.nanos
-        if sec < 0 or not 0 <= nanos < 1_000_000_000:
-            raise BadNode(f"mtime {sec}s {nanos}ns out of range")
         mtime = sec * 1_000_000_000 + nanos
+        if sec < 0 or not 0 <= nanos < 1_000_000_000 or mtime > _MAX_MTIME_NS:
+            raise BadNode(f"mtime {sec}s {nanos}ns out of range (0 to 2**63 - 1 ns)")
     return mode & 0o777, mtime  # setuid / setgid / sticky dropped (see fastmat.tree.load)
 
 
 def _check_hashes(hashes: list[str], names: list[str], what: str) -> None:
-    if hashes and _HASHES.fullmatch("\n".join(hashes) + "\n") is None:
-        i = next(i for i, h in enumerate(hashes) if _HASHES.fullmatch(h + "\n") is None)
+    """One regex over all hashes joined; the length check makes sure no hash holds a
+    newline (two hashes in one would otherwise pass as two items of the list)."""
+    joined = "\n".join(hashes) + "\n"
+    if hashes and (len(joined) != 65 * len(hashes) or _HASHES.fullmatch(joined) is None):
+        i = next(i for i, h in enumerate(hashes) if _HEX64.fullmatch(h) is None)
         raise BadNode(f"{what} digest hash {hashes[i]!r} is not 64 lowercase hex digits", names[i])
 
 
@@ -133,7 +142,7 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
     fnames = [f.name for f in files]
     snames = [s.name for s in syms]
     dnames = [x.name for x in dirs]
-    _check_names((fnames, dnames, snames), limits)
+    longest = _check_names((fnames, dnames, snames), limits)
     digests = [f.digest for f in files]
     hashes = [x.hash for x in digests]
     sizes = [x.size_bytes for x in digests]
@@ -183,7 +192,7 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
     else:
         fops = b"\x01" * nf
         modes = array("I", _MODE_444) * nf
-        srcs = [blob_rel(h, s) for h, s in zip(hashes, sizes, strict=True)]
+        srcs = blob_rels(hashes, sizes)
     ns = len(snames)
     if ns:
         targets = [s.target for s in syms]
@@ -200,9 +209,10 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
         dhashes = [x.hash for x in ddigests]
         dsizes = [x.size_bytes for x in ddigests]
         _check_hashes(dhashes, dnames, "directory")
-        if min(dsizes) < 0:
-            i = dsizes.index(min(dsizes))
-            raise BadNode(f"directory digest size {dsizes[i]} is negative", dnames[i])
+        if min(dsizes) <= 0:  # size 0 is only the empty Directory's
+            for name, h, size in zip(dnames, dhashes, dsizes, strict=True):
+                if size < 0 or (size == 0 and h != _EMPTY_HASH):
+                    raise BadNode(f"directory digest {h}/{size} is impossible", name)
         children = [
             (name.encode(), f"{h}-{size}")
             for name, h, size in zip(dnames, dhashes, dsizes, strict=True)
@@ -223,4 +233,5 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
         n_bytes=sum(sizes),
         exec_digests=exec_digests,
         blobs=blobs,
+        longest_name=longest,
     )
