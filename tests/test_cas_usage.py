@@ -6,6 +6,8 @@ import hashlib
 import multiprocessing as mp
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.synchronize import Event
@@ -17,6 +19,7 @@ from fastmat import BlobNotFoundError, Digest, materialize
 from fastmat.cas import LocalCAS, usage
 from fastmat.cas.evict import Budget
 from fastmat.cas.usage import Index
+from fastmat.errors import LockTimeoutError
 from fastmat.tree import ingest_tree
 
 SPAWN = mp.get_context("spawn")
@@ -311,3 +314,37 @@ def test_index_ignores_uses_of_unknown_names() -> None:
     idx.apply(b"U", 5, b"blobs/ab/" + b"a" * 64 + b"-3")
     assert idx.entries == {b"a" * 64 + b"-3": [5, 3, 3]}
     assert (idx.total_bytes, idx.total_names) == (6, 2)
+
+
+def test_a_held_use_record_lock_is_a_bounded_wait(tmp_path: Path) -> None:
+    """Another process holding usage/lock exclusively (an evictor that hangs): a pin
+    waits at most lock_timeout_s, then LockTimeoutError names the lock and holder."""
+    LocalCAS(tmp_path / "cas").close()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(tmp_path / "cas" / "usage" / "lock")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "held"
+        with LocalCAS(tmp_path / "cas", lock_timeout_s=0.3) as cas:
+            t0 = time.monotonic()
+            with pytest.raises(LockTimeoutError) as ei, cas.pinned([Digest.of(b"x")]):
+                pass
+            assert time.monotonic() - t0 < 30
+            assert ei.value.path.endswith("usage/lock")
+            assert ei.value.holder_pid == holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+_HOLD = (
+    "import fcntl, os, sys, time\n"
+    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+    "print('held', flush=True)\n"
+    "time.sleep(120)\n"
+)
