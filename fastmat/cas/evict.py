@@ -237,11 +237,12 @@ class Evictor:
         return rep
 
     def _run(self) -> None:
-        first = True  # replays the use record at once: the first admission finds it ready
+        try:  # the use record replayed at once: the first admission finds it ready
+            self.usage.tail()
+        except OSError as e:
+            log.warning("CAS use record: replay failed: %s", e)
         while not self._closed.is_set():
-            if not first:
-                self._wake.wait(_PERIOD_S)
-            first = False
+            self._wake.wait(_PERIOD_S)
             self._wake.clear()
             if self._closed.is_set():
                 return
