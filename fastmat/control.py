@@ -7,6 +7,10 @@ made from Python at a bounded rate (:class:`Reporter`: at most every
 the executor only bumps a counter that a watcher thread reads
 (:func:`watching`). A cancelled operation raises :class:`Cancelled` and leaves
 what a failure leaves: nothing at the destination.
+
+A progress callback may itself raise (:class:`Cancelled`, say) to abort the operation
+reporting to it: :func:`stopping` makes such a callback from a cancel token, for the
+operations that take no ``cancel=`` (``ingest_tree``, ``LocalCAS.verify``).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ __all__ = [
     "ProgressFn",
     "Reporter",
     "check_cancel",
+    "stopping",
     "watching",
 ]
 
@@ -36,9 +41,11 @@ _WATCH_S = 0.02  # how often a watcher looks at the cancel token
 
 @dataclass(frozen=True)
 class Progress:
-    """Where an operation is: ``done`` of ``total`` (None: not known yet) ``unit``
-    ("entries", "bytes", "blobs", "files") in phase ``what`` ("materialize",
-    "fetch", "ingest", "verify", "gc")."""
+    """Where an operation is: ``done`` of ``total`` (None: not known) ``unit``
+    ("entries", "bytes", "files", "items") in phase ``what``: "materialize" (entries
+    linked, also a cache miss's construction), "replay" (a cache hit's copy, entries),
+    "ingest" (files stored), "verify" (CAS bytes hashed), "verify entries" (cache
+    entries checked), "gc" (trashed trees deleted)."""
 
     what: str
     done: int
@@ -68,6 +75,21 @@ def check_cancel(cancel: CancelToken | None, what: str) -> None:
     """Raises :class:`Cancelled` when ``cancel`` is set."""
     if cancel is not None and cancel.is_set():
         raise Cancelled(f"{what} cancelled")
+
+
+def stopping(progress: ProgressFn | None, cancel: CancelToken | None) -> ProgressFn | None:
+    """A progress callback that raises :class:`Cancelled` once ``cancel`` is set, then
+    passes the report on to ``progress``: cancels an operation at its next report
+    (every 0.1 s at most) through its ``progress=`` alone."""
+    if cancel is None:
+        return progress
+
+    def report(p: Progress) -> None:
+        check_cancel(cancel, p.what)
+        if progress is not None:
+            progress(p)
+
+    return report
 
 
 class Reporter:
@@ -125,23 +147,38 @@ def watching(
 ) -> Iterator[None]:
     """For the duration of a blocking native call: a thread that reports
     ``poll()`` through ``reporter`` and calls ``stop()`` once ``cancel`` is set.
-    No thread when there is nothing to watch."""
+    A progress callback that raises stops the call too, and its exception is raised
+    here, in the caller's thread, once the call has returned. No thread when there is
+    nothing to watch."""
     if (reporter is None or reporter.fn is None) and cancel is None:
         yield
         return
     finished = threading.Event()
+    failed: list[BaseException] = []
 
     def watch() -> None:
         while not finished.wait(_WATCH_S):
             if cancel is not None and cancel.is_set():
                 stop()
             if reporter is not None:
-                reporter.set(poll())
+                try:
+                    reporter.set(poll())
+                except BaseException as e:  # the callback's: the caller gets it
+                    failed.append(e)
+                    stop()
+                    return
 
     t = threading.Thread(target=watch, name="fastmat-watch", daemon=True)
     t.start()
     try:
         yield
-    finally:
+    except BaseException:
         finished.set()
         t.join()
+        if failed:
+            raise failed[0] from None  # what stopped the call, rather than its Cancelled
+        raise
+    finished.set()
+    t.join()
+    if failed:
+        raise failed[0]

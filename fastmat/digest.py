@@ -61,6 +61,16 @@ class Digest:
         return cls(h, int(size))
 
     @classmethod
+    def coerce(cls, d: Digest | str) -> Digest:
+        """``d`` itself, or parsed from ``hash/size`` text: what every public call that
+        takes a digest accepts. ``InvalidDigestError`` for bad text or another type."""
+        if isinstance(d, Digest):
+            return d
+        if isinstance(d, str):
+            return cls.parse(d)
+        raise InvalidDigestError(f"expected a Digest or 'hash/size' text, got {type(d).__name__}")
+
+    @classmethod
     def of(cls, data: bytes | bytearray | memoryview) -> Digest:
         """The digest of ``data``."""
         return cls(hashlib.sha256(data).hexdigest(), len(data))

@@ -26,13 +26,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from fastmat import _binding
 from fastmat.cas.layout import digest_of_rel
 from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, check_cancel, watching
-from fastmat.digest import BlobNotFoundError
+from fastmat.digest import BlobNotFoundError, Digest
 from fastmat.fs.staging import staged
 from fastmat.tree import Fetcher, Plan, TreeLimits, load_plan
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
-    from fastmat.digest import Digest
 
 __all__ = [
     "FetcherSource",
@@ -250,7 +249,7 @@ def _check_dest(dest: str) -> None:
 
 def materialize(
     cas: LocalCAS,
-    root: Digest,
+    root: Digest | str,
     dest: str | os.PathLike[str],
     *,
     fetcher: Fetcher | FetcherSource | None = None,
@@ -261,7 +260,8 @@ def materialize(
     progress: ProgressFn | None = None,
     cancel: CancelToken | None = None,
 ) -> MaterializeStats:
-    """Builds the tree ``root`` at ``dest`` (which must not exist; its parent must).
+    """Builds the tree ``root`` (a ``Digest`` or ``"hash/size"``) at ``dest`` (which must
+    not exist; its parent must).
 
     Directories 0755; plain files hardlinked to the CAS blob, executables to its
     shared 0555 variant; empty files fresh read-only inodes; symlinks verbatim;
@@ -293,6 +293,7 @@ def materialize(
     of the first entry that failed (``dest`` never appears).
     """
     t0 = time.perf_counter()
+    root = Digest.coerce(root)
     if threads < 0 or max_inflight < 1:
         raise ValueError(f"threads must be >= 0 and max_inflight >= 1: {threads}, {max_inflight}")
     path = os.fspath(dest)

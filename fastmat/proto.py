@@ -19,7 +19,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 _T = descriptor_pb2.FieldDescriptorProto
-_STRING, _BYTES, _INT64, _INT32, _UINT32, _BOOL, _MSG = (
+# Field types for message specs (enums travel as int32: the same varint on the wire).
+STRING, BYTES, INT64, INT32, UINT32, BOOL, MSG = (
     _T.TYPE_STRING,
     _T.TYPE_BYTES,
     _T.TYPE_INT64,
@@ -28,125 +29,131 @@ _STRING, _BYTES, _INT64, _INT32, _UINT32, _BOOL, _MSG = (
     _T.TYPE_BOOL,
     _T.TYPE_MESSAGE,
 )
-_REPEATED = "repeated"
+REPEATED = "repeated"
 
 # (field name, number, type[, message type name][, "repeated"])
-_Field = tuple[Any, ...]
+Field = tuple[Any, ...]
 
-_WKT: dict[str, list[_Field]] = {
-    "Timestamp": [("seconds", 1, _INT64), ("nanos", 2, _INT32)],
-    "UInt32Value": [("value", 1, _UINT32)],
+_WKT: dict[str, list[Field]] = {
+    "Timestamp": [("seconds", 1, INT64), ("nanos", 2, INT32)],
+    "Duration": [("seconds", 1, INT64), ("nanos", 2, INT32)],
+    "UInt32Value": [("value", 1, UINT32)],
+    "Any": [("type_url", 1, STRING), ("value", 2, BYTES)],
 }
-_RPC: dict[str, list[_Field]] = {
-    "Status": [("code", 1, _INT32), ("message", 2, _STRING)],
+_RPC: dict[str, list[Field]] = {
+    "Status": [
+        ("code", 1, INT32),
+        ("message", 2, STRING),
+        ("details", 3, MSG, ".google.protobuf.Any", REPEATED),
+    ],
 }
-_BYTESTREAM: dict[str, list[_Field]] = {
+_BYTESTREAM: dict[str, list[Field]] = {
     "ReadRequest": [
-        ("resource_name", 1, _STRING),
-        ("read_offset", 2, _INT64),
-        ("read_limit", 3, _INT64),
+        ("resource_name", 1, STRING),
+        ("read_offset", 2, INT64),
+        ("read_limit", 3, INT64),
     ],
-    "ReadResponse": [("data", 10, _BYTES)],
+    "ReadResponse": [("data", 10, BYTES)],
     "WriteRequest": [
-        ("resource_name", 1, _STRING),
-        ("write_offset", 2, _INT64),
-        ("finish_write", 3, _BOOL),
-        ("data", 10, _BYTES),
+        ("resource_name", 1, STRING),
+        ("write_offset", 2, INT64),
+        ("finish_write", 3, BOOL),
+        ("data", 10, BYTES),
     ],
-    "WriteResponse": [("committed_size", 1, _INT64)],
+    "WriteResponse": [("committed_size", 1, INT64)],
 }
 _TS = ".google.protobuf.Timestamp"
 _U32 = ".google.protobuf.UInt32Value"
 _STATUS = ".google.rpc.Status"
 _V2 = ".build.bazel.remote.execution.v2."
-_REAPI: dict[str, list[_Field]] = {
-    "Digest": [("hash", 1, _STRING), ("size_bytes", 2, _INT64)],
-    "NodeProperty": [("name", 1, _STRING), ("value", 2, _STRING)],
+_REAPI: dict[str, list[Field]] = {
+    "Digest": [("hash", 1, STRING), ("size_bytes", 2, INT64)],
+    "NodeProperty": [("name", 1, STRING), ("value", 2, STRING)],
     "NodeProperties": [
-        ("properties", 1, _MSG, _V2 + "NodeProperty", _REPEATED),
-        ("mtime", 2, _MSG, _TS),
-        ("unix_mode", 3, _MSG, _U32),
+        ("properties", 1, MSG, _V2 + "NodeProperty", REPEATED),
+        ("mtime", 2, MSG, _TS),
+        ("unix_mode", 3, MSG, _U32),
     ],
     "FileNode": [
-        ("name", 1, _STRING),
-        ("digest", 2, _MSG, _V2 + "Digest"),
-        ("is_executable", 4, _BOOL),
-        ("node_properties", 6, _MSG, _V2 + "NodeProperties"),
+        ("name", 1, STRING),
+        ("digest", 2, MSG, _V2 + "Digest"),
+        ("is_executable", 4, BOOL),
+        ("node_properties", 6, MSG, _V2 + "NodeProperties"),
     ],
-    "DirectoryNode": [("name", 1, _STRING), ("digest", 2, _MSG, _V2 + "Digest")],
+    "DirectoryNode": [("name", 1, STRING), ("digest", 2, MSG, _V2 + "Digest")],
     "SymlinkNode": [
-        ("name", 1, _STRING),
-        ("target", 2, _STRING),
-        ("node_properties", 4, _MSG, _V2 + "NodeProperties"),
+        ("name", 1, STRING),
+        ("target", 2, STRING),
+        ("node_properties", 4, MSG, _V2 + "NodeProperties"),
     ],
     "Directory": [
-        ("files", 1, _MSG, _V2 + "FileNode", _REPEATED),
-        ("directories", 2, _MSG, _V2 + "DirectoryNode", _REPEATED),
-        ("symlinks", 3, _MSG, _V2 + "SymlinkNode", _REPEATED),
-        ("node_properties", 5, _MSG, _V2 + "NodeProperties"),
+        ("files", 1, MSG, _V2 + "FileNode", REPEATED),
+        ("directories", 2, MSG, _V2 + "DirectoryNode", REPEATED),
+        ("symlinks", 3, MSG, _V2 + "SymlinkNode", REPEATED),
+        ("node_properties", 5, MSG, _V2 + "NodeProperties"),
     ],
     "Tree": [
-        ("root", 1, _MSG, _V2 + "Directory"),
-        ("children", 2, _MSG, _V2 + "Directory", _REPEATED),
+        ("root", 1, MSG, _V2 + "Directory"),
+        ("children", 2, MSG, _V2 + "Directory", REPEATED),
     ],
     "FindMissingBlobsRequest": [
-        ("instance_name", 1, _STRING),
-        ("blob_digests", 2, _MSG, _V2 + "Digest", _REPEATED),
-        ("digest_function", 3, _INT32),
+        ("instance_name", 1, STRING),
+        ("blob_digests", 2, MSG, _V2 + "Digest", REPEATED),
+        ("digest_function", 3, INT32),
     ],
-    "FindMissingBlobsResponse": [("missing_blob_digests", 2, _MSG, _V2 + "Digest", _REPEATED)],
+    "FindMissingBlobsResponse": [("missing_blob_digests", 2, MSG, _V2 + "Digest", REPEATED)],
     "BatchUpdateBlobsRequestEntry": [
-        ("digest", 1, _MSG, _V2 + "Digest"),
-        ("data", 2, _BYTES),
-        ("compressor", 3, _INT32),
+        ("digest", 1, MSG, _V2 + "Digest"),
+        ("data", 2, BYTES),
+        ("compressor", 3, INT32),
     ],
     "BatchUpdateBlobsRequest": [
-        ("instance_name", 1, _STRING),
-        ("requests", 2, _MSG, _V2 + "BatchUpdateBlobsRequestEntry", _REPEATED),
-        ("digest_function", 5, _INT32),
+        ("instance_name", 1, STRING),
+        ("requests", 2, MSG, _V2 + "BatchUpdateBlobsRequestEntry", REPEATED),
+        ("digest_function", 5, INT32),
     ],
     "BatchUpdateBlobsResponseEntry": [
-        ("digest", 1, _MSG, _V2 + "Digest"),
-        ("status", 2, _MSG, _STATUS),
+        ("digest", 1, MSG, _V2 + "Digest"),
+        ("status", 2, MSG, _STATUS),
     ],
     "BatchUpdateBlobsResponse": [
-        ("responses", 1, _MSG, _V2 + "BatchUpdateBlobsResponseEntry", _REPEATED),
+        ("responses", 1, MSG, _V2 + "BatchUpdateBlobsResponseEntry", REPEATED),
     ],
     "BatchReadBlobsRequest": [
-        ("instance_name", 1, _STRING),
-        ("digests", 2, _MSG, _V2 + "Digest", _REPEATED),
-        ("acceptable_compressors", 3, _INT32, None, _REPEATED),
-        ("digest_function", 4, _INT32),
+        ("instance_name", 1, STRING),
+        ("digests", 2, MSG, _V2 + "Digest", REPEATED),
+        ("acceptable_compressors", 3, INT32, None, REPEATED),
+        ("digest_function", 4, INT32),
     ],
     "BatchReadBlobsResponseEntry": [
-        ("digest", 1, _MSG, _V2 + "Digest"),
-        ("data", 2, _BYTES),
-        ("status", 3, _MSG, _STATUS),
-        ("compressor", 4, _INT32),
+        ("digest", 1, MSG, _V2 + "Digest"),
+        ("data", 2, BYTES),
+        ("status", 3, MSG, _STATUS),
+        ("compressor", 4, INT32),
     ],
     "BatchReadBlobsResponse": [
-        ("responses", 1, _MSG, _V2 + "BatchReadBlobsResponseEntry", _REPEATED),
+        ("responses", 1, MSG, _V2 + "BatchReadBlobsResponseEntry", REPEATED),
     ],
     "GetTreeRequest": [
-        ("instance_name", 1, _STRING),
-        ("root_digest", 2, _MSG, _V2 + "Digest"),
-        ("page_size", 3, _INT32),
-        ("page_token", 4, _STRING),
-        ("digest_function", 5, _INT32),
+        ("instance_name", 1, STRING),
+        ("root_digest", 2, MSG, _V2 + "Digest"),
+        ("page_size", 3, INT32),
+        ("page_token", 4, STRING),
+        ("digest_function", 5, INT32),
     ],
     "GetTreeResponse": [
-        ("directories", 1, _MSG, _V2 + "Directory", _REPEATED),
-        ("next_page_token", 2, _STRING),
+        ("directories", 1, MSG, _V2 + "Directory", REPEATED),
+        ("next_page_token", 2, STRING),
     ],
-    "GetCapabilitiesRequest": [("instance_name", 1, _STRING)],
+    "GetCapabilitiesRequest": [("instance_name", 1, STRING)],
     "CacheCapabilities": [
-        ("digest_functions", 1, _INT32, None, _REPEATED),
-        ("max_batch_total_size_bytes", 4, _INT64),
+        ("digest_functions", 1, INT32, None, REPEATED),
+        ("max_batch_total_size_bytes", 4, INT64),
     ],
-    "ServerCapabilities": [("cache_capabilities", 1, _MSG, _V2 + "CacheCapabilities")],
+    "ServerCapabilities": [("cache_capabilities", 1, MSG, _V2 + "CacheCapabilities")],
 }
 
-_FILES: list[tuple[str, str, dict[str, list[_Field]]]] = [
+_FILES: list[tuple[str, str, dict[str, list[Field]]]] = [
     ("fastmat/wkt.proto", "google.protobuf", _WKT),
     ("fastmat/rpc.proto", "google.rpc", _RPC),
     ("fastmat/bytestream.proto", "google.bytestream", _BYTESTREAM),
@@ -154,36 +161,47 @@ _FILES: list[tuple[str, str, dict[str, list[_Field]]]] = [
 ]
 
 _pool = descriptor_pool.DescriptorPool()
+_deps: list[str] = []
+
+
+def define(fname: str, package: str, messages: dict[str, list[Field]]) -> dict[str, Any]:
+    """Adds the message specs ``messages`` (name -> fields) as file ``fname`` of
+    ``package`` to this module's descriptor pool, depending on every file added before,
+    and returns their classes by name. Other modules (the worker's messages) extend the
+    pool this way, so their messages can nest this module's ones."""
+    fdp = descriptor_pb2.FileDescriptorProto(name=fname, package=package, syntax="proto3")
+    fdp.dependency.extend(_deps)
+    for mname, fields in messages.items():
+        mdp = fdp.message_type.add(name=mname)
+        for spec in fields:
+            name, number, ftype = spec[0], spec[1], spec[2]
+            type_name = spec[3] if len(spec) > 3 else None
+            repeated = len(spec) > 4 and spec[4] == REPEATED
+            fd = mdp.field.add(name=name, number=number, type=ftype)
+            fd.label = _T.LABEL_REPEATED if repeated else _T.LABEL_OPTIONAL
+            if type_name:
+                fd.type_name = type_name
+    _pool.Add(fdp)
+    _deps.append(fname)
+    return {
+        mname: message_factory.GetMessageClass(_pool.FindMessageTypeByName(f"{package}.{mname}"))
+        for mname in messages
+    }
 
 
 def _build() -> dict[str, Any]:
     classes: dict[str, Any] = {}
-    deps: list[str] = []
     for fname, package, messages in _FILES:
-        fdp = descriptor_pb2.FileDescriptorProto(name=fname, package=package, syntax="proto3")
-        fdp.dependency.extend(deps)
-        for mname, fields in messages.items():
-            mdp = fdp.message_type.add(name=mname)
-            for spec in fields:
-                name, number, ftype = spec[0], spec[1], spec[2]
-                type_name = spec[3] if len(spec) > 3 else None
-                repeated = len(spec) > 4 and spec[4] == _REPEATED
-                fd = mdp.field.add(name=name, number=number, type=ftype)
-                fd.label = _T.LABEL_REPEATED if repeated else _T.LABEL_OPTIONAL
-                if type_name:
-                    fd.type_name = type_name
-        _pool.Add(fdp)
-        deps.append(fname)
-        for mname in messages:
-            desc = _pool.FindMessageTypeByName(f"{package}.{mname}")
-            classes[mname] = message_factory.GetMessageClass(desc)
+        classes.update(define(fname, package, messages))
     return classes
 
 
 _C = _build()
 
 Timestamp: Any = _C["Timestamp"]
+Duration: Any = _C["Duration"]
 UInt32Value: Any = _C["UInt32Value"]
+AnyMessage: Any = _C["Any"]  # google.protobuf.Any (type_url + value, no Pack helpers)
 Status: Any = _C["Status"]
 ReadRequest: Any = _C["ReadRequest"]
 ReadResponse: Any = _C["ReadResponse"]
@@ -212,4 +230,16 @@ GetCapabilitiesRequest: Any = _C["GetCapabilitiesRequest"]
 CacheCapabilities: Any = _C["CacheCapabilities"]
 ServerCapabilities: Any = _C["ServerCapabilities"]
 
-__all__ = ["DecodeError"]  # DecodeError: raised for undecodable bytes
+__all__ = [  # DecodeError: raised for undecodable bytes
+    "BOOL",
+    "BYTES",
+    "INT32",
+    "INT64",
+    "MSG",
+    "REPEATED",
+    "STRING",
+    "UINT32",
+    "DecodeError",
+    "Field",
+    "define",
+]

@@ -135,3 +135,49 @@ def test_bench_remote_fetch(
     for r in res["results"]:
         assert r["skipped"] is None, r
         assert len(r["samples_ms"]) == 1
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib (the bench extra) is not installed")
+def test_the_plot_explains_itself() -> None:
+    """Issue 12, item 8: nothing said what "floor" or "fastmat cold" mean, nor that the
+    overlay series times a mount; the title named neither the machine nor the time."""
+    import matplotlib.pyplot as plt
+    from matplotlib.text import Text
+
+    from fastmat.bench.report import figure
+
+    res = json.loads((REPO / "docs" / "bench-2026-11-21.json").read_text())
+    fig = figure(res)
+    try:
+        texts = "\n".join(t.get_text() for t in fig.findobj(Text))
+    finally:
+        plt.close(fig)
+    assert "floor: a bare C loop of mkdirat + linkat" in texts
+    assert "fastmat cold: materialize(): read, hash and validate every Directory" in texts
+    assert "times a mount, creates no file" in texts  # the overlay's legend entry
+    assert "overlay: one mount + unmount whatever the file count" in texts  # on its series
+    m = res["machine"]
+    for part in ("2026-11-21 23:45:35 UTC", m["hostname"], m["cpu_model"], m["kernel"]):
+        assert part in texts
+
+
+def test_quick_states_one_measured_duration(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--quick``'s duration was "about a minute" in the help, "~25 s" in the docs;
+    16-19 s measured. One phrase everywhere, and the recorded quick run agrees."""
+    from fastmat.bench.run import QUICK_DURATION, QUICK_SECONDS
+
+    assert main(["bench", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert QUICK_DURATION in help_text
+    assert "minute" not in help_text
+    for doc in ("README.md", "docs/design.md", "docs/bench-2026-11-21.md"):
+        text = " ".join((REPO / doc).read_text().split())
+        assert "about 20 s on an idle 2-CPU machine" in text, doc
+        assert "~25 s" not in text, doc
+    assert QUICK_DURATION == "about 20 s on an idle 2-CPU machine"
+    recorded = json.loads((REPO / "docs" / "bench-2026-11-21-quick.json").read_text())
+    assert recorded["config"]["quick"] is True
+    assert 0.5 * QUICK_SECONDS <= recorded["duration_s"] <= 1.5 * QUICK_SECONDS

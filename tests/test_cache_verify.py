@@ -15,7 +15,7 @@ from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.cli import main
 from fastmat.digest import BlobNotFoundError, Digest
-from tests.cache_helpers import ingest, shape, snapshot, write_tree
+from tests.cache_helpers import Spec, ingest, shape, snapshot, write_tree
 from tests.helpers import mount_problem
 
 GOOD = b"the one good copy of this header\n" * 20
@@ -189,3 +189,20 @@ def test_cli_verify_with_a_cache(
     text = capsys.readouterr().out
     assert "checked 0 cache entries" in text  # the entry is gone: nothing left
     assert text.rstrip().endswith("OK")
+
+
+def test_verify_passes_an_intact_entry_with_symlinks(cas: LocalCAS, tmp_path: Path) -> None:
+    """An entry's symlinks were looked up by their targets (the replay's sources), so
+    every intact entry with a symlink was invalidated by ``verify``."""
+    spec: Spec = {"a": b"x\n", "sub/up": ("l", "../a"), "dangling": ("l", "no/where")}
+    root = ingest(cas, tmp_path / "src", spec)
+    with DirectoryCache(cas, tmp_path / "cache") as cache:
+        cache.materialize(root, tmp_path / "d1")
+        report = cache.verify()
+        assert report.ok, report.invalidated
+        assert cache.materialize(root, tmp_path / "d2").hit
+        os.unlink(tmp_path / "cache" / "entries" / root.key / "sub" / "up")
+        os.symlink("../elsewhere", tmp_path / "cache" / "entries" / root.key / "sub" / "up")
+        bad = cache.verify()
+    assert [k for k, _ in bad.invalidated] == [root.key]
+    assert "sub/up: not the symlink the tree has" in bad.invalidated[0][1]

@@ -502,3 +502,20 @@ def test_put_file_of_a_changing_source_copy(tmp_path: Path) -> None:
 
 def test_put_file_of_a_changing_source_reflink(xfs_dir: Path) -> None:
     _put_file_while_source_changes(xfs_dir, "reflinked")
+
+
+def test_create_false_opens_only_an_existing_cas(tmp_path: Path) -> None:
+    """Issue 12, item 7: ``LocalCAS("typo/path")`` silently created an empty CAS."""
+    typo = tmp_path / "typo"
+    with pytest.raises(FileNotFoundError, match="no CAS here") as e:
+        LocalCAS(typo, create=False)
+    assert e.value.filename == str(typo)
+    assert not typo.exists()
+    home = tmp_path / "home"  # a directory, but not a CAS: left as it was
+    home.mkdir()
+    with pytest.raises(FileNotFoundError):
+        LocalCAS(home, create=False)
+    assert os.listdir(home) == []
+    LocalCAS(tmp_path / "cas").close()  # the default creates
+    with LocalCAS(tmp_path / "cas", create=False) as cas:
+        assert cas.put(b"x") in cas

@@ -140,6 +140,12 @@ def test_json_is_exactly_one_object(
     assert rc == 1
     assert "no CAS here" in err
     assert not (tmp_path / "typo").exists()  # a mistyped --cas creates nothing
+    (tmp_path / "home").mkdir()  # a directory that is not a CAS is not made one
+    rc, out, err = run(capsys, "verify", "--cas", str(tmp_path / "home"), "--json")
+    assert rc == 1
+    assert "no CAS here" in err
+    assert json.loads(out)["ok"] is False
+    assert os.listdir(tmp_path / "home") == []
     rc, out, _ = run(capsys, "verify", "--cas", str(cas), "--json")
     assert rc == 0
     assert json.loads(out)["ok"] is True
@@ -293,7 +299,7 @@ def test_a_root_workspace_warns_when_it_falls_back_to_hardlinks(
 
 
 def test_python_dash_m(tmp_path: Path) -> None:
-    (tmp_path / "cas").mkdir()
+    LocalCAS(tmp_path / "cas").close()
     proc = subprocess.run(
         [sys.executable, "-m", "fastmat", "verify", "--cas", str(tmp_path / "cas")],
         capture_output=True,
@@ -338,9 +344,85 @@ def test_materialize_from_remote(
     assert rc == 0, err
     assert json.loads(out)["stats"]["files"] == 5
     assert_same_tree(src, dest)
+    rc, shown = on_a_terminal(  # a bar on a terminal (issue 12, item 6)
+        "materialize", str(root), str(tmp_path / "fetched2"), "--cas", str(tmp_path / "cas2"),
+        "--remote", buildgrid.url,
+    )  # fmt: skip
+    assert rc == 0, shown
+    assert "materialize [" in shown
+    assert "5 files" in shown
     rc, _, err = run(
         capsys, "materialize", str(root), str(tmp_path / "x"), "--cas", str(empty),
         "--remote", "ftp://nowhere",
     )  # fmt: skip
     assert rc == 2
     assert "ftp://nowhere" in err
+
+
+def on_a_terminal(*argv: str) -> tuple[int, str]:
+    """Runs ``fastmat *argv`` with stdout and stderr on a pseudo-terminal; (status,
+    everything it drew there)."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastmat", *argv], stdout=slave, stderr=slave, close_fds=True
+        )
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its end
+                break
+            if not data:
+                break
+            chunks.append(data)
+        rc = proc.wait()
+    finally:
+        os.close(master)
+    return rc, b"".join(chunks).decode(errors="replace")
+
+
+def test_bars_on_a_terminal_for_ingest_verify_materialize_gc(tmp_path: Path) -> None:
+    """Issue 12, item 6: real bars (done/total), on a terminal only, never with --json."""
+    src = make_src(tmp_path)
+    cas, cache = str(tmp_path / "cas"), str(tmp_path / "cache")
+    rc, shown = on_a_terminal("ingest", str(src), "--cas", cas)
+    assert rc == 0, shown
+    assert "ingesting" in shown
+    assert "ingest [" in shown
+    assert "5/5" in shown  # the files, counted first
+    root = shown.strip().splitlines()[-1]
+    rc, shown = on_a_terminal("verify", "--cas", cas)
+    assert rc == 0, shown
+    assert "verify [" in shown
+    assert "KiB/" in shown  # bytes, in binary units
+    rc, shown = on_a_terminal(
+        "materialize", root, str(tmp_path / "d"), "--cas", cas, "--cache", cache
+    )
+    assert rc == 0, shown
+    assert "materialize [" in shown
+    assert "replay [" in shown
+    rc, shown = on_a_terminal("gc", "--cas", cas, "--cache", cache, "--max-bytes", "0")
+    assert rc == 0, shown
+    assert "gc [" in shown
+    rc, shown = on_a_terminal("verify", "--cas", cas, "--json")
+    assert rc == 0
+    assert "\x1b" not in shown  # no bar drawn
+    assert json.loads(shown)["ok"] is True
+
+
+def test_json_even_for_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12, item 5: --json prints exactly one JSON object on stdout in every case."""
+    for argv in (
+        ["materialize", "nothex/1", str(tmp_path / "d"), "--cas", str(tmp_path), "--json"],
+        ["gc", "--cas", str(tmp_path), "--json"],  # needs --cache
+        ["stats", "--cas", str(tmp_path), "--json", "--", "x"],
+    ):
+        rc, out, err = run(capsys, *argv)
+        assert rc == 2, argv
+        obj = json.loads(out)
+        assert (obj["ok"], obj["type"]) == (False, "UsageError")
+        assert err

@@ -87,3 +87,13 @@ def test_invalid_digest_error_is_value_error() -> None:
 def test_constructor_rejects(h: object, size: object) -> None:
     with pytest.raises(InvalidDigestError):
         Digest(h, size)  # type: ignore[arg-type]
+
+
+def test_coerce_takes_a_digest_or_its_text() -> None:
+    d = Digest(HELLO, 5)
+    assert Digest.coerce(d) is d
+    assert Digest.coerce(f"{HELLO}/5") == d
+    with pytest.raises(InvalidDigestError, match="hash/size"):
+        Digest.coerce(f"{HELLO}-5")  # the on-disk key is not the text form
+    with pytest.raises(InvalidDigestError, match="bytes"):
+        Digest.coerce(b"x")  # type: ignore[arg-type]

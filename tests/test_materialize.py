@@ -483,3 +483,43 @@ def test_cancel_while_linking_stops_soon_and_leaves_nothing(cas: LocalCAS, tmp_p
     assert seen
     assert seen[-1] < 20_000
     assert os.listdir(dest.parent) == []
+
+
+def test_every_call_taking_a_root_takes_its_text_too(cas: LocalCAS, tmp_path: Path) -> None:
+    """Issue 12, item 7: ``materialize(cas, "hash/size", dest)`` failed with
+    ``AttributeError: 'str' object has no attribute 'key'``."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(b"text\n")
+    text = str(ingest_tree(cas, src))
+    assert materialize(cas, text, tmp_path / "m").files == 1
+    assert fastmat.tree.load_plan(cas, text).n_files == 1
+    with fastmat.DirectoryCache(cas, tmp_path / "cache", fsync=False) as cache:
+        assert not cache.materialize(text, tmp_path / "c1").hit
+        assert cache.entry_path(text) is not None
+        with cache.workspace(text, tmp_path / "ws") as ws:
+            assert (ws.path / "d" / "f").read_bytes() == b"text\n"
+    with pytest.raises(fastmat.InvalidDigestError):
+        materialize(cas, "nonsense", tmp_path / "bad")
+
+
+def test_a_progress_callback_that_raises_stops_the_call_with_its_exception(
+    cas: LocalCAS, tmp_path: Path
+) -> None:
+    """The callback runs on the watcher thread during the native call: its exception
+    was lost there (and the call ran to its end); now it stops the call, ``dest`` never
+    appears, and the caller gets the callback's exception."""
+    root = _wide(cas, 20_000)
+
+    class Enough(Exception):
+        pass
+
+    def on_progress(p: fastmat.Progress) -> None:
+        if p.done > 0:
+            raise Enough(p.done)
+
+    dest = tmp_path / "work" / "dest"
+    dest.parent.mkdir()
+    with pytest.raises(Enough):
+        materialize(cas, root, dest, progress=on_progress, threads=1)
+    assert os.listdir(dest.parent) == []

@@ -192,12 +192,33 @@ def remote_fetch_nofsync(env: Env, subj: Subject, dest: Path) -> float:
 
 
 METHODS: tuple[Method, ...] = (
-    Method("floor", "floor", floor, "bare mkdirat + linkat in C, same plan and threads"),
-    Method("fastmat_cold", "fastmat cold", fastmat_cold, "materialize(): load, check, link"),
-    Method("cache_hit", "fastmat cache hit", cache_hit, "DirectoryCache.materialize, warm"),
-    Method("overlay", "overlay workspace", overlay_workspace, "DirectoryCache.workspace mount"),
+    Method(
+        "floor",
+        "floor",
+        floor,
+        "a bare C loop of mkdirat + linkat over the same plan, same threads: the system-call cost",
+    ),
+    Method(
+        "fastmat_cold",
+        "fastmat cold",
+        fastmat_cold,
+        "materialize(): read, hash and validate every Directory, check the blobs, link",
+    ),
+    Method(
+        "cache_hit",
+        "fastmat cache hit",
+        cache_hit,
+        "DirectoryCache.materialize of a cached tree: replays its entry as hardlinks",
+    ),
+    Method(
+        "overlay",
+        "overlay workspace",
+        overlay_workspace,
+        "DirectoryCache.workspace: mounts the entry as an overlay and unmounts it; "
+        "times a mount, creates no file",
+    ),
     Method("os_link_walk", "Python os.link walk", python_link_walk, "os.walk + mkdir + os.link"),
-    Method("copytree", "shutil.copytree", copytree, "shutil.copytree (copies bytes)"),
+    Method("copytree", "shutil.copytree", copytree, "shutil.copytree (copies the bytes)"),
     Method("cp_al", "cp -al", cp_al, "cp -al (GNU coreutils, one process)"),
     Method(
         "remote", "remote fetch", remote_fetch, "materialize() from --remote, empty durable CAS"

@@ -39,6 +39,11 @@ ProgressFn = Callable[[str, int, int], None]
 log = logging.getLogger("fastmat")
 
 _CACHE_MAX_BYTES = 1 << 50  # the bench never wants an eviction
+# How long `fastmat bench --quick` takes on an idle 2-CPU VM: 16-19 s (issue 12) and 25 s
+# (docs/bench-2026-11-21-quick.json's duration_s) measured; far longer on a loaded
+# machine. The help, the README and docs/ say these words (tests/test_bench.py checks).
+QUICK_SECONDS = 20
+QUICK_DURATION = f"about {QUICK_SECONDS} s on an idle 2-CPU machine"
 
 
 @dataclass(frozen=True)

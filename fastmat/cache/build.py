@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from fastmat import _binding
 from fastmat.cache import entry
 from fastmat.cache.index import Entry
+from fastmat.control import CancelToken, ProgressFn, check_cancel
 from fastmat.fs.owned import unique
 from fastmat.materialize import MaterializeStats, materialize
 from fastmat.tree import load_plan
@@ -53,7 +54,14 @@ class EntryBuilder:
         self.threads, self.max_inflight = threads, max_inflight
         self.limits, self.fsync = limits, fsync
 
-    def direct(self, root: Digest, dest: Path) -> MaterializeStats:
+    def direct(
+        self,
+        root: Digest,
+        dest: Path,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> MaterializeStats:
         """``materialize`` straight into ``dest`` (a cache that keeps nothing)."""
         return materialize(
             self.cas,
@@ -63,10 +71,20 @@ class EntryBuilder:
             threads=self.threads,
             max_inflight=self.max_inflight,
             limits=self.limits,
+            progress=progress,
+            cancel=cancel,
         )
 
-    def build(self, root: Digest) -> Entry:
-        """Constructs ``root``'s entry and publishes it; the caller holds LOCK_EX."""
+    def build(
+        self,
+        root: Digest,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Entry:
+        """Constructs ``root``'s entry and publishes it; the caller holds LOCK_EX.
+        ``progress`` is told how the materialize goes; ``cancel`` stops it (and anything
+        up to the commit point: nothing is published, the scratch is removed)."""
         key = root.key
         disk = self.disk
         work = disk.tmp / unique("b-")
@@ -74,16 +92,16 @@ class EntryBuilder:
         try:
             tree = work / "t"
             # the materializer itself: any fetcher kind, fetch overlapped with linking
-            self.direct(root, tree)
+            self.direct(root, tree, progress=progress, cancel=cancel)
             stage_hook("built")
             plan = load_plan(self.cas, root, limits=self.limits)  # local now, nodes cached
             tfd = os.open(tree, _O_DIR)
             try:
                 _read_only(plan, tfd)
                 replay = entry.from_plan(plan, root, tfd)
-                ident = entry.file_ident(os.fstat(tfd))
             finally:
                 os.close(tfd)
+            check_cancel(cancel, f"construction of the cache entry {key}")
             side = work / "p"
             with open(side, "xb") as f:
                 f.write(entry.encode(replay))
@@ -100,7 +118,7 @@ class EntryBuilder:
                 os.fsync(disk.entries_fd)
             stage_hook("published")
             log.debug("cache entry %s built: %d files, %d bytes", key, replay.files, replay.bytes)
-            return Entry(root, replay.bytes, replay.files, ident, replay=replay)
+            return Entry(root, replay.bytes, replay.files, replay.ident, replay=replay)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 _binding.remove_tree(work)
@@ -111,11 +129,11 @@ def _read_only(plan: Plan, tree_fd: int) -> None:
     so its private inodes (empty files, NodeProperties copies: never CAS inodes) lose
     their write bits; EXDEV copies made at a hit get the masked mode too."""
     a = plan.arrays
-    writable = [i for i, m in enumerate(a.mode) if m & 0o222]
-    for i in writable:
-        if a.op[i] in (_binding.FM_OP_EMPTY, _binding.FM_OP_COPY):
-            fd = os.open(plan.path_of_entry(i), _O_FILE, dir_fd=tree_fd)
-            try:
-                os.fchmod(fd, a.mode[i] & 0o7555)
-            finally:
-                os.close(fd)
+    private = (_binding.FM_OP_EMPTY, _binding.FM_OP_COPY)
+    writable = [i for i, m in enumerate(a.mode) if m & 0o222 and a.op[i] in private]
+    for i, path in zip(writable, plan.paths_of_entries(writable), strict=True):
+        fd = os.open(path, _O_FILE, dir_fd=tree_fd)
+        try:
+            os.fchmod(fd, a.mode[i] & 0o7555)
+        finally:
+            os.close(fd)

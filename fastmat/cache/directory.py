@@ -29,13 +29,12 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastmat import _binding
-from fastmat.cache import entry, mounts, protocol, replay, verify, workspace
+from fastmat.cache import counters, entry, mounts, protocol, replay, verify, workspace
 from fastmat.cache.build import EntryBuilder
 from fastmat.cache.entry import Damaged
 from fastmat.cache.index import CacheIndex, Entry, Limits
@@ -43,6 +42,7 @@ from fastmat.cache.protocol import Disk
 from fastmat.cache.types import CacheResult, CacheStats
 from fastmat.cache.verify import CacheVerifyReport, QuarantineWatch
 from fastmat.cache.workspace import Workspace
+from fastmat.control import Cancelled, CancelToken, ProgressFn, Reporter, check_cancel, stopping
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 from fastmat.fs.access import Access
@@ -61,6 +61,7 @@ GiB = 1 << 30
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _RETRIES = 3
 _DEST_ERRORS = (errno.EEXIST, errno.ENOENT, errno.ENOTDIR)
+_WATCH_S = 0.02  # how often a waiter looks at its cancel token
 
 
 class Flight:
@@ -70,8 +71,13 @@ class Flight:
         self._ev = threading.Event()
         self._error: BaseException | None = None
 
-    def wait(self) -> None:
-        self._ev.wait()
+    def wait(self, cancel: CancelToken | None = None) -> None:
+        """Until the construction ends (its exception raised here), or ``cancel``."""
+        if cancel is None:
+            self._ev.wait()
+        else:
+            while not self._ev.wait(_WATCH_S):
+                check_cancel(cancel, "waiting for a cache construction")
         if self._error is not None:
             raise self._error
 
@@ -138,18 +144,20 @@ class DirectoryCache:
         self.threads, self.max_inflight = threads, max_inflight
         self.access = Access.of(group)
         self.access.make_root(self.path)
-        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS):
+        for d in ("entries", "tmp", "trash", "locks", mounts.MOUNTS, counters.DIR):
             self.access.make_dir(self.path / d)
         fds: list[int] = []
         try:
-            for d in ("entries", "locks", "tmp", mounts.MOUNTS):
+            for d in ("entries", "locks", "tmp", mounts.MOUNTS, counters.DIR):
                 fds.append(os.open(self.path / d, _O_DIR))
             self._owned = OwnedDir.create(fds[2], self.access.dir_mode, self.access.lock_mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds
+        self._fds = tuple(fds)
+        self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd = fds[:4]
+        self._counters_fd = fds[4]
         self._tmp = self.path / "tmp" / self._owned.name
         self._trasher = Trasher()
         self._closed = False
@@ -170,7 +178,7 @@ class DirectoryCache:
             self._watch = QuarantineWatch(cas)
             self._index = CacheIndex(self.limits)
             self._flights: dict[str, Flight] = {}
-            self._n: Counter[str] = Counter()
+            self._n = counters.Counters(self._counters_fd, self._owned.name, self.access.lock_mode)
             self._builder = EntryBuilder(
                 cas,
                 self._disk,
@@ -194,6 +202,16 @@ class DirectoryCache:
             protocol.sweep_dead_instances(
                 self._tmp_parent_fd, {self._owned.name, *kept}, self._disk
             )
+            try:  # closed or swept instances' counters into the total
+                live = set(os.listdir(self._tmp_parent_fd))
+                counters.fold_dead(
+                    self._counters_fd,
+                    live,
+                    mode=self.access.lock_mode,
+                    timeout_s=lock_timeout_s,
+                )
+            except OSError as err:  # advisory
+                log.warning("cache %s: cannot fold its counters: %s", self.path, err)
             for e in protocol.adopt_all(self._disk):
                 self._index.insert(e)
             with self._mu:
@@ -221,12 +239,11 @@ class DirectoryCache:
             for e in self._index:
                 if e.lock_fd >= 0:
                     os.close(e.lock_fd)  # the parent's pin lives on in its own fd
-            for fd in (self._owned.fd, self._owned.lock_fd):
-                os.close(fd)
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+            for fd in (self._owned.fd, self._owned.lock_fd, *self._fds):
                 os.close(fd)
             return
         self._trasher.drain()
+        self._n.flush()  # before the scratch goes: see counters.fold_dead
         with self._mu:
             for e in self._index:
                 if e.lock_fd >= 0:
@@ -241,18 +258,27 @@ class DirectoryCache:
             self._trasher.close()
             self._owned.release(self._tmp_parent_fd)
         finally:
-            for fd in (self._entries_fd, self._locks_fd, self._tmp_parent_fd, self._mounts_fd):
+            for fd in self._fds:
                 os.close(fd)
 
-    def stats(self) -> CacheStats:
+    def stats(self, *, all_instances: bool = False) -> CacheStats:
+        """Event counters (hits, misses, evictions...) and the index now (entries, bytes,
+        pinned). The counters are this instance's since it was opened, or with
+        ``all_instances`` the sum over every instance that ever used this cache
+        directory, this one included (others' as last written: every 256 events and at
+        close; :mod:`.counters`)."""
         self._opened.check()
+        n = self._n.snapshot()
+        if all_instances:
+            n.update(counters.read_all(self._counters_fd, skip=self._owned.name))
         with self._mu:
             ix = self._index
-            return CacheStats.of(self._n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
+            return CacheStats.of(n, entries=len(ix), bytes=ix.bytes, pinned=ix.pinned)
 
-    def entry_path(self, root: Digest) -> Path | None:
+    def entry_path(self, root: Digest | str) -> Path | None:
         """Where ``root``'s entry lives, if this instance knows one (for inspection)."""
         self._opened.check()
+        root = Digest.coerce(root)
         with self._mu:
             return self._disk.entries / root.key if self._index.get(root.key) else None
 
@@ -261,58 +287,95 @@ class DirectoryCache:
         self._opened.check()
         self._trasher.drain()
 
-    def materialize(self, root: Digest, dest: str | os.PathLike[str]) -> CacheResult:
-        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree via the cache."""
+    def materialize(
+        self,
+        root: Digest | str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> CacheResult:
+        """Makes ``dest`` (which must not exist) a copy of ``root``'s tree (a ``Digest`` or
+        ``"hash/size"``) via the cache.
+
+        ``progress`` gets :class:`~fastmat.control.Progress` reports at a bounded rate:
+        a miss's construction ("materialize"), then the copy into ``dest`` ("replay").
+        ``cancel`` (e.g. a ``threading.Event``) stops the call soon after it is set, also
+        while it waits for another thread's or process's construction of the same tree:
+        :class:`~fastmat.control.Cancelled`, nothing at ``dest``, no entry half-built.
+        """
         self._opened.check()
+        root = Digest.coerce(root)
         t0 = time.perf_counter()
         dest = Path(dest)
+        check_cancel(cancel, f"cache materialize of {root}")
         if self.limits.max_entries == 0:
-            st = self._builder.direct(root, dest)
+            st = self._builder.direct(root, dest, progress=progress, cancel=cancel)
             self._count("misses")
             dt = time.perf_counter() - t0
             return CacheResult(False, "materialize", st.bytes, st.files, dt, 0.0, dt)
-        damaged: tuple[int, int] | None = None
+        damaged: str | None = None
+        rebuilt = False
         for _ in range(_RETRIES):
-            e, hit = self._acquire(root, damaged)
+            e, hit = self._acquire(root, damaged, progress, cancel)
             if hit:
                 entry.touch(self._entries_fd, e.key)
             t1 = time.perf_counter()
             try:
                 if hit:
                     self._refuse_quarantined(e)
-                method, fell_back = replay.clone(
-                    self._disk, e, dest, threads=self.threads, max_inflight=self.max_inflight
+                c = replay.clone(
+                    self._disk,
+                    e,
+                    dest,
+                    threads=self.threads,
+                    max_inflight=self.max_inflight,
+                    fsync=self._builder.fsync,
+                    progress=progress,
+                    cancel=cancel,
                 )
             except Damaged as d:
                 damaged = self._invalidate(e, d)
+                rebuilt = rebuilt or not d.stale  # a stale one was merely replaced
                 continue
             finally:
                 self._release(e)
             if hit:
-                self._count(method)
-            if fell_back:
-                self._count("fallbacks", fell_back)
+                self._count(c.method)
+            if c.fell_back:
+                self._count("fallbacks", c.fell_back)
+            if c.rotated:
+                self._count("rotations", c.rotated)
             t2 = time.perf_counter()
-            rebuilt = damaged is not None
-            return CacheResult(hit, method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
+            return CacheResult(hit, c.method, e.bytes, e.files, t1 - t0, t2 - t1, t2 - t0, rebuilt)
         raise FastmatError(f"cache entry for {root} keeps failing its checks")
 
     @contextlib.contextmanager
-    def workspace(self, root: Digest, dest: str | os.PathLike[str]) -> Iterator[Workspace]:
+    def workspace(
+        self,
+        root: Digest | str,
+        dest: str | os.PathLike[str],
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> Iterator[Workspace]:
         """``dest`` holds ``root``'s tree for the ``with`` body, then is removed.
 
         An overlay mount of the (pinned) entry where this process can mount, else a
         hardlinked copy; the yielded ``Workspace.method`` says which. Only the overlay
         protects the CAS from an action running as the worker's user that chmods an
         input (a hardlinked input is the CAS inode; read-only, but its owner may chmod).
+        ``progress`` and ``cancel`` apply to making the workspace (see :meth:`materialize`),
+        not to the ``with`` body.
         """
         self._opened.check()
+        root = Digest.coerce(root)
         dest = Path(dest)
         mounted = None
         if self.limits.max_entries and self.can_overlay():
-            mounted = self._mount(root, dest)
+            mounted = self._mount(root, dest, progress, cancel)
         if mounted is None:
-            r = self.materialize(root, dest)
+            r = self.materialize(root, dest, progress=progress, cancel=cancel)
             if self.limits.max_entries:
                 self._count("fallbacks")
             try:
@@ -336,19 +399,25 @@ class DirectoryCache:
     # -- pinning, single-flight, eviction ----------------------------------------
 
     def _count(self, what: str, n: int = 1) -> None:
-        with self._mu:
-            self._n[what] += n
+        self._n.add(what, n)
 
-    def _acquire(self, root: Digest, damaged: tuple[int, int] | None) -> tuple[Entry, bool]:
+    def _acquire(
+        self,
+        root: Digest,
+        damaged: str | None,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> tuple[Entry, bool]:
         """A pinned entry for ``root`` and whether it was a hit (else constructed)."""
         key = root.key
+        build = functools.partial(self._builder.build, progress=progress, cancel=cancel)
         while True:
             with self._mu:
                 e = self._index.get(key)
                 if e is not None and damaged != e.ident:
                     if self._pin_locked(e):
                         self._index.touch(e)
-                        self._n["hits"] += 1
+                        self._n.add("hits")
                         return e, True
                     self._index.remove(e)  # another process is evicting or rebuilding it
                 flight = self._flights.get(key)
@@ -356,10 +425,15 @@ class DirectoryCache:
                 if flight is None:
                     flight = self._flights[key] = Flight()
             if not owner:
-                flight.wait()
+                try:
+                    flight.wait(cancel)
+                except Cancelled:
+                    if cancel is not None and cancel.is_set():
+                        raise
+                    # the constructor was cancelled, not this caller: build it here
                 continue
             try:
-                e, built = protocol.acquire(self._disk, root, damaged, self._builder.build)
+                e, built = protocol.acquire(self._disk, root, damaged, build, cancel)
             except BaseException as exc:
                 with self._mu:
                     del self._flights[key]
@@ -368,8 +442,8 @@ class DirectoryCache:
             with self._mu:
                 self._index.insert(e)
                 self._index.touch(e)
-                self._n["constructions" if built else "adopted"] += 1
-                self._n["misses" if built else "hits"] += 1
+                self._n.add("constructions" if built else "adopted")
+                self._n.add("misses" if built else "hits")
                 self._evict_locked()
                 del self._flights[key]
             flight.done()
@@ -395,13 +469,13 @@ class DirectoryCache:
                 self._evict_locked()
 
     def _evict_locked(self) -> None:
-        self._n["evictions"] += protocol.evict(self._index, self._disk)
+        self._n.add("evictions", protocol.evict(self._index, self._disk))
 
-    def _invalidate(self, e: Entry, d: Damaged) -> tuple[int, int]:
+    def _invalidate(self, e: Entry, d: Damaged) -> str:
         log.warning("cache entry %s invalid (%s): rebuilding", e.key, d)
         with self._mu:
             self._index.remove(e)
-            self._n["stale" if d.stale else "damaged"] += 1
+            self._n.add("stale" if d.stale else "damaged")
         return e.ident
 
     def _refuse_quarantined(self, e: Entry) -> None:
@@ -415,7 +489,7 @@ class DirectoryCache:
         if fd is None:
             return  # gone: the replay's checks say so
         try:
-            if entry.file_ident(os.fstat(fd)) != e.ident:
+            if entry.read_ident(self._entries_fd, e.key) != e.ident:
                 return  # replaced: likewise
             if e.replay is None:
                 try:
@@ -429,17 +503,25 @@ class DirectoryCache:
             raise Damaged(f"{where}: links a blob verify quarantined")
         e.quarantine_checked = gen
 
-    def verify(self) -> CacheVerifyReport:
+    def verify(
+        self, *, progress: ProgressFn | None = None, cancel: CancelToken | None = None
+    ) -> CacheVerifyReport:
         """Verifies the CAS (``LocalCAS.verify``: damaged blobs are quarantined), then
         every entry on disk (:func:`.verify.check_entry`: no quarantined inode, CAS
         inodes where the tree links the CAS, private files hashed against their
         digests); a bad entry is invalidated, or reported ``busy`` while another
-        process uses it. Slow: reads every private file and stats every entry file."""
+        process uses it. Slow: reads every private file and stats every entry file.
+        ``progress``: the CAS's bytes hashed ("verify"), then the entries checked
+        ("verify entries"); ``cancel`` stops it between files (``Cancelled``)."""
         self._opened.check()
         t0 = time.monotonic()
-        report = CacheVerifyReport(self.cas.verify())
+        report = CacheVerifyReport(self.cas.verify(progress=stopping(progress, cancel)))
         bad = frozenset(q.ino for q in self.cas.quarantined())
-        for key in protocol.complete_keys(self._disk):
+        keys = protocol.complete_keys(self._disk)
+        reporter = Reporter(progress, "verify entries", len(keys), "entries")
+        for key in keys:
+            check_cancel(cancel, f"verify of the cache {self.path}")
+            reporter.set(report.entries_checked)
             fd = verify.open_dir(self._entries_fd, key)
             if fd is None:
                 continue  # evicted meanwhile
@@ -458,6 +540,8 @@ class DirectoryCache:
             report.entries_checked += 1
             if problem is not None:
                 self._invalidate_bad(key, problem, report)
+        reporter.set(len(keys))
+        reporter.finish()
         report.duration_s = time.monotonic() - t0
         log.info(
             "cache %s verified: %d entries, %d files (%d hashed), %d invalidated, %d busy",
@@ -479,8 +563,47 @@ class DirectoryCache:
             e = self._index.get(key)
             if e is not None:
                 self._index.remove(e)
-            self._n["damaged"] += 1
+            self._n.add("damaged")
         report.invalidated.append((key, problem))
+
+    def gc(
+        self,
+        max_bytes: int | None = None,
+        *,
+        progress: ProgressFn | None = None,
+        cancel: CancelToken | None = None,
+    ) -> CacheStats:
+        """Evicts unpinned entries (in policy order) until the entries this instance
+        knows hold at most ``max_bytes`` (None: only its own bounds), then waits until
+        the background deleter has deleted everything trashed: those entries, and what
+        opening found (dead instances' scratch, orphans, dead workspaces' upper layers).
+        Returns the statistics after. ``progress``: trashed trees deleted of those queued
+        ("gc", "items"); ``cancel`` ends the wait (``Cancelled``): what is not deleted yet
+        stays in the trash, and the next opener of the cache deletes it."""
+        self._opened.check()
+        check_cancel(cancel, f"gc of the cache {self.path}")
+        if max_bytes is not None:
+            with self._mu:
+                own = self._index.limits
+                self._index.limits = Limits(
+                    min(max_bytes, own.max_bytes), own.max_entries, own.policy
+                )
+                try:
+                    self._evict_locked()
+                finally:
+                    self._index.limits = own
+        reporter = Reporter(progress, "gc", None, "items")
+
+        def report(done: int, total: int) -> None:
+            reporter.total = total
+            reporter.set(done)
+
+        stop = cancel.is_set if cancel is not None else None
+        if not self._trasher.drain(report=report, stop=stop):
+            left = self._trasher.abandon()
+            raise Cancelled(f"gc of the cache {self.path} cancelled ({left} left in its trash)")
+        reporter.finish()
+        return self.stats()
 
     def can_overlay(self) -> bool:
         """Whether workspaces mount overlays here (probed once, for real)."""
@@ -492,13 +615,19 @@ class DirectoryCache:
     def _record(self, into: list[str], key: str, dest: Path, ws_name: str) -> None:
         into.append(mounts.record(self._mounts_fd, self._owned.name, key, ws_name, dest))
 
-    def _mount(self, root: Digest, dest: Path) -> tuple[Entry, bool, Path, str] | None:
+    def _mount(
+        self,
+        root: Digest,
+        dest: Path,
+        progress: ProgressFn | None,
+        cancel: CancelToken | None,
+    ) -> tuple[Entry, bool, Path, str] | None:
         """The pinned entry, hit, scratch dir and mount record of an overlay now mounted
         at ``dest``; None if the mount itself failed (the caller falls back to a
         hardlinked copy)."""
-        damaged: tuple[int, int] | None = None
+        damaged: str | None = None
         for _ in range(_RETRIES):
-            e, hit = self._acquire(root, damaged)
+            e, hit = self._acquire(root, damaged, progress, cancel)
             recs: list[str] = []
             rec = functools.partial(self._record, recs, e.key, dest)
             try:

@@ -9,18 +9,29 @@ the digests, never a stat walk) and a small sample of the entry's files as they 
 it was built (inode, size, mode, mtime): a hit re-checks that sample with a few ``lstat``
 calls, so a file that was deleted, replaced or rewritten in place is noticed cheaply
 (a damaged file outside the sample is still caught by the replay when it is missing).
+An EMLINK rotation at a hit replaces an entry file by a copy (same bytes, mode and mtime,
+another inode): the hit refreshes the sample (:func:`refresh_samples`) and rewrites the
+sidecar (:func:`rewrite`).
 
-Format: ``FMCE1\\n``, one JSON header line (counts, lengths, sha256 of the payload), then
-the raw arrays back to back in native byte order.
+The entry's identity is a random ``id`` in its sidecar, made at construction: a hit
+compares it with the one it indexed (:func:`read_ident`), so an entry evicted and
+rebuilt by another process is told from the one this process knew. (The directory's
+inode is no identity: ext4 gives the rebuilt directory the old one's inode again.)
+
+Format: ``FMCE2\\n``, one JSON header line (id, counts, lengths, sha256 of the payload),
+then the raw arrays back to back in native byte order. ``FMCE1`` sidecars (no id) are
+refused: their entries are discarded and rebuilt.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
 import stat
 import sys
 from dataclasses import dataclass
@@ -32,7 +43,7 @@ from fastmat.digest import Digest
 if TYPE_CHECKING:
     from fastmat.tree import Plan
 
-MAGIC = b"FMCE1\n"
+MAGIC = b"FMCE2\n"
 SAMPLE_FILES = 8  # files re-checked with lstat at every hit
 
 
@@ -47,11 +58,6 @@ class Damaged(Exception):
     def __init__(self, why: str, *, stale: bool = False) -> None:
         super().__init__(why)
         self.stale = stale
-
-
-def file_ident(st: os.stat_result) -> tuple[int, int]:
-    """(st_dev, st_ino): tells an entry directory from a rebuilt one under its name."""
-    return st.st_dev, st.st_ino
 
 
 def stat_at(dirfd: int, name: str) -> os.stat_result | None:
@@ -73,16 +79,37 @@ def touch(entries_fd: int, key: str) -> None:
         os.utime(sidecar_name(key), dir_fd=entries_fd, follow_symlinks=False)
 
 
-def load(entries_fd: int, key: str) -> Replay:
-    """The replay stored in entry ``key``'s sidecar; ``SidecarError`` if it is not intact."""
+def _open_sidecar(entries_fd: int, key: str) -> int:
     try:
-        fd = os.open(
+        return os.open(
             sidecar_name(key), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW, dir_fd=entries_fd
         )
     except FileNotFoundError:
         raise SidecarError("missing") from None
-    with os.fdopen(fd, "rb") as f:
+
+
+def load(entries_fd: int, key: str) -> Replay:
+    """The replay stored in entry ``key``'s sidecar; ``SidecarError`` if it is not intact."""
+    with os.fdopen(_open_sidecar(entries_fd, key), "rb") as f:
         return decode(f.read())
+
+
+def read_head(entries_fd: int, key: str) -> tuple[bytes, int]:
+    """The start of entry ``key``'s sidecar, its header line included, and the sidecar's
+    mtime; ``SidecarError`` if it is missing."""
+    with os.fdopen(_open_sidecar(entries_fd, key), "rb") as f:
+        head = f.read(1 << 16)
+        if b"\n" not in head[len(MAGIC) :]:
+            head += f.read()
+        return head, os.fstat(f.fileno()).st_mtime_ns
+
+
+def read_ident(entries_fd: int, key: str) -> str | None:
+    """The id in entry ``key``'s sidecar (its header only); None if there is no intact one."""
+    try:
+        return read_totals(read_head(entries_fd, key)[0])[3]
+    except (OSError, SidecarError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -98,7 +125,8 @@ class Sample:
 
 @dataclass
 class Replay:
-    """What a hit needs: the entry-relative replay plan, its totals and its sample."""
+    """What a hit needs: the entry-relative replay plan, its totals, its sample and the
+    entry's identity (``ident``, random per construction)."""
 
     root: Digest
     arrays: _binding.PlanArrays
@@ -107,6 +135,7 @@ class Replay:
     dirs: int
     symlinks: int
     samples: tuple[Sample, ...]
+    ident: str
 
 
 def _split(blob: bytes) -> list[bytes]:
@@ -162,7 +191,68 @@ def from_plan(plan: Plan, root: Digest, tree_dirfd: int) -> Replay:
         len(dir_names),
         int(plan.n_symlinks),
         tuple(samples),
+        secrets.token_hex(8),
     )
+
+
+def refresh_samples(replay: Replay, entry_dirfd: int, rotated: set[str]) -> bool:
+    """After an EMLINK rotation replaced the entry files ``rotated`` (entry-relative
+    paths) by copies: takes the new inode of each sampled one that is still the same
+    regular file otherwise (size, mode, mtime: what a rotation keeps). Returns whether
+    a sample changed."""
+    out = []
+    for s in replay.samples:
+        if s.path in rotated:
+            with contextlib.suppress(OSError):
+                st = os.lstat(s.path, dir_fd=entry_dirfd)
+                if (st.st_size, st.st_mode, st.st_mtime_ns) == (s.size, s.mode, s.mtime_ns):
+                    s = Sample(s.path, st.st_ino, s.size, s.mode, s.mtime_ns)  # noqa: PLW2901
+        out.append(s)
+    changed = tuple(out) != replay.samples
+    replay.samples = tuple(out)
+    return changed
+
+
+def rewrite(
+    entries_fd: int,
+    key: str,
+    entry_dirfd: int,
+    *,
+    ident: str,
+    rotated: set[str],
+    tmp_fd: int,
+    fsync: bool,
+) -> Replay | None:
+    """Refreshes the samples of entry ``key``'s sidecar after the rotation of
+    ``rotated`` (:func:`refresh_samples`), if it still is entry ``ident``: read, updated
+    and renamed over (from a temp in ``tmp_fd``) under an flock of the entry directory,
+    so two processes refreshing at once keep both changes. Returns the replay now on
+    disk (None if there is no intact one for ``ident``). The caller pins the entry."""
+    fcntl.flock(entry_dirfd, fcntl.LOCK_EX)
+    try:
+        try:
+            r = load(entries_fd, key)
+        except SidecarError:
+            return None
+        if r.ident != ident:
+            return None
+        if not refresh_samples(r, entry_dirfd, rotated):
+            return r
+        tmp = f"side.{secrets.token_hex(6)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o444, dir_fd=tmp_fd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(encode(r))
+                if fsync:
+                    os.fsync(f.fileno())
+            os.rename(tmp, sidecar_name(key), src_dir_fd=tmp_fd, dst_dir_fd=entries_fd)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=tmp_fd)
+            raise
+        return r
+    finally:
+        fcntl.flock(entry_dirfd, fcntl.LOCK_UN)
 
 
 def check_samples(replay: Replay, entry_dirfd: int) -> str | None:
@@ -202,6 +292,7 @@ def encode(r: Replay) -> bytes:
     fields = _fields(r)
     payload = b"".join(b for _, b in fields)
     header = {
+        "id": r.ident,
         "root": str(r.root),
         "bytes": r.bytes,
         "files": r.files,
@@ -231,13 +322,20 @@ def _header(data: bytes) -> tuple[dict[str, object], int]:
     return header, end + 1
 
 
-def read_totals(data: bytes) -> tuple[Digest, int, int]:
-    """(root, bytes, files) from a sidecar's header alone (adoption at open)."""
+def read_totals(data: bytes) -> tuple[Digest, int, int, str]:
+    """(root, bytes, files, id) from a sidecar's header alone (adoption at open)."""
     h, _ = _header(data)
     try:
-        return Digest.parse(str(h["root"])), _int(h, "bytes"), _int(h, "files")
+        return Digest.parse(str(h["root"])), _int(h, "bytes"), _int(h, "files"), _ident(h)
     except (KeyError, ValueError) as e:
         raise SidecarError(f"bad header: {e}") from None
+
+
+def _ident(h: dict[str, object]) -> str:
+    v = h.get("id")
+    if not isinstance(v, str) or not v:
+        raise SidecarError("bad header field 'id'")
+    return v
 
 
 def _int(h: dict[str, object], key: str) -> int:
@@ -285,6 +383,7 @@ def decode(data: bytes) -> Replay:
             _int(h, "dirs"),
             _int(h, "symlinks"),
             samples,
+            _ident(h),
         )
     except (KeyError, ValueError, TypeError, AssertionError) as e:
         raise SidecarError(f"bad sidecar: {e}") from None

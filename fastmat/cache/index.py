@@ -24,7 +24,7 @@ class Entry:
     root: Digest
     bytes: int  # sum of the file digests' sizes (from the plan, never a stat walk)
     files: int
-    ident: tuple[int, int]  # (st_dev, st_ino) of the entry directory: tells rebuilds apart
+    ident: str  # the random id in its sidecar: tells a rebuilt entry from this one
     replay: Replay | None = None  # loaded lazily from the sidecar
     pins: int = 0  # clones, constructions and workspaces running on it in this process
     lock_fd: int = -1  # held LOCK_SH on locks/<key>.lock while pins > 0 (other processes)

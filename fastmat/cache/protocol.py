@@ -41,6 +41,7 @@ from pathlib import Path
 
 from fastmat.cache import entry, mounts
 from fastmat.cache.index import CacheIndex, Entry
+from fastmat.control import CancelToken
 from fastmat.digest import Digest, InvalidDigestError
 from fastmat.errors import FastmatError
 from fastmat.fs import locks
@@ -78,11 +79,16 @@ def lock_key(disk: Disk, key: str, how: int) -> int | None:
     return locks.lock_file(disk.locks_fd, lock_name(key), how, mode=disk.lock_mode)
 
 
-def wait_key(disk: Disk, key: str, how: int) -> int:
+def wait_key(disk: Disk, key: str, how: int, cancel: CancelToken | None = None) -> int:
     """An fd holding flock ``how`` on ``locks/<key>.lock``, waiting up to the cache's
-    lock timeout for it (LockTimeoutError)."""
+    lock timeout for it (LockTimeoutError), or until ``cancel`` is set (Cancelled)."""
     return locks.wait_file(
-        disk.locks_fd, lock_name(key), how, timeout_s=disk.lock_timeout_s, mode=disk.lock_mode
+        disk.locks_fd,
+        lock_name(key),
+        how,
+        timeout_s=disk.lock_timeout_s,
+        mode=disk.lock_mode,
+        cancel=cancel,
     )
 
 
@@ -118,18 +124,16 @@ def discard(disk: Disk, key: str) -> None:
             disk.trasher.put(gone)
 
 
-def _from_disk(
-    disk: Disk, root: Digest, damaged: tuple[int, int] | None, *, exclusive: bool
-) -> Entry | None:
-    """The complete entry for ``root`` on disk (not the one known ``damaged``), or None;
-    holding LOCK_EX (``exclusive``), a torn or damaged one is discarded."""
+def _from_disk(disk: Disk, root: Digest, damaged: str | None, *, exclusive: bool) -> Entry | None:
+    """The complete entry for ``root`` on disk (not the one with id ``damaged``), or
+    None; holding LOCK_EX (``exclusive``), a torn or damaged one is discarded."""
     key = root.key
     st = entry.stat_at(disk.entries_fd, key)
-    if st is not None and stat.S_ISDIR(st.st_mode) and entry.file_ident(st) != damaged:
+    if st is not None and stat.S_ISDIR(st.st_mode):
         try:
             r = entry.load(disk.entries_fd, key)
-            if r.root == root:
-                return Entry(root, r.bytes, r.files, entry.file_ident(st), replay=r)
+            if r.root == root and r.ident != damaged:
+                return Entry(root, r.bytes, r.files, r.ident, replay=r)
         except entry.SidecarError:
             pass
     if exclusive:
@@ -140,15 +144,17 @@ def _from_disk(
 def acquire(
     disk: Disk,
     root: Digest,
-    damaged: tuple[int, int] | None,
+    damaged: str | None,
     build: Callable[[Digest], Entry],
+    cancel: CancelToken | None = None,
 ) -> tuple[Entry, bool]:
     """A pinned (LOCK_SH held) entry for ``root`` and whether this call built it: adopted
     if complete on disk, else ``build(root)`` under LOCK_EX. Waits (LOCK_SH, up to the
-    lock timeout) while another process holds LOCK_EX building it."""
+    lock timeout, or until ``cancel`` is set) while another process holds LOCK_EX
+    building it."""
     key = root.key
     for _ in range(_ADOPT_ATTEMPTS):
-        fd = wait_key(disk, key, fcntl.LOCK_SH)
+        fd = wait_key(disk, key, fcntl.LOCK_SH, cancel)
         try:
             e = _from_disk(disk, root, damaged, exclusive=False)
         except BaseException:
@@ -158,7 +164,7 @@ def acquire(
             e.pins, e.lock_fd = 1, fd
             return e, False
         os.close(fd)
-        fd = wait_key(disk, key, fcntl.LOCK_EX)
+        fd = wait_key(disk, key, fcntl.LOCK_EX, cancel)
         try:
             e = _from_disk(disk, root, damaged, exclusive=True)
             built = e is None
@@ -175,7 +181,8 @@ def acquire(
             if (
                 locks.still_linked(disk.locks_fd, lock_name(key), fd)
                 and st
-                and entry.file_ident(st) == e.ident
+                and stat.S_ISDIR(st.st_mode)
+                and entry.read_ident(disk.entries_fd, key) == e.ident
             ):
                 e.pins, e.lock_fd = 1, fd
                 return e, built
@@ -249,21 +256,14 @@ def adopt_all(disk: Disk) -> list[Entry]:
         if root is None or st is None or not stat.S_ISDIR(st.st_mode):
             continue
         try:
-            fd = os.open(
-                entry.sidecar_name(key), os.O_RDONLY | os.O_CLOEXEC, dir_fd=disk.entries_fd
-            )
-            with os.fdopen(fd, "rb") as f:
-                head = f.read(1 << 16)
-                if b"\n" not in head[len(entry.MAGIC) :]:
-                    head += f.read()
-                mtime = os.fstat(f.fileno()).st_mtime_ns
-            got, size, files = entry.read_totals(head)
+            head, mtime = entry.read_head(disk.entries_fd, key)
+            got, size, files, ident = entry.read_totals(head)
         except (OSError, entry.SidecarError):
             got = None
         if got != root:
             bad.add(key)
             continue
-        found.append((mtime, Entry(root, size, files, entry.file_ident(st))))
+        found.append((mtime, Entry(root, size, files, ident)))
     mounted = mounts.keys(disk.mounts_fd)
     for key in (orphans | bad) - mounted:
         lfd = lock_key(disk, key, fcntl.LOCK_EX)

@@ -23,7 +23,8 @@ class CacheResult:
 
 @dataclass(frozen=True)
 class CacheStats:
-    """Counters since open (hits/misses/...) and the index now (entries/bytes/pinned)."""
+    """Event counters (hits/misses/...: since open, or over every instance's lifetime,
+    see ``DirectoryCache.stats``) and the index now (entries/bytes/pinned)."""
 
     entries: int
     bytes: int
@@ -38,6 +39,7 @@ class CacheStats:
     evictions: int
     fallbacks: int  # clonefile -> replay, overlay -> hardlink
     damaged: int  # entries found damaged, invalidated and rebuilt
+    rotations: int = 0  # entry files replaced by a copy at a hit (EMLINK), sample refreshed
 
     @classmethod
     def of(cls, n: Mapping[str, int], *, entries: int, bytes: int, pinned: int) -> CacheStats:
@@ -56,4 +58,5 @@ class CacheStats:
             evictions=n.get("evictions", 0),
             fallbacks=n.get("fallbacks", 0),
             damaged=n.get("damaged", 0),
+            rotations=n.get("rotations", 0),
         )

@@ -115,20 +115,23 @@ def check_entry(
     except FastmatError as e:
         out.problem = f"its tree cannot be read from the CAS: {e}"
         return out
+    # a file's replay source is its path in the entry; a symlink's is its target
     ops, names = plan.arrays.op, r.arrays.srcs.split(b"\0")
     srcs = plan.arrays.srcs.split(b"\0")
     if len(ops) != len(r.arrays.op):
         out.problem = "the sidecar does not match the tree"
         return out
+    links = [i for i, op in enumerate(ops) if op == _binding.FM_OP_SYMLINK]
+    link_paths = dict(zip(links, plan.paths_of_entries(links), strict=True))
     for i, op in enumerate(ops):
         path = names[i]
         if op == _binding.FM_OP_SYMLINK:
             try:
-                ok = os.readlink(path, dir_fd=entry_fd) == srcs[i]
+                ok = os.readlink(link_paths[i], dir_fd=entry_fd) == os.fsdecode(srcs[i])
             except OSError:
                 ok = False
             if not ok:
-                out.problem = f"{os.fsdecode(path)}: not the symlink the tree has"
+                out.problem = f"{link_paths[i]}: not the symlink the tree has"
                 return out
             continue
         out.files += 1

@@ -111,13 +111,18 @@ def variant_of(path: bytes) -> bytes:
     return _EXEC_B + path[len(_BLOBS_B) :]
 
 
+def exists(root: Path) -> bool:
+    """Whether a complete CAS layout is at ``root`` (its last shard is made last)."""
+    return (root / EXEC / SHARDS[-1]).is_dir()
+
+
 def create(root: Path, access: Access) -> None:
     """Creates the directories of a CAS at ``root`` (idempotent; the last shard of the
     last area is made last, so its presence means the layout is complete). A new root
     is private (0700), or shared with ``access.gid`` (2770, and so is every directory
     in it, also when an existing CAS is shared for the first time)."""
     fresh = access.make_root(root)
-    if not fresh and (root / EXEC / SHARDS[-1]).is_dir():
+    if not fresh and exists(root):
         return
     for sub in (TMP, LOCKS, QUARANTINE):
         access.make_dir(root / sub)

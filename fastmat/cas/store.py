@@ -41,6 +41,7 @@ from fastmat.cas.verify import (
     quarantined,
     verify_cas,
 )
+from fastmat.control import ProgressFn
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
 from fastmat.fs import locks
 from fastmat.fs.access import Access
@@ -139,6 +140,8 @@ class LocalCAS:
     :mod:`fastmat.fs.access`. ``lock_timeout_s`` bounds every wait for a lock another
     thread or process holds (a variant being built, a blob being fetched, the use
     record's lock): then ``LockTimeoutError`` names the lock and its holder.
+    ``create=False`` opens only an existing CAS (else ``FileNotFoundError`` naming
+    ``path``, and nothing is created).
 
     Open it after fork: an instance belongs to the process that opened it, and any use
     in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
@@ -156,8 +159,11 @@ class LocalCAS:
         max_blobs: int | None = None,
         group: str | int | None = None,
         lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
+        create: bool = True,
     ) -> None:
         self.root = Path(path).absolute()
+        if not create and not layout.exists(self.root):
+            raise FileNotFoundError(errno.ENOENT, "no CAS here", str(self.root))
         self._fsync = fsync
         self.lock_timeout_s = lock_timeout_s
         self.access = Access.of(group)
@@ -646,6 +652,16 @@ class LocalCAS:
         )
 
     @property
+    def max_bytes(self) -> int | None:
+        """The byte budget (None: unbounded)."""
+        return self.budget.max_bytes
+
+    @property
+    def max_blobs(self) -> int | None:
+        """The bound on names (None: unbounded)."""
+        return self.budget.max_blobs
+
+    @property
     def index(self) -> Index:
         """The use record, up to date (tests, diagnostics)."""
         self._opened.check()
@@ -653,10 +669,10 @@ class LocalCAS:
 
     # ---- verification ----
 
-    def verify(self) -> VerifyReport:
+    def verify(self, *, progress: ProgressFn | None = None) -> VerifyReport:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
         one to ``quarantine/`` (it then reads as missing) and reports it."""
-        return verify_cas(self.root, self.root_fd)
+        return verify_cas(self.root, self.root_fd, progress=progress)
 
     def quarantine_stamp(self) -> tuple[int, int, int, int]:
         """A fingerprint of ``quarantine/`` (one stat): it changes when verify

@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 from fastmat import _binding
 from fastmat.cas import layout
+from fastmat.control import ProgressFn, Reporter
 from fastmat.digest import Digest, InvalidDigestError, hash_fd
 
 log = logging.getLogger("fastmat")
@@ -53,11 +54,17 @@ class VerifyReport:
         return not self.damaged and not self.unexpected
 
 
-def verify_cas(root: Path, root_fd: int) -> VerifyReport:
+def verify_cas(root: Path, root_fd: int, *, progress: ProgressFn | None = None) -> VerifyReport:
     """Checks every blob and variant (type, mode, size, hash); moves each damaged
-    one to ``quarantine/`` (it then reads as missing) and reports it."""
+    one to ``quarantine/`` (it then reads as missing) and reports it. ``progress`` is
+    told the bytes checked of the total the names announce ("verify", at a bounded
+    rate; counting them costs one more listing of the shards, made only then); it may
+    raise to stop the verify between two files."""
     report = VerifyReport()
     t0 = time.monotonic()
+    reporter = None
+    if progress is not None:
+        reporter = Reporter(progress, "verify", _announced_bytes(root_fd), "bytes")
     q_fd = os.open(layout.QUARANTINE, _DIR, dir_fd=root_fd)
     try:
         for area in layout.AREAS:
@@ -67,8 +74,12 @@ def verify_cas(root: Path, root_fd: int) -> VerifyReport:
                     _verify_dir(root, dir_fd, hh, area, q_fd=q_fd, report=report)
                 finally:
                     os.close(dir_fd)
+                if reporter is not None:
+                    reporter.set(report.bytes_checked)
     finally:
         os.close(q_fd)
+    if reporter is not None:
+        reporter.finish()
     report.duration_s = time.monotonic() - t0
     log.info(
         "CAS %s verified: %d blobs, %d exec variants, %d bytes, %d damaged%s, %d unexpected",
@@ -81,6 +92,22 @@ def verify_cas(root: Path, root_fd: int) -> VerifyReport:
         len(report.unexpected),
     )
     return report
+
+
+def _announced_bytes(root_fd: int) -> int:
+    """The sizes the blob and variant names announce, summed (one listing per shard)."""
+    total = 0
+    for area in layout.AREAS:
+        for hh in layout.SHARDS:
+            fd = os.open(f"{area}/{hh}", _DIR, dir_fd=root_fd)
+            try:
+                with os.scandir(fd) as it:
+                    for e in it:
+                        size = e.name.rpartition("-")[2]
+                        total += int(size) if size.isdigit() else 0
+            finally:
+                os.close(fd)
+    return total
 
 
 def _verify_dir(

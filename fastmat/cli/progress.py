@@ -10,7 +10,10 @@ import sys
 import threading
 import time
 from types import TracebackType
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from fastmat.control import Progress as Report
 
 _REDRAW_S = 0.1
 _BAR_WIDTH = 28
@@ -29,7 +32,8 @@ class Progress:
 
     Use as a context manager; ``advance()`` is cheap (redraws at most every 0.1 s)
     and thread-safe. A spinner redraws from a background thread so long calls that
-    report nothing (a CAS verify) still show that work is going on.
+    report nothing still show that work is going on. :meth:`report` is a library
+    ``progress=`` callback: it shows the phase and counts in the report's unit.
     """
 
     def __init__(
@@ -40,8 +44,9 @@ class Progress:
         enabled: bool | None = None,
         stream: TextIO | None = None,
     ) -> None:
-        self.label = label
+        self.label = self.base = label
         self.total = total
+        self.unit = ""
         self.done = 0
         self.enabled = enabled_by_default() if enabled is None else enabled
         self._stream = stream if stream is not None else sys.stderr
@@ -79,6 +84,18 @@ class Progress:
             self.label, self.done, self.total = label, done, total
         self._draw(force=changed)
 
+    def report(self, p: Report) -> None:
+        """A ``progress=`` callback: the bar shows ``p``'s phase, count and total (the
+        bar's own total when the report has none, e.g. files counted beforehand)."""
+        with self._lock:
+            label = f"{self.base}: {p.what}"
+            changed = label != self.label
+            self.label, self.done, self.unit = label, p.done, p.unit
+            if p.total is not None:
+                self.total = p.total
+            last = bool(self.total) and self.done >= (self.total or 0)
+        self._draw(force=changed or last)
+
     def advance(self, n: int = 1) -> None:
         with self._lock:
             self.done += n
@@ -108,14 +125,28 @@ class Progress:
                 return
             self._last_draw = now
             elapsed = now - self._start
+            done = _count(self.done, self.unit)
             if self.total:
                 frac = min(1.0, self.done / self.total)
                 filled = int(frac * _BAR_WIDTH)
                 bar = "#" * filled + "-" * (_BAR_WIDTH - filled)
-                line = f"{self.label} [{bar}] {self.done}/{self.total} {elapsed:5.1f}s"
+                total = _count(self.total, self.unit)
+                line = f"{self.label} [{bar}] {done}/{total} {elapsed:5.1f}s"
             else:
                 spin = "|/-\\"[int(elapsed / _REDRAW_S) % 4]
-                count = f" {self.done}" if self.done else ""
+                count = f" {done}" if self.done else ""
                 line = f"{self.label} {spin}{count} {elapsed:5.1f}s"
             self._stream.write("\r\x1b[2K" + line)
             self._stream.flush()
+
+
+def _count(n: int, unit: str) -> str:
+    """``n`` for a bar: bytes in binary units, anything else with thousands separators."""
+    if unit != "bytes":
+        return f"{n:,}"
+    size = float(n)
+    for u in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {u}" if u == "B" else f"{size:.1f} {u}"
+        size /= 1024
+    return f"{size:.1f} TiB"

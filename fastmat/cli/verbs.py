@@ -1,7 +1,9 @@
 """The verbs of the ``fastmat`` command: each returns (exit status, JSON payload, text).
 
 ``fastmat.cli`` parses the arguments and prints; nothing here prints except a held
-workspace's banner and a workspace's warning on stderr, and nothing here exits.
+workspace's banner, a workspace's warning and the progress bars (on stderr, on a
+terminal only), and nothing here exits. Each verb passes ``args.cancel`` (set by the
+first SIGINT / SIGTERM) to the library calls it makes.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastmat.cli.progress import Progress
+from fastmat.control import ProgressFn, check_cancel, stopping
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 
@@ -35,8 +40,22 @@ ROOT_HARDLINK_WARNING = (
 )
 
 
+_FORWARD_AFTER_S = 0.2  # a command still running this long after a signal is sent it
+
+
 class UsageError(Exception):
     """A bad combination of arguments argparse cannot see (exit status 2)."""
+
+
+class Interrupt(threading.Event):
+    """The verbs' cancel token, set by the command's first SIGINT / SIGTERM, which it
+    records (``signum``; 0 while unset)."""
+
+    signum = 0
+
+    def fire(self, signum: int) -> None:
+        self.signum = signum
+        self.set()
 
 
 Outcome = tuple[int, dict[str, Any], str]
@@ -69,14 +88,41 @@ def _bars(args: argparse.Namespace) -> bool | None:
     return False if args.json else None  # None: when stdout is a terminal
 
 
+def _shown(bar: Progress) -> ProgressFn | None:
+    """The bar as a library ``progress=`` callback, if it is drawn at all."""
+    return bar.report if bar.enabled else None
+
+
+def _cancel(args: argparse.Namespace) -> Interrupt | None:
+    token = getattr(args, "cancel", None)
+    return token if isinstance(token, Interrupt) else None
+
+
+def _count_files(top: Path) -> int:
+    """Regular files under ``top`` (no symlink followed): an ingest bar's total."""
+    n, todo = 0, [str(top)]
+    while todo:
+        with contextlib.suppress(OSError), os.scandir(todo.pop()) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    n += 1
+    return n
+
+
 def _open_cas(path: Path, *, create: bool = False) -> LocalCAS:
     """Opens the CAS; only verbs that fill it (ingest, a remote fetch) may create it, so
     a mistyped --cas is an error, not a new empty store."""
     from fastmat.cas import LocalCAS
 
-    if not create and not path.is_dir():
-        raise FileNotFoundError(errno.ENOENT, "no CAS here (fastmat ingest creates one)", str(path))
-    return LocalCAS(path)
+    try:
+        return LocalCAS(path, create=create)
+    except FileNotFoundError as e:
+        if create or e.filename != str(path.absolute()):
+            raise
+        why = "no CAS here (fastmat ingest creates one)"
+        raise FileNotFoundError(errno.ENOENT, why, str(path)) from None
 
 
 def cmd_ingest(args: argparse.Namespace) -> Outcome:
@@ -85,8 +131,10 @@ def cmd_ingest(args: argparse.Namespace) -> Outcome:
 
     src = Path(args.src)
     with LocalCAS(args.cas, fsync=not args.no_fsync) as cas:
-        with Progress(f"ingesting {src}", enabled=_bars(args)):
-            root = ingest_tree(cas, src)
+        with Progress(f"ingesting {src}", enabled=_bars(args)) as bar:
+            if bar.enabled:  # a terminal: count the files first, for a real bar
+                bar.total = _count_files(src)
+            root = ingest_tree(cas, src, progress=stopping(_shown(bar), _cancel(args)))
         plan = load_plan(cas, root)
     payload = {
         "root": str(root),
@@ -123,10 +171,21 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
             except ValueError as e:  # a malformed URL is a usage error
                 raise UsageError(str(e)) from e
             fetcher = stack.enter_context(RemoteFetcher(remote, cas))
+        bar = stack.enter_context(Progress(f"materializing {dest}", enabled=_bars(args)))
+        progress, cancel = _shown(bar), _cancel(args)
         if args.cache is None:
             from fastmat.materialize import materialize
 
-            stats = materialize(cas, args.digest, dest, fetcher=fetcher, threads=args.threads)
+            stats = materialize(
+                cas,
+                args.digest,
+                dest,
+                fetcher=fetcher,
+                threads=args.threads,
+                progress=progress,
+                cancel=cancel,
+            )
+            bar.close()
             payload = {"root": str(args.digest), "dest": str(dest), "stats": jsonable(stats)}
             text = (
                 f"materialized {args.digest} at {dest}: {stats.files:,} files, "
@@ -144,8 +203,9 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
             )
         )  # fmt: skip
         if args.workspace:
-            return _workspace(args, cache, dest, command)
-        r = cache.materialize(args.digest, dest)
+            return _workspace(args, cache, dest, command, bar)
+        r = cache.materialize(args.digest, dest, progress=progress, cancel=cancel)
+        bar.close()
         payload = {"root": str(args.digest), "dest": str(dest), "cache": jsonable(r)}
         text = (
             f"materialized {args.digest} at {dest}: {r.files:,} files, "
@@ -157,43 +217,62 @@ def cmd_materialize(args: argparse.Namespace) -> Outcome:
 
 
 def _workspace(
-    args: argparse.Namespace, cache: DirectoryCache, dest: Path, command: list[str]
+    args: argparse.Namespace, cache: DirectoryCache, dest: Path, command: list[str], bar: Progress
 ) -> Outcome:
     """Holds a workspace for the command's lifetime, or until SIGINT/SIGTERM."""
-    with cache.workspace(args.digest, dest) as ws:
+    cancel = _cancel(args)
+    with cache.workspace(args.digest, dest, progress=_shown(bar), cancel=cancel) as ws:
+        bar.close()
         method = ws.method
         if method != "overlay" and os.geteuid() == 0:
             print(ROOT_HARDLINK_WARNING.format(dest=dest), file=sys.stderr, flush=True)
         info = {"root": str(args.digest), "dest": str(dest), "method": method}
         if command:
-            rc = subprocess.run(command, cwd=dest, check=False).returncode
+            rc = _run_command(command, dest, cancel, to_stderr=args.json)
             rc = 128 - rc if rc < 0 else rc  # killed by a signal: the shell's convention
-            return rc, {**info, "command": command, "returncode": rc}, ""
+            out = {**info, "command": command, "returncode": rc}
+            if cancel is not None and cancel.is_set():
+                out["interrupted"] = signal.Signals(cancel.signum).name
+            return rc, out, ""
         if not args.json:
             print(
                 f"workspace for {args.digest} at {dest} ({method}); Ctrl-C to release", flush=True
             )
-        _wait_for_signal()
+        if cancel is None:
+            raise UsageError("holding a workspace needs the command's main thread")
+        cancel.wait()  # SIGINT / SIGTERM
     return 0, {**info, "released": True}, f"released the workspace at {dest}"
 
 
-def _wait_for_signal() -> None:
-    def stop(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+def _run_command(
+    command: list[str], cwd: Path, cancel: Interrupt | None, *, to_stderr: bool
+) -> int:
+    """Runs ``command`` in ``cwd`` and returns its status. ``to_stderr``: its stdout
+    goes to our stderr (``--json`` keeps stdout for the JSON object). A signal we got
+    is passed on to it if it still runs a moment later (from a terminal, Ctrl-C
+    reaches it directly)."""
+    sys.stdout.flush()
+    proc = subprocess.Popen(command, cwd=cwd, stdout=sys.stderr.fileno() if to_stderr else None)
+    signalled_at: float | None = None
+    while True:
+        try:
+            return proc.wait(timeout=0.05)
+        except subprocess.TimeoutExpired:
+            if cancel is None or not cancel.is_set():
+                continue
+            now = time.monotonic()
+            if signalled_at is None:
+                signalled_at = now
+            elif signalled_at > 0 and now - signalled_at >= _FORWARD_AFTER_S:
+                proc.send_signal(cancel.signum)
+                signalled_at = -1.0  # passed on once
 
-    old = signal.signal(signal.SIGTERM, stop)
-    try:
-        while True:
-            signal.pause()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, old)
 
-
-def _cas_payload(cas: LocalCAS) -> tuple[dict[str, Any], str]:
+def _cas_payload(cas: LocalCAS, cancel: Interrupt | None) -> tuple[dict[str, Any], str]:
     """What ``stats`` reports about the CAS, as JSON and as one text block."""
+    check_cancel(cancel, "stats")
     u = cas.usage()
+    check_cancel(cancel, "stats")
     c = u.counters
     payload = {
         "path": str(cas.root),
@@ -225,14 +304,17 @@ def _cas_payload(cas: LocalCAS) -> tuple[dict[str, Any], str]:
 def cmd_stats(args: argparse.Namespace) -> Outcome:
 
     with _open_cas(args.cas) as cas:
-        cas_payload, text = _cas_payload(cas)
+        cas_payload, text = _cas_payload(cas, _cancel(args))
         payload: dict[str, Any] = {"cas": cas_payload}
         lines = [text]
         if args.cache is not None:
             with _open_cache_readonly(cas, args.cache) as cache:
-                st = cache.stats()
+                st = cache.stats(all_instances=True)  # every process's, over its lifetime
             payload["cache"] = {"path": str(args.cache), **jsonable(st)}
-            lines.append(f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)})")
+            lines.append(
+                f"cache {args.cache}: {st.entries:,} entries ({human_bytes(st.bytes)}); "
+                f"{st.hits:,} hits, {st.misses:,} misses, {st.evictions:,} evictions"
+            )
     return 0, payload, "\n".join(lines)
 
 
@@ -241,13 +323,14 @@ def cmd_verify(args: argparse.Namespace) -> Outcome:
     with contextlib.ExitStack() as stack:
         cas = stack.enter_context(_open_cas(args.cas))
         cache_report = None
+        cancel = _cancel(args)
         if args.cache is None:
-            with Progress("verifying the CAS", enabled=_bars(args)):
-                report = cas.verify()
+            with Progress("verifying the CAS", enabled=_bars(args)) as bar:
+                report = cas.verify(progress=stopping(_shown(bar), cancel))
         else:
             cache = stack.enter_context(_open_cache_readonly(cas, args.cache))
-            with Progress("verifying the CAS and the cache", enabled=_bars(args)):
-                cache_report = cache.verify()
+            with Progress("verifying the CAS and the cache", enabled=_bars(args)) as bar:
+                cache_report = cache.verify(progress=_shown(bar), cancel=cancel)
             report = cache_report.cas
         payload: dict[str, Any] = {
             "ok": report.ok,
@@ -305,20 +388,17 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
         return _gc_cas(args)
     if args.max_blobs is not None:
         raise UsageError("--max-blobs bounds the CAS: run gc without --cache for it")
-    from fastmat.cache import DirectoryCache
-
-    with _open_cas(args.cas) as cas, Progress("collecting", enabled=_bars(args)):
-        # Opening a cache sweeps: dead owners' workspaces (detached, then their upper
-        # layers trashed), dead instances' scratch dirs, orphans; close() waits for
-        # the background deletions.
-        with _open_cache_readonly(cas, args.cache) as cache:
-            before = cache.stats()
-            dead = cache.dead_mounts
-        after = before
-        if args.max_bytes is not None:  # reopening with the bound evicts unpinned entries
-            with DirectoryCache(cas, args.cache, max_bytes=args.max_bytes) as cache:
-                cache.drain()
-                after = cache.stats()
+    # Opening a cache sweeps: dead owners' workspaces (detached, then their upper layers
+    # trashed), dead instances' scratch dirs, orphans; gc evicts down to --max-bytes and
+    # waits for the background deletions.
+    with (
+        _open_cas(args.cas) as cas,
+        Progress("collecting", enabled=_bars(args)) as bar,
+        _open_cache_readonly(cas, args.cache) as cache,
+    ):
+        before = cache.stats()
+        dead = cache.dead_mounts
+        after = cache.gc(args.max_bytes, progress=_shown(bar), cancel=_cancel(args))
     payload = {
         "max_bytes": args.max_bytes,
         "evicted": before.entries - after.entries,
@@ -381,8 +461,14 @@ def cmd_bench(args: argparse.Namespace) -> Outcome:
         selected_shapes(cfg), selected_methods(cfg)
     except ValueError as e:
         raise UsageError(str(e)) from e
+    cancel = _cancel(args)
+
+    def on_step(label: str, done: int, total: int | None) -> None:
+        check_cancel(cancel, "bench")
+        bar.update(label, done, total)
+
     with Progress("bench", enabled=_bars(args)) as bar:
-        res = run_bench(cfg, progress=bar.update)
+        res = run_bench(cfg, progress=on_step)
     extra = []
     if args.out is not None:
         args.out.write_text(json.dumps(res, indent=1) + "\n", encoding="utf-8")
@@ -392,3 +478,55 @@ def cmd_bench(args: argparse.Namespace) -> Outcome:
         extra.append(f"plot: {args.plot}")
     table = format_markdown(res) if args.markdown else format_table(res)
     return 0, res, table + "".join(f"{x}\n" for x in extra)
+
+
+def cmd_worker(args: argparse.Namespace) -> Outcome:
+    import logging
+
+    # The worker forks (to run actions as another user) while gRPC threads run: gRPC's
+    # fork handlers would only pause its threads at every fork (or log that they could
+    # not). Read when grpc is first imported, which is below.
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+    from fastmat.worker import (
+        ConfigError,
+        Worker,
+        WorkerConfig,
+        parse_platform,
+        run_until_signalled,
+    )
+
+    if not args.debug:
+        logging.getLogger("fastmat.worker").setLevel(logging.INFO)
+    try:
+        cfg = WorkerConfig(
+            server=args.server,
+            instance=args.instance,
+            cas_server=args.cas_server,
+            cas=args.cas,
+            work=args.work,
+            cache=args.cache,
+            cache_max_bytes=args.cache_max_bytes,
+            overlay=False if args.no_overlay else None,
+            jobs=args.jobs,
+            run_as=args.run_as,
+            platform=parse_platform(args.platform),
+            cas_max_bytes=args.cas_max_bytes,
+            json_log=args.json_log,
+            bot_id=args.bot_id,
+            fsync=not args.no_fsync,
+            threads=args.threads,
+            poll_s=args.poll,
+            heartbeat_s=args.heartbeat,
+            drain_timeout_s=args.drain_timeout,
+            default_timeout_s=args.default_timeout,
+        )
+        worker = Worker(cfg)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    try:
+        run_until_signalled(worker)
+    except ConfigError as e:
+        raise UsageError(str(e)) from e
+    payload = {"bot_id": worker.bot_id, "sessions": worker.sessions_created, "drained": True}
+    return 0, payload, f"worker {worker.bot_id} drained and stopped"

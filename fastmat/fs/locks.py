@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 
+from fastmat.control import CancelToken, check_cancel
 from fastmat.errors import LockTimeoutError
 
 LOCK_OPEN = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -97,8 +99,10 @@ def wait_file(
     *,
     timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     mode: int = LOCK_MODE,
+    cancel: CancelToken | None = None,
 ) -> int:
-    """:func:`lock_file`, waiting up to ``timeout_s`` for the lock (LockTimeoutError)."""
+    """:func:`lock_file`, waiting up to ``timeout_s`` for the lock (LockTimeoutError),
+    or until ``cancel`` is set (``Cancelled``)."""
     deadline: float | None = None
     while True:
         fd = open_lock(dir_fd, name, mode)
@@ -106,7 +110,8 @@ def wait_file(
             if not try_lock(fd, how):
                 if deadline is None:
                     deadline = time.monotonic() + timeout_s
-                _flock_until(fd, how, deadline, timeout_s, lambda: lock_path(dir_fd, name))
+                path = functools.partial(lock_path, dir_fd, name)
+                _flock_until(fd, how, deadline, timeout_s, path, cancel=cancel)
             if still_linked(dir_fd, name, fd):
                 return fd
         except BaseException:
@@ -116,12 +121,17 @@ def wait_file(
 
 
 def wait_until(
-    attempt: Callable[[], bool], deadline: float, timed_out: Callable[[], BaseException]
+    attempt: Callable[[], bool],
+    deadline: float,
+    timed_out: Callable[[], BaseException],
+    cancel: CancelToken | None = None,
 ) -> None:
     """Calls ``attempt`` (a non-blocking lock) with growing pauses until it succeeds;
-    raises ``timed_out()`` once ``deadline`` (``time.monotonic``) has passed."""
+    raises ``timed_out()`` once ``deadline`` (``time.monotonic``) has passed, and
+    ``Cancelled`` once ``cancel`` is set."""
     delay_s = _POLL_FIRST_S
     while True:
+        check_cancel(cancel, "waiting for a lock")
         left = deadline - time.monotonic()
         if left <= 0:
             raise timed_out()
@@ -139,12 +149,19 @@ def flock_within(fd: int, how: int, timeout_s: float, path: Callable[[], str]) -
 
 
 def _flock_until(
-    fd: int, how: int, deadline: float, timeout_s: float, path: Callable[[], str]
+    fd: int,
+    how: int,
+    deadline: float,
+    timeout_s: float,
+    path: Callable[[], str],
+    *,
+    cancel: CancelToken | None = None,
 ) -> None:
     wait_until(
         lambda: try_lock(fd, how),
         deadline,
         lambda: LockTimeoutError(path(), timeout_s, holder_pid(fd, os.getpid())),
+        cancel,
     )
 
 

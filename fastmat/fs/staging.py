@@ -11,6 +11,10 @@ The builder's flock is what tells a sweeper that a staging directory is dead (th
 kernel drops it however the builder dies, PID reuse and PID namespaces
 notwithstanding). The first staging in a parent directory (per process) sweeps the
 dead ones found there.
+
+An unpublished tree (a failure, a cancel) is removed before ``staged`` returns, its
+subtrees on several threads: one unlink per entry built is what a cancel costs
+(issue 12; ``benches/bench_cancel.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from fastmat import _binding
 from fastmat.fs.locks import still_linked, try_lock
@@ -33,6 +38,8 @@ PREFIX = ".fastmat-tmp."
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
 _PARENT = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 _SWEPT_MAX = 4096  # parents remembered as swept (then forgotten and swept again)
+_REMOVERS = min(8, os.cpu_count() or 1)  # threads removing an unpublished tree
+_SPLIT_DEPTH = 3  # how deep to look for subtrees to remove in parallel
 _swept: dict[tuple[int, int], None] = {}
 _swept_lock = threading.Lock()
 
@@ -135,6 +142,55 @@ def _make(parent_fd: int) -> tuple[str, int]:
     raise OSError(errno.EAGAIN, "could not claim a staging directory")
 
 
+def _subtrees(fd: int, want: int) -> tuple[list[tuple[int, str]], list[int]]:
+    """Subdirectories (parent fd, name) of the tree open at ``fd``, from the shallowest
+    level with at least ``want`` of them (at most :data:`_SPLIT_DEPTH` down); and the
+    fds opened to reach them (the caller closes them). Nothing is followed."""
+    opened: list[int] = []
+    level = [fd]
+    found: list[tuple[int, str]] = []
+    try:
+        for _ in range(_SPLIT_DEPTH):
+            found = []
+            for dfd in level:
+                with os.scandir(dfd) as it:
+                    found += [(dfd, e.name) for e in it if e.is_dir(follow_symlinks=False)]
+            if len(found) >= want or not found:
+                break
+            level = []
+            for dfd, name in found:
+                with contextlib.suppress(OSError):
+                    level.append(os.open(name, _DIR, dir_fd=dfd))
+                    opened.append(level[-1])
+    except BaseException:
+        for o in opened:
+            os.close(o)
+        raise
+    return found, opened
+
+
+def _discard(parent_fd: int, tmp: str, fd: int) -> None:
+    """Removes the unpublished tree ``tmp`` (open at ``fd``): its subtrees on up to
+    :data:`_REMOVERS` threads, then what is left."""
+    if _REMOVERS > 1:
+        try:
+            subs, opened = _subtrees(fd, _REMOVERS)
+        except OSError as e:
+            log.debug("no parallel removal of %s: %s", tmp, e)
+            subs, opened = [], []
+        try:
+            if len(subs) > 1:
+                with ThreadPoolExecutor(_REMOVERS, thread_name_prefix="fastmat-rm") as pool:
+                    for f in [pool.submit(_binding.remove_tree, n, d) for d, n in subs]:
+                        with contextlib.suppress(OSError):  # the last pass says why
+                            f.result()
+        finally:
+            for o in opened:
+                os.close(o)
+    with contextlib.suppress(FileNotFoundError):
+        _binding.remove_tree(tmp, parent_fd)
+
+
 @contextlib.contextmanager
 def staged(dest: str | os.PathLike[str]) -> Iterator[StagedDir]:
     """A :class:`StagedDir` for ``dest`` (which must not exist; its parent must).
@@ -166,8 +222,7 @@ def staged(dest: str | os.PathLike[str]) -> Iterator[StagedDir]:
         finally:
             try:
                 if not staged_dir.published:
-                    with contextlib.suppress(FileNotFoundError):
-                        _binding.remove_tree(tmp, parent_fd)
+                    _discard(parent_fd, tmp, fd)
             finally:
                 os.close(fd)
     finally:

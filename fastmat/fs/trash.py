@@ -3,10 +3,12 @@ whatever lock the caller holds), then a background thread removes it (invariant 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from fastmat import _binding
@@ -37,6 +39,7 @@ class Trasher:
         self._thread: threading.Thread | None = None
         self._mu = threading.Lock()
         self.deleted = 0
+        self.queued = 0
 
     def put(self, path: Path) -> None:
         with self._mu:
@@ -45,6 +48,7 @@ class Trasher:
                     target=self._run, name="fastmat-cache-trash", daemon=True
                 )
                 self._thread.start()
+            self.queued += 1
         self._q.put(path)
 
     def _run(self) -> None:
@@ -59,9 +63,45 @@ class Trasher:
             finally:
                 self._q.task_done()
 
-    def drain(self) -> None:
-        """Waits until everything queued so far is deleted."""
-        self._q.join()
+    def drain(
+        self,
+        *,
+        report: Callable[[int, int], None] | None = None,
+        stop: Callable[[], bool] | None = None,
+    ) -> bool:
+        """Waits until everything queued so far is deleted; True then. ``report(done,
+        total)`` is called now and then (queued items, counted since this trasher
+        started); ``stop()`` True ends the wait early (False returned)."""
+        if report is None and stop is None:
+            self._q.join()
+            return True
+        q = self._q
+        while True:
+            with q.all_tasks_done:  # Queue's documented condition and count
+                if q.unfinished_tasks:
+                    q.all_tasks_done.wait(0.05)
+                left = q.unfinished_tasks
+            if report is not None:
+                report(self.queued - left, self.queued)
+            if not left:
+                return True
+            if stop is not None and stop():
+                return False
+
+    def abandon(self) -> int:
+        """Drops what is queued and not started (it stays in the trash, where the next
+        opener of the cache finds it again); returns how many."""
+        n = 0
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._q.get_nowait()
+                if item is None:  # close()'s sentinel: keep it
+                    self._q.task_done()
+                    self._q.put(None)
+                    break
+                self._q.task_done()
+                n += 1
+        return n
 
     def close(self) -> None:
         with self._mu:

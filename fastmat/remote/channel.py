@@ -146,6 +146,16 @@ class Channel:
     def close(self) -> None:
         self._channel.close()
 
+    def unary_method(self, path: str, request_cls: Any, response_cls: Any) -> Any:
+        """A unary-unary handle for the method ``path`` ("/package.Service/Method") taking
+        ``request_cls`` and answering ``response_cls`` messages: another service on the
+        same server (the worker's Bots calls), through the same channel options."""
+        return self._channel.unary_unary(
+            path,
+            request_serializer=request_cls.SerializeToString,
+            response_deserializer=response_cls.FromString,
+        )
+
     def enter(self, method: str) -> None:
         """Counts a call to ``method`` as started (in flight)."""
         with self._lock:

@@ -14,9 +14,10 @@ Bytes are returned as received: the caller verifies them (``LocalCAS.put`` /
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -174,9 +175,9 @@ class RemoteCAS:
             self._batch_limit = min(limit or _DEFAULT_BATCH_BYTES, self.max_message_bytes - 65536)
         return self._batch_limit
 
-    def find_missing(self, digests: Iterable[Digest]) -> list[Digest]:
+    def find_missing(self, digests: Iterable[Digest | str]) -> list[Digest]:
         """The subset of ``digests`` the server does not have."""
-        todo = list(dict.fromkeys(digests))
+        todo = list(dict.fromkeys(map(Digest.coerce, digests)))
         missing: list[Digest] = []
         for i in range(0, len(todo), _FIND_MISSING_CHUNK):
             req = proto.FindMissingBlobsRequest(
@@ -189,11 +190,13 @@ class RemoteCAS:
         return missing
 
     def batches(self, digests: Iterable[Digest]) -> Iterator[list[Digest]]:
-        """Groups ``digests`` into BatchReadBlobs requests within the server's limit."""
-        limit = self.max_batch_bytes
+        """Groups ``digests`` into BatchReadBlobs requests within the server's limit
+        (asked of the server only when there is something to group)."""
+        limit = 0
         batch: list[Digest] = []
         total = 0
         for d in digests:
+            limit = limit or self.max_batch_bytes
             cost = d.size_bytes + _ENTRY_OVERHEAD
             if batch and total + cost > limit:
                 yield batch
@@ -204,16 +207,17 @@ class RemoteCAS:
             yield batch
 
     def read_batch(
-        self, digests: list[Digest], *, missing_ok: bool = False
+        self, digests: Sequence[Digest | str], *, missing_ok: bool = False
     ) -> list[tuple[Digest, bytes]]:
         """One BatchReadBlobs call. ``BlobNotFoundError`` for the first absent blob,
         unless ``missing_ok``: then absent blobs are left out of the result."""
+        asked = [Digest.coerce(d) for d in digests]
         req = proto.BatchReadBlobsRequest(
-            instance_name=self.instance_name, digests=[_pb(d) for d in digests]
+            instance_name=self.instance_name, digests=[_pb(d) for d in asked]
         )
         call = functools.partial(self.channel.batch_read, req, timeout=self.timeout_s)
         resp = self.channel.unary("BatchReadBlobs", call)
-        wanted = set(digests)
+        wanted = set(asked)
         out: list[tuple[Digest, bytes]] = []
         absent: set[Digest] = set()
         nbytes = 0
@@ -235,19 +239,19 @@ class RemoteCAS:
             nbytes += len(data)
             out.append((d, data))
         got = {d for d, _ in out} | absent
-        for d in digests:
+        for d in asked:
             if d not in got:
                 raise RemoteError(f"BatchReadBlobs on {self.target}: no response for {d}")
         self.channel.received(nbytes)
         return out
 
     def read_blobs(
-        self, digests: Iterable[Digest], *, missing_ok: bool = False
+        self, digests: Iterable[Digest | str], *, missing_ok: bool = False
     ) -> Iterator[tuple[Digest, bytes]]:
         """``(digest, bytes)`` for each blob, batch by batch (large blobs too, streamed).
         ``BlobNotFoundError`` for an absent blob, unless ``missing_ok`` (then skipped)."""
         small: list[Digest] = []
-        for d in dict.fromkeys(digests):
+        for d in dict.fromkeys(map(Digest.coerce, digests)):
             if d.size_bytes + _ENTRY_OVERHEAD > self.max_batch_bytes:
                 try:
                     data = b"".join(self.read_stream(d))
@@ -261,12 +265,17 @@ class RemoteCAS:
         for batch in self.batches(small):
             yield from self.read_batch(batch, missing_ok=missing_ok)
 
-    def upload(self, blobs: Iterable[tuple[Digest, bytes]]) -> int:
+    def upload(self, blobs: Iterable[tuple[Digest | str, bytes]]) -> int:
         """Stores ``(digest, data)`` pairs on the server (batched, large ones streamed);
-        returns how many were sent. See :func:`fastmat.remote.upload.upload_blobs`."""
+        returns how many were sent (nothing sent, nothing asked).
+        See :func:`fastmat.remote.upload.upload_blobs`."""
+        it = ((Digest.coerce(d), data) for d, data in blobs)
+        first = next(it, None)
+        if first is None:
+            return 0
         return upload.upload_blobs(
             self.channel,
-            blobs,
+            itertools.chain([first], it),
             instance_name=self.instance_name,
             limit=self.max_batch_bytes,
             timeout_s=self.timeout_s,
@@ -277,12 +286,14 @@ class RemoteCAS:
         (what ``materialize(..., fetcher=remote)`` uses)."""
         return RemoteFetcher(self, cas)
 
-    def resource_name(self, d: Digest) -> str:
+    def resource_name(self, d: Digest | str) -> str:
+        d = Digest.coerce(d)
         prefix = f"{self.instance_name}/" if self.instance_name else ""
         return f"{prefix}blobs/{d.hash}/{d.size_bytes}"
 
-    def read_stream(self, d: Digest) -> Iterator[bytes]:
+    def read_stream(self, d: Digest | str) -> Iterator[bytes]:
         """ByteStream.Read of one blob, resumed at the received offset on retries."""
+        d = Digest.coerce(d)
         offset = 0
         timeout = self.timeout_s + d.size_bytes / _STREAM_FLOOR_BPS
         for attempt in range(self.retries + 1):
@@ -308,12 +319,13 @@ class RemoteCAS:
                 self.channel.leave(received)
             self.channel.backoff(attempt)
 
-    def get_tree(self, root: Digest, *, page_size: int = 0) -> list[bytes] | None:
+    def get_tree(self, root: Digest | str, *, page_size: int = 0) -> list[bytes] | None:
         """Every Directory under ``root`` (raw bytes), or ``None`` if the server does
         not implement GetTree. Pages normally arrive on one stream; a stream that
         ends (or breaks) with a page token is continued from it. Callers hash each
         message: GetTree does not say which digest a message belongs to, and may
         omit missing parts. ``page_size`` 0: the server's choice."""
+        root = Digest.coerce(root)
         out: list[bytes] = []
         token = ""
         tokens: set[str] = set()

@@ -223,6 +223,8 @@ class RemoteFetcher:
     def _plan_items(self, digests: Iterable[Digest]) -> list[tuple[bool, list[Digest]]]:
         """(streamed?, digests) work items: large blobs alone, small ones in batches."""
         todo = [d for d in dict.fromkeys(digests) if d.size_bytes > 0]
+        if not todo:
+            return []  # nothing to fetch: nothing to ask the server (not even its limits)
         threshold = self.stream_threshold_bytes
         large = [d for d in todo if d.size_bytes > threshold]
         small = [d for d in todo if d.size_bytes <= threshold]

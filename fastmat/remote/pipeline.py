@@ -198,8 +198,11 @@ def run_pipelined(
                 finally:
                     ready_q.put(None)
 
-            fetch_thread = threading.Thread(target=fetch, name="fastmat-fetcher", daemon=True)
-            fetch_thread.start()
+            if missing:  # else the server is not contacted at all
+                fetch_thread = threading.Thread(target=fetch, name="fastmat-fetcher", daemon=True)
+                fetch_thread.start()
+            else:
+                ready_q.put(None)
             present = [d for d in linker.by_digest if d not in missing]
             cas.ensure_executables(d for d in present if d in linker.exec_digests)
             idx = list(linker.no_blob)
@@ -222,7 +225,8 @@ def run_pipelined(
                 if first_fetched:
                     fetcher.stats.first_link_ns = time.monotonic_ns()
                     first_fetched = False
-            fetch_thread.join()
+            if fetch_thread is not None:
+                fetch_thread.join()
             watch.close()  # the watcher thread ends here
             check_cancel(cancel, f"materialize of {plan.root} at {path}")
             if errors:

@@ -8,6 +8,7 @@ import stat
 from typing import TYPE_CHECKING, Any
 
 from fastmat import proto
+from fastmat.control import ProgressFn, Reporter
 from fastmat.errors import InvalidTreeError
 
 if TYPE_CHECKING:
@@ -39,7 +40,9 @@ def _set_digest(msg: Any, d: Digest) -> None:
     msg.size_bytes = d.size_bytes
 
 
-def ingest_tree(cas: LocalCAS, src_dir: str | os.PathLike[str]) -> Digest:
+def ingest_tree(
+    cas: LocalCAS, src_dir: str | os.PathLike[str], *, progress: ProgressFn | None = None
+) -> Digest:
     """Stores ``src_dir`` in ``cas`` and returns the root ``Directory`` digest.
 
     lstat semantics (invariant 3): symlinks are stored verbatim and
@@ -48,20 +51,24 @@ def ingest_tree(cas: LocalCAS, src_dir: str | os.PathLike[str]) -> Digest:
     too). Nodes are sorted by the UTF-8 bytes of their names, as the spec
     requires. A FIFO, socket or device raises ``InvalidTreeError`` naming it;
     so does a name that is not valid UTF-8. ``src_dir`` itself may not be a
-    symlink (``NotADirectoryError``).
+    symlink (``NotADirectoryError``). ``progress`` is told the files stored ("ingest",
+    at most every 0.1 s); it may raise (``Cancelled``) to stop the ingest.
 
     Blobs are published in group commits of a few thousand (``LocalCAS.batch``):
     one data sync and one fsync per shard directory per group, not per blob. All
     are published when it returns; after a failure, none of the unfinished group.
     """
+    reporter = Reporter(progress, "ingest", None, "files")
     top = os.fspath(src_dir)
     if not stat.S_ISDIR(os.lstat(top).st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "ingest source is not a directory", top)
     with cas.batch() as batch:
-        return _walk(batch, top)
+        root = _walk(batch, top, reporter)
+    reporter.finish()
+    return root
 
 
-def _walk(cas: Batch, top: str) -> Digest:
+def _walk(cas: Batch, top: str, reporter: Reporter) -> Digest:
     """The post-order walk of :func:`ingest_tree`, staging into ``cas``."""
     # Iterative post-order walk: [message, subdirs (path, relative path), next subdir].
     stack: list[list[Any]] = []
@@ -86,6 +93,7 @@ def _walk(cas: Batch, top: str) -> Digest:
             elif kind == stat.S_IFREG:
                 node = msg.files.add(name=e.name, is_executable=bool(st.st_mode & 0o111))
                 _set_digest(node.digest, cas.put_file(e.path))
+                reporter.add(1)
             else:
                 raise InvalidTreeError(
                     f"{_KINDS.get(kind, f'file type {kind:#o}')} cannot be stored in a tree",

@@ -277,18 +277,20 @@ def _longest_path(nodes: dict[str, Node], memo: dict[str, tuple[int, int, int]],
 
 def load_plan(
     cas: LocalCAS,
-    root: Digest,
+    root: Digest | str,
     *,
     fetcher: Fetcher | None = None,
     limits: TreeLimits | None = None,
 ) -> Plan:
-    """Loads, verifies and validates the tree under ``root`` into a flat :class:`Plan`.
+    """Loads, verifies and validates the tree under ``root`` (a ``Digest`` or
+    ``"hash/size"``) into a flat :class:`Plan`.
 
     Raises ``BlobNotFoundError`` (a ``Directory`` is missing; its path in the
     tree), ``DigestMismatchError`` (its bytes hash to something else),
     ``InvalidTreeError`` (undecodable, bad name, duplicate, unsorted, limits...).
     File blobs are not looked at here (see ``fastmat.materialize``).
     """
+    root = Digest.coerce(root)
     limits = limits or DEFAULT_LIMITS
     loader = _Loader(cas, fetcher, limits)
     nodes = loader.load(root)

@@ -9,6 +9,7 @@ for error messages are rebuilt from the arrays (:meth:`Plan.path_of_entry`).
 from __future__ import annotations
 
 from array import array
+from collections.abc import Sequence
 
 from fastmat._binding import PlanArrays
 from fastmat.cas import layout
@@ -65,6 +66,32 @@ class Plan:
         base = self.path_of_dir(self.arrays.entry_dir[i])
         name = self.arrays.names.split(b"\0")[i].decode()
         return f"{base}/{name}" if base else name
+
+    def paths_of_entries(self, entries: Sequence[int]) -> list[str]:
+        """The dest-relative paths of ``entries``, in one pass over the arrays (linear:
+        :meth:`path_of_entry` reads every name, fine for one error message only)."""
+        a = self.arrays
+        names = a.names.split(b"\0")
+        dir_names = a.dir_names.split(b"\0")
+        dirs: dict[int, str] = {0: ""}
+
+        def dir_path(d: int) -> str:
+            todo = []
+            while d not in dirs:
+                todo.append(d)
+                d = a.dir_parent[d]
+            for t in reversed(todo):
+                parent = dirs[a.dir_parent[t]]
+                name = dir_names[t].decode()
+                dirs[t] = f"{parent}/{name}" if parent else name
+            return dirs[todo[0]] if todo else dirs[d]
+
+        out = []
+        for i in entries:
+            base = dir_path(a.entry_dir[i])
+            name = names[i].decode()
+            out.append(f"{base}/{name}" if base else name)
+        return out
 
     def blob_list(self) -> list[bytes]:
         """The distinct ``blobs/..`` relpaths the plan reads (executables: the plain blob)."""
