@@ -1,23 +1,28 @@
-"""Fetching from BuildGrid on loopback: the fetch -> link pipeline against its parts.
+"""Fetching from BuildGrid on loopback: the fetch -> link pipeline against its parts,
+into a durable (default) and a non-durable (``fsync=False``) local CAS side by side.
 
 For the 635-file (180 MB, flat) and 1,978-file (466 MB, ~100 dirs) shapes, each
 run starting from an empty local CAS, all in the same process run (medians,
-the variants taking turns round by round):
+the variants taking turns round by round, so load changes hit them alike):
 
-- ``pipelined``: ``fastmat.materialize`` with a ``RemoteFetcher`` (links while fetching);
-- ``fetch-only``: the same fetches (GetTree + blobs) into an empty CAS, no links;
-- ``link-only``: ``materialize`` from the CAS ``fetch-only`` filled;
-- ``fetch-then-link``: ``materialize(..., fetcher=RemoteFetcher)`` (fetches every
-  missing blob, then links);
+- ``pipelined``: ``fastmat.materialize`` with a ``RemoteFetcher`` (links while
+  fetching) into a default, durable CAS (group commit: invariant 14);
+- ``pipelined_nofsync``: the same into a ``LocalCAS(fsync=False)``;
+- ``fetch_only`` / ``fetch_only_nofsync``: the same fetches (GetTree + blobs)
+  into an empty CAS, no links;
+- ``link_only``: ``materialize`` from the CAS ``fetch_only`` filled;
+- ``fetch_then_link``: ``materialize(..., fetcher=...)`` with a plain fetcher
+  (fetches every missing blob, then links), durable;
 - ``buildgrid``: BuildGrid's own ``Downloader.download_directory`` (its venv,
-  timed inside the child process) into a fresh directory.
+  timed inside the child process) into a fresh directory; it fsyncs nothing.
 
-Printed: pipelined / max(fetch-only, link-only) (target <= 1.2), pipelined /
-fetch-then-link, pipelined / buildgrid (target < 1), and the peak number of
+Printed: durable / non-durable, for the pipeline and for fetching alone (target
+<= 1.1); pipelined / max(fetch-only, link-only) (target <= 1.2); pipelined /
+buildgrid, durable (target <= 0.8) and non-durable; and the peak number of
 requests in flight (bound: ``--max-inflight``, default 128). fastmat verifies
-every byte it stores; the local CAS does not fsync (``--fsync`` to change).
+every byte it stores.
 
-    python benches/bench_remote.py [--runs 3] [--shapes medium_flat,large_tree]
+    python benches/bench_remote.py [--runs 5] [--shapes medium_flat,large_tree]
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,7 +38,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,10 +103,10 @@ def bench_shape(
     peak = 0
     n = 0
 
-    def fresh_cas() -> LocalCAS:
+    def fresh_cas(fsync: bool = True) -> LocalCAS:
         nonlocal n
         n += 1
-        return LocalCAS(work / f"cas{n}", fsync=args.fsync)
+        return LocalCAS(work / f"cas{n}", fsync=fsync)
 
     def cleanup(*paths: Path) -> None:
         for p in paths:
@@ -109,35 +115,45 @@ def bench_shape(
     def fetcher(cas: LocalCAS) -> RemoteFetcher:
         return RemoteFetcher(remote, cas, max_inflight=args.max_inflight)
 
-    def pipelined(_: int) -> float:
-        nonlocal peak
-        cas = fresh_cas()
-        dest = work / f"pipe{n}"
-        with fetcher(cas) as f:
-            t0 = time.perf_counter()
-            materialize(cas, root, dest, fetcher=f)
-            dt = time.perf_counter() - t0
-            peak = max(peak, f.stats.peak_inflight)
-        cas.close()
-        cleanup(dest, cas.root)
-        return dt
+    def pipelined(fsync: bool) -> Callable[[int], float]:
+        def run(_: int) -> float:
+            nonlocal peak
+            cas = fresh_cas(fsync)
+            dest = work / f"pipe{n}"
+            with fetcher(cas) as f:
+                t0 = time.perf_counter()
+                materialize(cas, root, dest, fetcher=f)
+                dt = time.perf_counter() - t0
+                peak = max(peak, f.stats.peak_inflight)
+            cas.close()
+            cleanup(dest, cas.root)
+            return dt
+
+        return run
 
     filled: list[LocalCAS] = []
     n_files = 0
 
-    def fetch_only(_: int) -> float:
-        nonlocal peak, n_files
-        cas = fresh_cas()
-        with fetcher(cas) as f:
-            t0 = time.perf_counter()
-            f.fetch_directories(root)
-            plan = load_plan(cas, root)
-            f.fetch_blobs([digest_of_rel(s) for s in plan.blob_srcs()])
-            dt = time.perf_counter() - t0
-            peak = max(peak, f.stats.peak_inflight)
-            n_files = plan.n_files
-        filled.append(cas)
-        return dt
+    def fetch_only(fsync: bool) -> Callable[[int], float]:
+        def run(_: int) -> float:
+            nonlocal peak, n_files
+            cas = fresh_cas(fsync)
+            with fetcher(cas) as f:
+                t0 = time.perf_counter()
+                f.fetch_directories(root)
+                plan = load_plan(cas, root)
+                f.fetch_blobs([digest_of_rel(s) for s in plan.blob_srcs()])
+                dt = time.perf_counter() - t0
+                peak = max(peak, f.stats.peak_inflight)
+                n_files = plan.n_files
+            if fsync:
+                filled.append(cas)
+            else:
+                cas.close()
+                cleanup(cas.root)
+            return dt
+
+        return run
 
     def link_only(i: int) -> float:
         cas = filled[i]
@@ -148,12 +164,22 @@ def bench_shape(
         cleanup(dest)
         return dt
 
+    class _Plain:  # a fetcher without the pipeline: fetch everything, then link
+        def __init__(self, f: RemoteFetcher) -> None:
+            self.f = f
+
+        def fetch_directories(self, root: Digest) -> None:
+            self.f.fetch_directories(root)
+
+        def fetch_blobs(self, digests: Sequence[Digest]) -> None:
+            self.f.fetch_blobs(digests)
+
     def fetch_then_link(_: int) -> float:
         cas = fresh_cas()
         dest = work / f"seq{n}"
         with fetcher(cas) as f:
             t0 = time.perf_counter()
-            materialize(cas, root, dest, fetcher=f)
+            materialize(cas, root, dest, fetcher=_Plain(f))
             dt = time.perf_counter() - t0
         cas.close()
         cleanup(dest, cas.root)
@@ -173,9 +199,11 @@ def bench_shape(
     res = medians(
         args.runs,
         {
-            "fetch_only": fetch_only,  # first: link_only links from the CAS it filled
+            "fetch_only": fetch_only(True),  # first: link_only links from the CAS it filled
             "link_only": link_only,
-            "pipelined": pipelined,
+            "fetch_only_nofsync": fetch_only(False),
+            "pipelined": pipelined(True),
+            "pipelined_nofsync": pipelined(False),
             "fetch_then_link": fetch_then_link,
             "buildgrid": buildgrid,
         },
@@ -190,11 +218,10 @@ def bench_shape(
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--shapes", default="medium_flat,large_tree")
     ap.add_argument("--bytes-scale", type=float, default=1.0)
     ap.add_argument("--max-inflight", type=int, default=128)
-    ap.add_argument("--fsync", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if find_bgd() is None:
@@ -214,15 +241,22 @@ def main() -> int:
                 base = max(r["fetch_only"], r["link_only"])
                 print(
                     f"{name}: {r['files']:.0f} files, {r['bytes'] / 1e6:.0f} MB, "
-                    f"{args.runs} runs (medians)\n"
-                    f"  pipelined {r['pipelined']:.3f}s  fetch-only {r['fetch_only']:.3f}s  "
-                    f"link-only {r['link_only']:.3f}s  fetch-then-link "
-                    f"{r['fetch_then_link']:.3f}s  buildgrid {r['buildgrid']:.3f}s\n"
+                    f"{args.runs} runs (medians), {os.getloadavg()[0]:.1f} load\n"
+                    f"  durable:     pipelined {r['pipelined']:.3f}s  "
+                    f"fetch-only {r['fetch_only']:.3f}s  link-only {r['link_only']:.3f}s  "
+                    f"fetch-then-link {r['fetch_then_link']:.3f}s\n"
+                    f"  non-durable: pipelined {r['pipelined_nofsync']:.3f}s  "
+                    f"fetch-only {r['fetch_only_nofsync']:.3f}s\n"
+                    f"  buildgrid downloader {r['buildgrid']:.3f}s\n"
+                    f"  durable / non-durable: pipelined "
+                    f"{r['pipelined'] / r['pipelined_nofsync']:.2f}, fetch-only "
+                    f"{r['fetch_only'] / r['fetch_only_nofsync']:.2f}  (target <= 1.10)\n"
                     f"  pipelined / max(fetch-only, link-only) = {r['pipelined'] / base:.2f}"
                     f"  (target <= 1.20)\n"
                     f"  pipelined / fetch-then-link = {r['pipelined'] / r['fetch_then_link']:.2f}\n"
                     f"  pipelined / buildgrid downloader = {r['pipelined'] / r['buildgrid']:.2f}"
-                    f"  (target < 1)\n"
+                    f" durable (target <= 0.80), "
+                    f"{r['pipelined_nofsync'] / r['buildgrid']:.2f} non-durable\n"
                     f"  peak requests in flight {r['peak_inflight']:.0f} "
                     f"(bound {args.max_inflight})",
                     flush=True,

@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 5
+#define FM_ABI_VERSION 6
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -61,7 +61,13 @@
 #define FM_SITE_MKDIR 4   /* mkdirat of a plan directory */
 #define FM_SITE_SYMLINK 5 /* symlinkat of a plan entry */
 #define FM_SITE_RENAME 6  /* the publish step of the durable recipe */
-#define FM_SITE_COUNT 7
+#define FM_SITE_SYNC 7    /* the data sync of a batch: one file's fsync, or the syncfs */
+#define FM_SITE_COUNT 8
+
+/* ---- fm_sync_batch modes (exactly one) ---- */
+#define FM_SYNC_FSYNC 1     /* fsync every file, on the pool */
+#define FM_SYNC_SYNCFS 2    /* one syncfs(2) of dirfd's filesystem for the whole batch */
+#define FM_SYNC_WRITEBACK 4 /* only start every file's writeback; waits for nothing */
 
 /*
  * A flat materialization plan. Directory 0 is the destination itself
@@ -191,6 +197,46 @@ int32_t fm_durable_write(int32_t dst_dirfd, const char *dst, const uint8_t *buf,
  * plain renameat otherwise; fsync of dst_dirfd with FM_F_FSYNC. */
 int32_t fm_publish(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                    uint32_t flags);
+
+/*
+ * Group commit, step 1: makes the n files named in `names` (n packed
+ * NUL-terminated paths under dirfd) durable together. FM_SYNC_FSYNC opens
+ * each (O_RDONLY | O_NOFOLLOW) and fsyncs it on a pool of `threads` threads
+ * (0 = online cores; clamped to [1, 256] and to n), so their writeback
+ * overlaps and the filesystem joins their journal commits; FM_SYNC_SYNCFS
+ * makes one syncfs(2) of dirfd's filesystem instead (it also flushes every
+ * other dirty file there); FM_SYNC_WRITEBACK only starts each file's
+ * writeback (sync_file_range SYNC_FILE_RANGE_WRITE, ignored where
+ * unsupported) so that a later sync finds less to wait for. status[i] gets
+ * 0 or -errno per file (-ENOENT, -ELOOP, -EIO, -ENOSPC, ...; with SYNCFS
+ * the one result for every file). Returns 0, the first failure in index
+ * order, -EINVAL for no or several modes, -ENOTSUP for SYNCFS off Linux,
+ * -ENOMEM (status untouched). Fault-injection site SYNC fires once per file
+ * fsync'ed, or once per syncfs; never for WRITEBACK.
+ */
+int32_t fm_sync_batch(int32_t dirfd, const char *names, uint32_t n, uint32_t flags,
+                      uint32_t threads, int32_t *status);
+
+/*
+ * Group commit, step 2: publishes n complete files, srcs[i] (under
+ * src_dirfd) as dsts[i] (under dst_dirfd), both packed NUL-terminated
+ * arrays, one rename at a time (fm_publish's renameat2 RENAME_NOREPLACE
+ * with FM_F_NOREPLACE, else renameat; fault-injection site RENAME per
+ * name). status[i] gets 0, -EEXIST (the name was taken: another writer
+ * won) or another -errno; a src that was not published is unlinked. Then,
+ * with FM_F_FSYNC, every distinct directory that received a name is
+ * fsync'ed once, on up to `threads` threads. Returns 0, the first failure
+ * other than -EEXIST in index order, else a directory fsync's failure (its
+ * names are published but may not survive a power loss), or -ENOMEM
+ * (nothing done, status untouched).
+ */
+int32_t fm_publish_batch(int32_t src_dirfd, const char *srcs, int32_t dst_dirfd, const char *dsts,
+                         uint32_t n, uint32_t flags, uint32_t threads, int32_t *status);
+
+/* *magic gets the f_type of the filesystem holding fd (fstatfs; EXT4
+ * 0xEF53, XFS 0x58465342, TMPFS 0x01021994, BTRFS 0x9123683E...),
+ * untouched on error. Returns 0 or -errno (-EBADF). */
+int32_t fm_fs_magic(int32_t fd, uint64_t *magic);
 
 /* Removes dirfd/path and everything under it, making directories writable
  * (u+rwx) where needed; never chmods a file, never follows a symlink (a

@@ -277,9 +277,7 @@ int32_t fm_copy(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const cha
     return run_file_call(&a);
 }
 
-/* The rename step of the durable recipe (fault-injection site RENAME). */
-static int publish_step(int src_dirfd, const char *src, int dst_dirfd, const char *dst,
-                        uint32_t flags)
+int fm__publish_step(int src_dirfd, const char *src, int dst_dirfd, const char *dst, uint32_t flags)
 {
     int rc = fm__injected(FM_SITE_RENAME);
     if (rc < 0)
@@ -300,7 +298,7 @@ static int publish_step(int src_dirfd, const char *src, int dst_dirfd, const cha
 int32_t fm_publish(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst,
                    uint32_t flags)
 {
-    int rc = publish_step(src_dirfd, src, dst_dirfd, dst, flags);
+    int rc = fm__publish_step(src_dirfd, src, dst_dirfd, dst, flags);
     if (rc == 0 && (flags & FM_F_FSYNC))
         rc = fm__fsync_parent(dst_dirfd, dst);
     return rc;
@@ -318,7 +316,7 @@ static int finish_temp(int fd, int dst_dirfd, const char *tmp, const char *dst, 
         return drop(fd, dst_dirfd, tmp, rc);
     rc = fm__close(fd);
     if (rc == 0)
-        rc = publish_step(dst_dirfd, tmp, dst_dirfd, dst, flags);
+        rc = fm__publish_step(dst_dirfd, tmp, dst_dirfd, dst, flags);
     if (rc < 0) {
         fm__unlinkat(dst_dirfd, tmp, 0);
         return rc;

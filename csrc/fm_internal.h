@@ -8,11 +8,12 @@
  *   fm_inject.c  fault injection (tests)                     calls: -
  *   fm_thread.c  bounded pool, private-fd-table threads      calls: sys
  *   fm_file.c    single-file primitives, durable recipe      calls: sys inject thread
+ *   fm_durable.c group commit: batch sync and publish       calls: sys inject thread file
  *   fm_exec.c    plan executor, benchmark floor              calls: sys inject thread file
- *   fm_probe.c   version, capabilities, reflink probe        calls: sys file
+ *   fm_probe.c   version, capabilities, probes               calls: sys file
  *   fm_walk.c    remove_tree                                 calls: sys
  *   fm_mount.c   overlay mounts, clone_tree                  calls: sys
- * The last four define no fm__ helper, so they have no section here.
+ * The last five define no fm__ helper, so they have no section here.
  */
 #ifndef FM_INTERNAL_H
 #define FM_INTERNAL_H
@@ -53,6 +54,11 @@ int fm__fstatat(int dirfd, const char *path, struct stat *st, int flags);
 int fm__fchmod(int fd, unsigned mode);
 int fm__fchmod_opath(int fd, unsigned mode); /* fd may be O_PATH (Linux) */
 int fm__fsync(int fd);
+int fm__syncfs(int fd); /* -ENOTSUP off Linux */
+/* sync_file_range(SYNC_FILE_RANGE_WRITE) of the whole file: starts its
+ * writeback, waits for nothing, makes nothing durable. -ENOTSUP off Linux. */
+int fm__start_writeback(int fd);
+int fm__fs_magic(int fd, uint64_t *magic);     /* fstatfs f_type */
 int fm__futimens_ns(int fd, int64_t mtime_ns); /* atime = mtime */
 int64_t fm__read(int fd, void *buf, size_t len);
 int64_t fm__pread(int fd, void *buf, size_t len, int64_t off);
@@ -113,5 +119,10 @@ void fm__tmpname(char buf[FM_TMPNAME_MAX]);
 int fm__tmp_beside(const char *path, char *tmp, size_t size);
 /* fsyncs the directory containing dirfd/path. */
 int fm__fsync_parent(int dirfd, const char *path);
+/* The rename step of the durable recipe (fault-injection site RENAME):
+ * renameat2 RENAME_NOREPLACE with FM_F_NOREPLACE (link + unlink where it is
+ * missing; -EEXIST when dst exists), plain renameat otherwise. */
+int fm__publish_step(int src_dirfd, const char *src, int dst_dirfd, const char *dst,
+                     uint32_t flags);
 
 #endif /* FM_INTERNAL_H */

@@ -1,5 +1,5 @@
 /*
- * fm_probe.c - version, capabilities and the reflink probe.
+ * fm_probe.c - version, capabilities, the reflink probe, the filesystem type.
  */
 #include "fm_internal.h"
 
@@ -63,5 +63,14 @@ int32_t fm_probe_reflink(int32_t dirfd)
 out:
     fm__close(src);
     fm__unlinkat(dirfd, a, 0);
+    return rc;
+}
+
+int32_t fm_fs_magic(int32_t fd, uint64_t *magic)
+{
+    uint64_t m = 0;
+    int rc = fm__fs_magic(fd, &m);
+    if (rc == 0)
+        *magic = m;
     return rc;
 }

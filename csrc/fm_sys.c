@@ -17,6 +17,7 @@
 #include <stdio.h> /* RENAME_NOREPLACE */
 #ifdef __linux__
 #include <linux/openat2.h>
+#include <sys/vfs.h>
 #ifndef FICLONE /* <linux/fs.h> clashes with glibc 2.36's <sys/mount.h> */
 #define FICLONE _IOW(0x94, 9, int)
 #endif /* FICLONE */
@@ -152,6 +153,39 @@ int fm__fchmod_opath(int fd, unsigned mode)
 int fm__fsync(int fd)
 {
     RETRY(fsync(fd));
+}
+
+int fm__syncfs(int fd)
+{
+#ifdef __linux__
+    RETRY(syncfs(fd));
+#else
+    (void)fd;
+    return -ENOTSUP;
+#endif /* __linux__ */
+}
+
+int fm__start_writeback(int fd)
+{
+#ifdef __linux__
+    RETRY(sync_file_range(fd, 0, 0, SYNC_FILE_RANGE_WRITE));
+#else
+    (void)fd;
+    return -ENOTSUP;
+#endif /* __linux__ */
+}
+
+int fm__fs_magic(int fd, uint64_t *magic)
+{
+    struct statfs sf;
+    int rc;
+    do {
+        rc = fstatfs(fd, &sf);
+    } while (rc < 0 && errno == EINTR);
+    if (rc < 0)
+        return -errno;
+    *magic = (uint64_t)sf.f_type;
+    return 0;
 }
 
 int fm__futimens_ns(int fd, int64_t mtime_ns)

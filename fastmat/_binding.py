@@ -30,7 +30,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -63,7 +63,7 @@ FM_HOW_METHOD_MASK: int = lib.FM_HOW_METHOD_MASK
 FM_HOW_ROTATED: int = lib.FM_HOW_ROTATED
 FM_HOW_XDEV: int = lib.FM_HOW_XDEV
 
-Site = Literal["link", "reflink", "copy", "mkdir", "symlink", "rename"]
+Site = Literal["link", "reflink", "copy", "mkdir", "symlink", "rename", "sync"]
 _SITES: dict[str, int] = {
     "link": lib.FM_SITE_LINK,
     "reflink": lib.FM_SITE_REFLINK,
@@ -71,6 +71,14 @@ _SITES: dict[str, int] = {
     "mkdir": lib.FM_SITE_MKDIR,
     "symlink": lib.FM_SITE_SYMLINK,
     "rename": lib.FM_SITE_RENAME,
+    "sync": lib.FM_SITE_SYNC,
+}
+
+SyncMode = Literal["fsync", "syncfs", "writeback"]
+_SYNC_MODES: dict[str, int] = {
+    "fsync": lib.FM_SYNC_FSYNC,
+    "syncfs": lib.FM_SYNC_SYNCFS,
+    "writeback": lib.FM_SYNC_WRITEBACK,
 }
 
 StrPath = str | os.PathLike[str]
@@ -162,6 +170,77 @@ def publish(
     """Renames a complete file into place (RENAME_NOREPLACE when `noreplace`)."""
     flags = (lib.FM_F_FSYNC if fsync else 0) | (lib.FM_F_NOREPLACE if noreplace else 0)
     check(lib.fm_publish(src_dirfd, _b(src), dst_dirfd, _b(dst), flags), src, dst)
+
+
+def _packed(names: list[bytes]) -> bytes:
+    if any(b"\0" in n for n in names):
+        raise ValueError("a name holds a NUL byte")
+    return b"".join(n + b"\0" for n in names)
+
+
+def sync_batch(
+    dirfd: int, names: list[bytes], mode: SyncMode, *, threads: int = 0
+) -> array.array[int]:
+    """Group commit, step 1 (``fm_sync_batch``): ``"fsync"`` every file on a pool of
+    ``threads``, one ``"syncfs"`` of the filesystem, or only start every file's
+    ``"writeback"``. Returns the per-file status (0 or -errno); never raises for a
+    file's failure (the caller decides what is published)."""
+    status = array.array("i", bytes(4 * len(names)))
+    if not names:
+        return status
+    rc = lib.fm_sync_batch(
+        dirfd,
+        _packed(names),
+        len(names),
+        _SYNC_MODES[mode],
+        threads,
+        ffi.from_buffer("int32_t[]", status, require_writable=True),
+    )
+    if rc in (-errno.ENOMEM, -errno.EINVAL, -errno.ENOTSUP) and not any(status):
+        check(rc)
+    return status
+
+
+def publish_batch(
+    src_dirfd: int,
+    srcs: list[bytes],
+    dst_dirfd: int,
+    dsts: list[bytes],
+    *,
+    noreplace: bool = True,
+    fsync: bool = True,
+    threads: int = 0,
+) -> tuple[int, array.array[int]]:
+    """Group commit, step 2 (``fm_publish_batch``): renames ``srcs[i]`` to ``dsts[i]``,
+    then fsyncs each directory that got a name once. Returns (rc, status per name):
+    status 0, -EEXIST (taken: the temp was unlinked) or -errno; rc 0, the first
+    failure other than -EEXIST, else a directory fsync's failure."""
+    if len(srcs) != len(dsts):
+        raise ValueError("srcs and dsts differ in length")
+    status = array.array("i", bytes(4 * len(srcs)))
+    if not srcs:
+        return 0, status
+    flags = (lib.FM_F_FSYNC if fsync else 0) | (lib.FM_F_NOREPLACE if noreplace else 0)
+    rc = lib.fm_publish_batch(
+        src_dirfd,
+        _packed(srcs),
+        dst_dirfd,
+        _packed(dsts),
+        len(srcs),
+        flags,
+        threads,
+        ffi.from_buffer("int32_t[]", status, require_writable=True),
+    )
+    if rc == -errno.ENOMEM:
+        check(rc)
+    return int(rc), status
+
+
+def fs_magic(fd: int) -> int:
+    """The ``f_type`` of the filesystem holding ``fd`` (fstatfs)."""
+    out = ffi.new("uint64_t *")
+    check(lib.fm_fs_magic(fd, out))
+    return int(out[0])
 
 
 def remove_tree(path: StrPath, dirfd: int = AT_FDCWD) -> None:

@@ -320,18 +320,21 @@ def materialize(
                 cancel=cancel,
             )
         else:
-            check_blobs(cas, plan, f, presence=f is not None)
-            t1 = time.perf_counter()
-            res = run_plan(
-                cas,
-                plan,
-                path,
-                threads=threads,
-                max_inflight=max_inflight,
-                check_srcs=f is None and check_blobs_first,
-                reporter=reporter,
-                cancel=cancel,
-            )
+            # Pinned before the checks: no process evicts a blob the plan links until
+            # it is linked (issue 11; the pipelined fetcher pins by itself).
+            with cas.pinned(plan.blobs):
+                check_blobs(cas, plan, f, presence=f is not None)
+                t1 = time.perf_counter()
+                res = run_plan(
+                    cas,
+                    plan,
+                    path,
+                    threads=threads,
+                    max_inflight=max_inflight,
+                    check_srcs=f is None and check_blobs_first,
+                    reporter=reporter,
+                    cancel=cancel,
+                )
         reporter.finish()
     finally:
         if owned is not None:

@@ -123,13 +123,14 @@ def test_bench_remote_fetch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], buildgrid: BuildGrid
 ) -> None:
     argv = ["bench", "--quick", "--scale", "0.02", "--runs", "1", "--budget", "600"]
-    argv += ["--dir", str(tmp_path), "--remote", buildgrid.url, "--methods", "remote", "--json"]
+    argv += ["--dir", str(tmp_path), "--remote", buildgrid.url, "--json"]
+    argv += ["--methods", "remote", "remote_nofsync"]
     argv += ["--shapes", "pcm_cluster", "large_tree"]
     rc = main(argv)
     stdout, err = capsys.readouterr()
     assert rc == 0, err
     res = json.loads(stdout)
-    assert [m["name"] for m in res["methods"]] == ["floor", "remote"]
+    assert [m["name"] for m in res["methods"]] == ["floor", "remote", "remote_nofsync"]
     assert res["config"]["remote"] == buildgrid.url
     for r in res["results"]:
         assert r["skipped"] is None, r

@@ -38,7 +38,14 @@ def test_open_creates_layout(tmp_path: Path) -> None:
             assert sorted(p.name for p in (root / area).iterdir()) == [
                 f"{i:02x}" for i in range(256)
             ]
-        assert {p.name for p in root.iterdir()} == {"blobs", "exec", "tmp", "locks", "quarantine"}
+        assert {p.name for p in root.iterdir()} == {
+            "blobs",
+            "exec",
+            "tmp",
+            "locks",
+            "quarantine",
+            "usage",
+        }
         assert cas.tmp_dir.parent == root / "tmp"
         assert cas.tmp_dir.name.startswith(f"{os.getpid()}.")
         assert (cas.tmp_dir / "owner.lock").is_file()

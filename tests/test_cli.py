@@ -218,9 +218,38 @@ def test_cache_stats_and_gc(
     )
     assert rc == 0, err
     assert json.loads(out)["after"]["entries"] == 0
-    rc, out, err = run(capsys, "gc", "--cas", str(cas), "--max-bytes", "0")
+    rc, out, err = run(capsys, "gc", "--cas", str(cas))
     assert rc == 2
-    assert "--cache" in err
+    assert "--max-bytes" in err
+    rc, out, err = run(capsys, "gc", "--cas", str(cas), "--cache", str(cache), "--max-blobs", "3")
+    assert rc == 2
+    assert "without --cache" in err
+
+
+def test_cas_gc_and_stats(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], ingested: tuple[Path, Path, Digest]
+) -> None:
+    src, cas, root = ingested
+    rc, out, err = run(capsys, "materialize", str(root), str(tmp_path / "t"), "--cas", str(cas))
+    assert rc == 0, err
+    rc, out, _ = run(capsys, "stats", "--cas", str(cas), "--json")
+    before = json.loads(out)["cas"]
+    assert before["bytes_shared"] > 0  # the tree's files are linked to the CAS inodes
+    assert before["bytes"] == before["bytes_cas_only"] + before["bytes_shared"]
+    assert before["bytes"] == before["blob_bytes"] + before["exec_bytes"]
+    assert before["evictions"] == 0
+    rc, out, err = run(capsys, "gc", "--cas", str(cas), "--max-bytes", "0", "--json")
+    assert rc == 0, err
+    rep = json.loads(out)
+    assert rep["evicted"] == before["names"]
+    assert (rep["names_after"], rep["bytes_after"]) == (0, 0)
+    assert_same_tree(src, tmp_path / "t")  # a tree linked to evicted blobs is unchanged
+    rc, out, _ = run(capsys, "stats", "--cas", str(cas))
+    assert rc == 0
+    assert f"{before['names']:,} names evicted" in out
+    rc, out, err = run(capsys, "gc", "--cas", str(cas), "--max-blobs", "5")
+    assert rc == 0, err
+    assert "evicted 0 of 0 CAS names" in out
 
 
 def test_workspace_runs_a_command(

@@ -1,5 +1,6 @@
 """fm_probe.c: the ABI number (and the binding's stale-build check at import),
-capabilities, the reflink probe; and the binding's errno -> OSError mapping."""
+capabilities, the reflink probe, the filesystem type; and the binding's errno ->
+OSError mapping."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import pytest
 
 from fastmat import _binding as nb
 from fastmat.errors import NativeBuildError
-from tests.helpers import as_nobody, open_to_all
+from tests.helpers import as_nobody, dirfd, open_to_all
+
+XFS, TMPFS = 0x58465342, 0x01021994
 
 
 def test_abi_and_capabilities() -> None:
@@ -73,3 +76,20 @@ def test_probe_reflink_unwritable_dir_is_an_error(tmp_path: Path) -> None:
     open_to_all(d)
     with pytest.raises(PermissionError):
         as_nobody(nb.probe_reflink, str(d))
+
+
+# ---------------------------------------------------------------- fm_fs_magic
+
+
+def test_fs_magic(tmp_path: Path, tmpfs_dir: Path, xfs_dir: Path) -> None:
+    for where, magic in ((tmpfs_dir, TMPFS), (xfs_dir, XFS)):
+        with dirfd(where) as d:
+            assert nb.fs_magic(d) == magic
+    with dirfd(tmp_path) as d:
+        assert nb.fs_magic(d) > 0  # ext4 on CI (0xEF53); whatever holds tmp elsewhere
+
+
+def test_fs_magic_bad_fd_leaves_out_param() -> None:
+    out = nb.ffi.new("uint64_t *", 77)
+    assert nb.lib.fm_fs_magic(-1, out) == -errno.EBADF
+    assert out[0] == 77

@@ -160,9 +160,7 @@ def cp_al(env: Env, subj: Subject, dest: Path) -> float:
     return elapsed
 
 
-def remote_fetch(env: Env, subj: Subject, dest: Path) -> float:
-    """The cold fetch pipeline: an empty local CAS, every blob from the remote, each
-    linked as it arrives (``materialize`` with a ``RemoteCAS`` as the fetcher)."""
+def _remote(env: Env, subj: Subject, dest: Path, *, fsync: bool) -> float:
     from fastmat.cas import LocalCAS
     from fastmat.materialize import materialize
 
@@ -170,7 +168,7 @@ def remote_fetch(env: Env, subj: Subject, dest: Path) -> float:
         raise Skip("no --remote URL")
     cas_dir = dest.with_name(dest.name + ".cas")
     try:
-        with LocalCAS(cas_dir, fsync=False) as cas:
+        with LocalCAS(cas_dir, fsync=fsync) as cas:
             t0 = time.perf_counter()
             materialize(cas, subj.root, dest, fetcher=env.remote, threads=env.threads)
             elapsed = time.perf_counter() - t0
@@ -179,6 +177,18 @@ def remote_fetch(env: Env, subj: Subject, dest: Path) -> float:
             if os.path.lexists(p):
                 _remove(p)
     return elapsed
+
+
+def remote_fetch(env: Env, subj: Subject, dest: Path) -> float:
+    """The cold fetch pipeline: an empty local CAS with the default settings (durable:
+    group commit), every blob from the remote, each linked as it arrives
+    (``materialize`` with a ``RemoteCAS`` as the fetcher)."""
+    return _remote(env, subj, dest, fsync=True)
+
+
+def remote_fetch_nofsync(env: Env, subj: Subject, dest: Path) -> float:
+    """The same into a ``LocalCAS(fsync=False)``: not crash-safe, for comparison."""
+    return _remote(env, subj, dest, fsync=False)
 
 
 METHODS: tuple[Method, ...] = (
@@ -210,5 +220,13 @@ METHODS: tuple[Method, ...] = (
     Method("os_link_walk", "Python os.link walk", python_link_walk, "os.walk + mkdir + os.link"),
     Method("copytree", "shutil.copytree", copytree, "shutil.copytree (copies the bytes)"),
     Method("cp_al", "cp -al", cp_al, "cp -al (GNU coreutils, one process)"),
-    Method("remote", "remote fetch", remote_fetch, "materialize() from --remote, empty CAS"),
+    Method(
+        "remote", "remote fetch", remote_fetch, "materialize() from --remote, empty durable CAS"
+    ),
+    Method(
+        "remote_nofsync",
+        "remote fetch, fsync=False",
+        remote_fetch_nofsync,
+        "the same into a LocalCAS(fsync=False): not crash-safe",
+    ),
 )

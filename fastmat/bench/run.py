@@ -83,7 +83,7 @@ def selected_methods(cfg: BenchConfig) -> list[Method]:
     for m in METHODS:
         if wanted and m.name not in wanted and m.name != "floor":
             continue
-        if m.name == "remote" and cfg.remote is None:
+        if m.name.startswith("remote") and cfg.remote is None:
             continue
         out.append(m)
     return out

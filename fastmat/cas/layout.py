@@ -4,8 +4,11 @@ Under the root::
 
     blobs/<hh>/<hash>-<size>   a blob, mode 0444, never written again (invariant 1)
     exec/<hh>/<hash>-<size>    its executable variant: another inode, mode 0555 (invariant 2)
-    tmp/<pid>.<rand>/          one per open instance, owned by an flock (fastmat.fs.locks)
+    tmp/<pid>.<rand>/          one per open instance, owned by an flock (fastmat.fs.locks);
+                               its pin.<n> files list the names it has pinned
     locks/                     single-flight lock files
+    usage/store, usage/uses    the use record: names stored / evicted, names used
+    usage/lock                 flock'ed shared to pin or append, exclusive to evict
     quarantine/                what ``verify()`` moved out of the way
 
 ``<hh>`` is the first two hex digits of the hash: 256 shard directories per area, all
@@ -17,6 +20,7 @@ reads the same names (``fastmat.tree.node`` builds them per file with
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from fastmat.digest import Digest
@@ -28,6 +32,10 @@ AREAS = (BLOBS, EXEC)
 TMP = "tmp"
 LOCKS = "locks"
 QUARANTINE = "quarantine"
+USAGE = "usage"  # the use record (fastmat.cas.usage): made at first use
+STORE_LOG = "store"
+USES_LOG = "uses"
+USAGE_LOCK = "lock"  # in USAGE: pins and appends share it, eviction takes it alone
 SHARDS = tuple(f"{i:02x}" for i in range(256))
 
 BLOB_MODE = 0o444
@@ -68,6 +76,25 @@ def shard_dir(area: str, h: str) -> str:
     return f"{area}/{h[:2]}"
 
 
+def name_of(area: str, key: bytes) -> bytes:
+    """``<area>/<hh>/<key>`` for a ``<hash>-<size>`` key (bytes, for the use record)."""
+    return area.encode() + b"/" + key[:2] + b"/" + key
+
+
+def area_of(name: bytes) -> str | None:
+    """:data:`BLOBS` or :data:`EXEC` for a ``blobs/..`` / ``exec/..`` name, else None."""
+    if name.startswith(_BLOBS_B):
+        return BLOBS
+    if name.startswith(_EXEC_B):
+        return EXEC
+    return None
+
+
+def key_of(name: bytes) -> bytes:
+    """The ``<hash>-<size>`` key that ends a CAS name (or a bare key)."""
+    return name[name.rfind(b"/") + 1 :]
+
+
 def digest_of_rel(path: bytes) -> Digest:
     """The digest named by a ``blobs/..`` or ``exec/..`` path."""
     h, _, size = path.rsplit(b"/", 1)[1].decode().partition("-")
@@ -103,3 +130,11 @@ def create(root: Path, access: Access) -> None:
         access.make_dir(root / area)
         for shard in SHARDS:
             access.make_dir(root / area / shard)
+    access.make_dir(root / USAGE)
+    # Durable once: a blob's group commit fsyncs its shard, not the shard's parents.
+    for d in (*(root / area for area in AREAS), root, root.parent):
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

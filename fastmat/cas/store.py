@@ -3,8 +3,11 @@ processes of a worker.
 
 Layout: :mod:`fastmat.cas.layout`. Everything is built in the instance's own temp
 dir (``tmp/<pid>.<rand>/``, flock-owned, swept by later openers once its owner is
-dead) and renamed into place without replacing, so a final name only ever holds a
-complete, fsync'ed file (invariant 6). A blob's inode is never written, chmod'ed or
+dead), checked, and renamed into place without replacing by a group commit
+(:mod:`fastmat.cas.commit`): a final name only ever holds a complete file whose
+bytes were made durable before the rename (invariants 6 and 14), at the cost of one
+sync per group of blobs rather than per blob (:class:`Batch`, and threads that
+commit at the same time). A blob's inode is never written, chmod'ed or
 utime'd after insertion (invariant 1); executables link a per-digest 0555 variant
 built once across threads and processes (invariant 2).
 """
@@ -20,7 +23,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +31,9 @@ from types import TracebackType
 
 from fastmat import _binding
 from fastmat.cas import layout
+from fastmat.cas.commit import CommitResult, Committer, Staged, sync_mode_for
+from fastmat.cas.evict import Budget, Evictor, EvictReport
+from fastmat.cas.usage import Index, Pin, Usage, UsageCounters, file_links, scan_names
 from fastmat.cas.verify import (
     Quarantined,
     VerifyReport,
@@ -42,7 +48,7 @@ from fastmat.fs.access import Access
 from fastmat.fs.forks import OpenedHere
 from fastmat.fs.owned import OwnedDir, sweep_dead
 
-__all__ = ["CASCounters", "LocalCAS"]
+__all__ = ["Batch", "CASCounters", "CASUsage", "LocalCAS"]
 
 log = logging.getLogger("fastmat")
 
@@ -53,6 +59,7 @@ _DIR_PATH = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC  
 _NO_REFLINK = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ELOOP})
 _MAX_PARALLEL_VARIANTS = 8
 _VARIANT_ATTEMPTS = 4
+_WRITEBACK_BYTES = 8 << 20  # a temp's writeback is started every this many bytes written
 
 
 @dataclass
@@ -70,9 +77,38 @@ class CASCounters:
     temp_dirs_swept: int = 0  # dead owners' temp dirs removed at open
 
 
-def _release(owned: OwnedDir, tmp_parent_fd: int, fds: list[int], pid: int) -> None:
+@dataclass
+class CASUsage:
+    """``LocalCAS.usage()``: what the CAS holds now, and what eviction did so far."""
+
+    names: int  # blobs + executable variants
+    blobs: int
+    exec_variants: int
+    blob_bytes: int
+    exec_bytes: int
+    bytes: int
+    bytes_cas_only: int  # link count 1: freed if evicted
+    bytes_shared: int  # link count > 1: also linked into trees or cache entries
+    pinned_keys: int
+    max_bytes: int | None
+    max_blobs: int | None
+    counters: UsageCounters  # evictions, evicted bytes, re-fetches: every process, ever
+    recorded_bytes: int  # what the use record counts (the budget's view)
+    recorded_names: int
+
+
+def _release(
+    owned: OwnedDir,
+    tmp_parent_fd: int,
+    fds: list[int],
+    pid: int,
+    closers: list[Callable[[bool], None]],
+) -> None:
     try:
-        if os.getpid() == pid:
+        in_child = os.getpid() != pid
+        for close in closers:  # the evictor's thread, the use record's files
+            close(in_child)
+        if not in_child:
             owned.release(tmp_parent_fd)
         else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
             os.close(owned.fd)
@@ -80,6 +116,12 @@ def _release(owned: OwnedDir, tmp_parent_fd: int, fds: list[int], pid: int) -> N
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _size_of(name: bytes) -> int:
+    """The size a CAS name says its blob has (``.../<hash>-<size>``)."""
+    tail = name.rsplit(b"-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def _read_chunks(fd: int) -> Iterable[bytes]:
@@ -90,13 +132,16 @@ def _read_chunks(fd: int) -> Iterable[bytes]:
 class LocalCAS:
     """A local CAS directory; see the module docstring. Thread- and multi-process-safe.
 
-    ``fsync=False`` skips every fsync (faster, not crash-safe). A new root is private
-    (0700, lock files 0600); ``group`` (a name or gid) shares it with that group's
-    members instead (2770 and group-owned, lock files 0660): see
+    ``fsync=False`` skips every fsync (faster, not crash-safe). ``max_bytes`` /
+    ``max_blobs`` bound the CAS (:mod:`fastmat.cas.evict`: its names, executable
+    variants included, least recently used evicted first, pinned ones never). A new
+    root is private (0700, lock files 0600); ``group`` (a name or gid) shares it with
+    that group's members instead (2770 and group-owned, lock files 0660): see
     :mod:`fastmat.fs.access`. ``lock_timeout_s`` bounds every wait for a lock another
-    thread or process holds (a variant being built, a blob being fetched): then
-    ``LockTimeoutError`` names the lock and its holder. ``create=False`` opens only an
-    existing CAS (else ``FileNotFoundError`` naming ``path``, and nothing is created).
+    thread or process holds (a variant being built, a blob being fetched, the use
+    record's lock): then ``LockTimeoutError`` names the lock and its holder.
+    ``create=False`` opens only an existing CAS (else ``FileNotFoundError`` naming
+    ``path``, and nothing is created).
 
     Open it after fork: an instance belongs to the process that opened it, and any use
     in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
@@ -110,6 +155,8 @@ class LocalCAS:
         path: str | os.PathLike[str],
         *,
         fsync: bool = True,
+        max_bytes: int | None = None,
+        max_blobs: int | None = None,
         group: str | int | None = None,
         lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
         create: bool = True,
@@ -138,8 +185,9 @@ class LocalCAS:
             raise
         self.tmp_dir = self.root / layout.TMP / self._owned.name
         self._tmp_fd = self._owned.fd
+        closers: list[Callable[[bool], None]] = []
         self._finalizer = weakref.finalize(
-            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid()
+            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid(), closers
         )
         self._locks = locks.KeyedLock(
             self._locks_fd, mode=self.access.lock_mode, timeout_s=lock_timeout_s
@@ -149,6 +197,29 @@ class LocalCAS:
         self._counters = CASCounters()
         self._reflink: bool | None = None  # probed on first put_file
         self._no_reflink_devs: set[int] = set()
+        self._committer = Committer(
+            self._tmp_fd, self._root_fd, fsync=fsync, sync_mode=sync_mode_for(self._tmp_fd)
+        )
+        self._usage = Usage(
+            self._root_fd,
+            self._tmp_parent_fd,
+            self._tmp_fd,
+            access=self.access,
+            timeout_s=lock_timeout_s,
+        )
+        closers.append(self._usage.close)
+        self.budget = Budget(max_bytes, max_blobs)
+        self._evictor: Evictor | None = None
+        if self.budget.bounded:
+            self._evictor = Evictor(self._usage, self.budget)
+            closers.insert(0, self._evictor.close)
+            self._committer.admit = self._evictor.admit
+            if max_bytes is not None:  # a group is what admission may add at once
+                self._committer.max_group_bytes = min(
+                    self._committer.max_group_bytes, max(1 << 20, max_bytes // 16)
+                )
+        else:
+            self._committer.admit = self._record_stored
         swept = sweep_dead(self._tmp_parent_fd, keep=self._owned.name)
         self._count(temp_dirs_swept=swept)
         if swept:
@@ -218,33 +289,26 @@ class LocalCAS:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(name, dir_fd=self.tmp_fd)
 
-    def _publish(self, tmp: str, d: Digest, area: str) -> bool:
-        """Renames temp ``tmp`` to its final name; False (temp discarded) if it exists."""
-        try:
-            if self._fsync:  # the fsync is of the final directory: open it for that
-                dir_fd = os.open(layout.shard_dir(area, d.hash), _DIR, dir_fd=self.root_fd)
-                try:
-                    _binding.publish(self.tmp_fd, tmp, dir_fd, d.key, noreplace=True, fsync=True)
-                finally:
-                    os.close(dir_fd)
-            else:
-                _binding.publish(
-                    self.tmp_fd, tmp, self.root_fd, layout.rel(area, d), noreplace=True
-                )
-        except FileExistsError:  # lost the race: the winner's file is the same bytes
-            self._unlink_tmp(tmp)
-            return False
-        except BaseException:
-            self._unlink_tmp(tmp)
-            raise
-        return True
+    def commit(self, staged: Sequence[Staged], **counts: int) -> CommitResult:
+        """Publishes staged temps as one group (:mod:`fastmat.cas.commit`) and counts
+        them; the result says, per blob, whether this call published it."""
+        self._opened.check()
+        res = self._committer.commit(staged)
+        written = [s for s, p in zip(staged, res.published, strict=True) if p]
+        present = sum(
+            1 for p, e in zip(res.published, res.errors, strict=True) if not p and e is None
+        )
+        self._count(
+            blobs_written=sum(1 for s in written if s.area == layout.BLOBS),
+            bytes_written=sum(s.digest.size_bytes for s in written if s.area == layout.BLOBS),
+            blobs_present=present,
+            **counts,
+        )
+        return res
 
-    def _published(self, tmp: str, d: Digest, **counts: int) -> Digest:
-        if self._publish(tmp, d, layout.BLOBS):
-            self._count(blobs_written=1, bytes_written=d.size_bytes, **counts)
-        else:
-            self._count(blobs_present=1, **counts)
-        return d
+    def _commit_one(self, staged: Staged, **counts: int) -> Digest:
+        self.commit([staged], **counts).raise_first()
+        return staged.digest
 
     # ---- lookup ----
 
@@ -285,30 +349,28 @@ class LocalCAS:
             return
         mode = layout.MODES[area]
         tmp = self._tmp_name("empty")
-        _binding.durable_write(self.tmp_fd, tmp, b"", mode, fsync=self._fsync, noreplace=True)
+        _binding.durable_write(self.tmp_fd, tmp, b"", mode, fsync=False, noreplace=True)
         if mode & 0o111:
             fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
             try:
                 locks.wait_no_writers(fd)
             finally:
                 os.close(fd)
-        self._publish(tmp, d, area)
+        self.commit([Staged(tmp, d, area)]).raise_first()
 
     # ---- insertion ----
 
+    def batch(self, *, max_blobs: int = 4096, max_bytes: int = 256 << 20) -> Batch:
+        """A :class:`Batch`: puts staged now, published together by its ``commit()``
+        (at the end of a ``with`` block, and whenever ``max_blobs`` or ``max_bytes``
+        are staged): one durable group commit for many blobs."""
+        return Batch(self, max_blobs=max_blobs, max_bytes=max_bytes)
+
     def put(self, data: bytes, *, expected: Digest | None = None) -> Digest:
-        """Stores ``data``; DigestMismatchError (nothing stored) if it is not ``expected``."""
-        d = Digest.of(data)
-        if expected is not None and d != expected:
-            raise DigestMismatchError(expected, d, "put")
-        if d.size_bytes == 0 or d in self:
-            self._count(blobs_present=1)
-            return d
-        tmp = self._tmp_name("put")
-        _binding.durable_write(
-            self.tmp_fd, tmp, bytes(data), layout.BLOB_MODE, fsync=self._fsync, noreplace=True
-        )
-        return self._published(tmp, d)
+        """Stores ``data``; DigestMismatchError (nothing stored) if it is not ``expected``.
+        Published (and durable unless ``fsync=False``) when it returns."""
+        d, staged = self._stage_bytes(data, expected)
+        return d if staged is None else self._commit_one(staged)
 
     def put_file(self, path: str | os.PathLike[str], *, expected: Digest | None = None) -> Digest:
         """Stores a copy of the file at ``path`` (never moved, never modified).
@@ -317,6 +379,31 @@ class LocalCAS:
         not the source, so a concurrent writer cannot make a blob disagree with its
         name; else streams it, hashing the bytes as they are written.
         """
+        d, staged = self._stage_file(path, expected)
+        return d if staged is None else self._commit_one(staged)
+
+    def put_stream(self, chunks: Iterable[bytes], expected: Digest | None) -> Digest:
+        """Stores the concatenated ``chunks``, hashing as it writes, and checks them
+        against ``expected`` before publishing (DigestMismatchError, temp removed)."""
+        d, staged = self._stage_chunks(chunks, expected, "put_stream")
+        return d if staged is None else self._commit_one(staged)
+
+    # ---- staging: a complete, checked temp (published by a commit) ----
+
+    def _stage_bytes(self, data: bytes, expected: Digest | None) -> tuple[Digest, Staged | None]:
+        d = Digest.of(data)
+        if expected is not None and d != expected:
+            raise DigestMismatchError(expected, d, "put")
+        if d.size_bytes == 0 or d in self:
+            self._count(blobs_present=1)
+            return d, None
+        tmp = self._tmp_name("put")
+        self._write_temp(tmp, (data,))
+        return d, Staged(tmp, d)
+
+    def _stage_file(
+        self, path: str | os.PathLike[str], expected: Digest | None
+    ) -> tuple[Digest, Staged | None]:
         path = os.fspath(path)
         src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
         try:
@@ -324,20 +411,20 @@ class LocalCAS:
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "put_file needs a regular file", path)
             if expected is not None and expected in self:  # only check, copy nothing
-                return self._put_chunks(_read_chunks(src_fd), expected, "put_file")
+                return self._stage_chunks(_read_chunks(src_fd), expected, "put_file")
             tmp = self._tmp_name("file")
             if not self._reflink_into(path, st.st_dev, tmp):
-                return self._put_chunks(_read_chunks(src_fd), expected, "put_file", copied_files=1)
+                self._count(copied_files=1)
+                return self._stage_chunks(_read_chunks(src_fd), expected, "put_file")
         finally:
             os.close(src_fd)
+        self._count(reflinked_files=1)
         fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
         try:
             d = hash_fd(fd)
-            if self._fsync and (expected is None or d == expected):
-                os.fsync(fd)
         finally:
             os.close(fd)
-        return self._check_and_publish(tmp, d, expected, "put_file", reflinked_files=1)
+        return d, self._checked(tmp, d, expected, "put_file")
 
     def _reflink_into(self, path: str, dev: int, tmp: str) -> bool:
         if self._reflink is None:
@@ -371,14 +458,9 @@ class LocalCAS:
             os.close(dir_fd)
         return True
 
-    def put_stream(self, chunks: Iterable[bytes], expected: Digest | None) -> Digest:
-        """Stores the concatenated ``chunks``, hashing as it writes, and checks them
-        against ``expected`` before publishing (DigestMismatchError, temp removed)."""
-        return self._put_chunks(chunks, expected, "put_stream")
-
-    def _put_chunks(
-        self, chunks: Iterable[bytes], expected: Digest | None, where: str, **counts: int
-    ) -> Digest:
+    def _stage_chunks(
+        self, chunks: Iterable[bytes], expected: Digest | None, where: str
+    ) -> tuple[Digest, Staged | None]:
         if expected is not None and expected in self:  # verify, never write
             h = hashlib.sha256()
             size = 0
@@ -388,47 +470,54 @@ class LocalCAS:
             d = Digest(h.hexdigest(), size)
             if d != expected:
                 raise DigestMismatchError(expected, d, where)
-            self._count(blobs_present=1, **counts)
-            return d
+            self._count(blobs_present=1)
+            return d, None
         tmp = self._tmp_name("stream")
+        h = hashlib.sha256()
+        size = self._write_temp(tmp, chunks, h)
+        d = Digest(h.hexdigest(), size)
+        return d, self._checked(tmp, d, expected, where)
+
+    def _write_temp(self, tmp: str, chunks: Iterable[bytes], h: hashlib._Hash | None = None) -> int:
+        """Writes ``chunks`` to a new temp (0444), hashing them into ``h``; the temp is
+        removed if anything fails. Starts the writeback of every ``_WRITEBACK_BYTES``
+        written (durable instances): the group's sync then finds little left to do."""
         fd = os.open(
             tmp,
             os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
             layout.BLOB_MODE,
             dir_fd=self.tmp_fd,
         )
+        size = unsynced = 0
         try:
-            h = hashlib.sha256()
-            size = 0
             for chunk in chunks:
-                h.update(chunk)
+                if h is not None:
+                    h.update(chunk)
                 size += len(chunk)
                 view = memoryview(chunk)
                 while view:
                     view = view[os.write(fd, view) :]
-            d = Digest(h.hexdigest(), size)
-            if expected is None or d == expected:
-                os.fchmod(fd, layout.BLOB_MODE)
-                if self._fsync:
-                    os.fsync(fd)
+                unsynced += len(chunk)
+                if self._fsync and unsynced >= _WRITEBACK_BYTES:
+                    _binding.sync_batch(self.tmp_fd, [tmp.encode()], "writeback")
+                    unsynced = 0
+            os.fchmod(fd, layout.BLOB_MODE)
         except BaseException:
             os.close(fd)
             self._unlink_tmp(tmp)
             raise
         os.close(fd)
-        return self._check_and_publish(tmp, d, expected, where, **counts)
+        return size
 
-    def _check_and_publish(
-        self, tmp: str, d: Digest, expected: Digest | None, where: str, **counts: int
-    ) -> Digest:
+    def _checked(self, tmp: str, d: Digest, expected: Digest | None, where: str) -> Staged | None:
         if expected is not None and d != expected:
             self._unlink_tmp(tmp)
             raise DigestMismatchError(expected, d, where)
         if d.size_bytes == 0:
             self._unlink_tmp(tmp)
-            self._count(blobs_present=1, **counts)
-            return d
-        return self._published(tmp, d, **counts)
+            self._count(blobs_present=1)
+            return None
+        return Staged(tmp, d)
 
     # ---- executable variants ----
 
@@ -470,7 +559,7 @@ class LocalCAS:
                     self.tmp_fd,
                     tmp,
                     layout.EXEC_MODE,
-                    fsync=self._fsync,
+                    fsync=False,
                     noreplace=True,
                 )
             except FileNotFoundError:
@@ -496,8 +585,87 @@ class LocalCAS:
             except BaseException:
                 self._unlink_tmp(tmp)
                 raise
-            self._publish(tmp, d, layout.EXEC)
+            self.commit([Staged(tmp, d, layout.EXEC)]).raise_first()
             return
+
+    # ---- the use record, pins, eviction ----
+
+    def _record_stored(self, staged: Sequence[Staged]) -> None:
+        """An unbounded instance's commit hook: the names join the use record."""
+        self._usage.record_stored([s.final.encode() for s in staged])
+
+    def pinned(
+        self, names: bytes | Iterable[Digest] = b""
+    ) -> contextlib.AbstractContextManager[Pin]:
+        """Pins blobs for a ``with`` block: no process evicts them (nor their executable
+        variants) until it ends, and the end records their use (LRU).
+
+        ``names``: the digests, or ``Plan.blobs`` as it is (``blobs/..`` paths separated
+        by NUL bytes: no per-blob work). Pin *before* looking for the blobs: one
+        evicted before the pin is absent when looked for (fetch it again, or raise
+        ``BlobNotFoundError``). ``Pin.add`` pins more inside the block.
+        """
+        self._opened.check()
+        if not isinstance(names, bytes):
+            names = b"\0".join(layout.rel(layout.BLOBS, d).encode() for d in names)
+        return self._usage.pin(names)
+
+    def gc(self, max_bytes: int | None = None, max_blobs: int | None = None) -> EvictReport:
+        """Rescans the CAS (the use record is rebuilt from the shard directories where
+        they disagree), then evicts least recently used unpinned names until at most
+        ``max_bytes`` / ``max_blobs`` remain (default: this instance's bounds; neither:
+        only the rescan)."""
+        self._opened.check()
+        self._usage.compact()
+        mb = self.budget.max_bytes if max_bytes is None else max_bytes
+        mn = self.budget.max_blobs if max_blobs is None else max_blobs
+        evictor = self._evictor or Evictor(self._usage, Budget(mb, mn), background=False)
+        inf = float("inf")
+        return evictor.evict_to(inf if mb is None else mb, inf if mn is None else mn)
+
+    def usage(self) -> CASUsage:
+        """Names and bytes held, by area and by sharing, pins and cumulative evictions
+        (a readdir and an lstat per name: for ``fastmat stats``, not a hot path)."""
+        self._opened.check()
+        idx = self._usage.tail()
+        names = scan_names(self.root_fd)
+        only, shared = file_links(self.root_fd, names)
+        blobs = [n for n in names if layout.area_of(n) == layout.BLOBS]
+        exec_ = [n for n in names if layout.area_of(n) == layout.EXEC]
+        with self._usage.shared():
+            pinned = len(self._usage.pinned_keys())
+        return CASUsage(
+            names=len(names),
+            blobs=len(blobs),
+            exec_variants=len(exec_),
+            blob_bytes=sum(_size_of(n) for n in blobs),
+            exec_bytes=sum(_size_of(n) for n in exec_),
+            bytes=only + shared,
+            bytes_cas_only=only,
+            bytes_shared=shared,
+            pinned_keys=pinned,
+            max_bytes=self.budget.max_bytes,
+            max_blobs=self.budget.max_blobs,
+            counters=idx.counters,
+            recorded_bytes=idx.total_bytes,
+            recorded_names=idx.total_names,
+        )
+
+    @property
+    def max_bytes(self) -> int | None:
+        """The byte budget (None: unbounded)."""
+        return self.budget.max_bytes
+
+    @property
+    def max_blobs(self) -> int | None:
+        """The bound on names (None: unbounded)."""
+        return self.budget.max_blobs
+
+    @property
+    def index(self) -> Index:
+        """The use record, up to date (tests, diagnostics)."""
+        self._opened.check()
+        return self._usage.tail()
 
     # ---- verification ----
 
@@ -514,3 +682,91 @@ class LocalCAS:
     def quarantined(self) -> list[Quarantined]:
         """Every file ``verify`` moved to ``quarantine/``, with its inode."""
         return quarantined(self.root_fd)
+
+
+class Batch:
+    """Puts whose blobs are published together: one group commit (one data sync, one
+    fsync per shard directory) for many blobs. ``put`` / ``put_file`` /
+    ``put_stream`` check and stage at once and return the digest; the blob is
+    published by :meth:`commit` (at the end of a ``with`` block, or whenever
+    ``max_blobs`` / ``max_bytes`` are staged). A ``with`` block left by an exception
+    discards what is staged. Not for several threads at once (threads sharing a
+    ``LocalCAS`` commit together anyway: :mod:`fastmat.cas.commit`)."""
+
+    def __init__(self, cas: LocalCAS, *, max_blobs: int, max_bytes: int) -> None:
+        self.cas = cas
+        self.max_blobs = max_blobs
+        self.max_bytes = max_bytes
+        self._staged: dict[Digest, Staged] = {}
+        self._bytes = 0
+        self._unsynced: list[bytes] = []  # temps whose writeback is not started
+        self._unsynced_bytes = 0
+
+    def __enter__(self) -> Batch:
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if t is None:
+            self.commit()
+        else:
+            self.discard()
+
+    def __len__(self) -> int:
+        return len(self._staged)
+
+    def put(self, data: bytes, *, expected: Digest | None = None) -> Digest:
+        if expected is not None and expected in self._staged:
+            return self._dup(expected, Digest.of(data), "put")
+        return self._add(*self.cas._stage_bytes(data, expected))
+
+    def put_file(self, path: str | os.PathLike[str], *, expected: Digest | None = None) -> Digest:
+        return self._add(*self.cas._stage_file(path, expected))
+
+    def put_stream(self, chunks: Iterable[bytes], expected: Digest | None) -> Digest:
+        return self._add(*self.cas._stage_chunks(chunks, expected, "put_stream"))
+
+    def _dup(self, expected: Digest, d: Digest, where: str) -> Digest:
+        if d != expected:
+            raise DigestMismatchError(expected, d, where)
+        self.cas._count(blobs_present=1)
+        return d
+
+    def _add(self, d: Digest, staged: Staged | None) -> Digest:
+        if staged is None:
+            return d
+        if d in self._staged:  # staged twice: keep the first
+            self.cas._unlink_tmp(staged.tmp)
+            self.cas._count(blobs_present=1)
+            return d
+        self._staged[d] = staged
+        self._bytes += d.size_bytes
+        if self.cas._fsync:
+            self._unsynced.append(staged.tmp.encode())
+            self._unsynced_bytes += d.size_bytes
+            if self._unsynced_bytes >= _WRITEBACK_BYTES:
+                _binding.sync_batch(self.cas.tmp_fd, self._unsynced, "writeback", threads=1)
+                self._unsynced, self._unsynced_bytes = [], 0
+        if len(self._staged) >= self.max_blobs or self._bytes >= self.max_bytes:
+            self.commit()
+        return d
+
+    def commit(self) -> CommitResult:
+        """Publishes everything staged; raises the first failure after publishing the
+        rest (a blob whose data could not be synced is not published)."""
+        staged = list(self._staged.values())
+        self._staged.clear()
+        self._bytes = 0
+        self._unsynced, self._unsynced_bytes = [], 0
+        res = self.cas.commit(staged)
+        res.raise_first()
+        return res
+
+    def discard(self) -> None:
+        """Removes every staged temp: nothing of it is published."""
+        for s in self._staged.values():
+            self.cas._unlink_tmp(s.tmp)
+        self._staged.clear()
+        self._bytes = 0
+        self._unsynced, self._unsynced_bytes = [], 0

@@ -161,8 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "stats",
         parents=[common, cas],
         help="CAS (and cache) usage",
-        description="Counts and bytes of the CAS blobs and executable variants, "
-        "and with --cache the directory cache's statistics.",
+        description="Counts and bytes of the CAS blobs and executable variants, the bytes "
+        "held only by the CAS vs shared with linked trees, evictions and re-fetches, and "
+        "with --cache the directory cache's statistics.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
@@ -180,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser(
         "gc",
         parents=[common, cas],
-        help="clean up a directory cache, evict entries down to a size",
-        description="Clean up after dead processes: workspaces whose owner was killed "
-        "(their overlay detached, then their upper layer removed), dead instances' "
-        "scratch, orphans; each dead workspace is reported (exit status 1 if one could "
-        "not be cleaned). With --max-bytes, also evict unpinned entries (least recently "
-        "used first) until the cache holds at most that.",
+        help="evict CAS blobs down to a size, or clean up a directory cache",
+        description="Without --cache: evict the least recently used unpinned CAS blobs "
+        "and executable variants until the CAS holds at most --max-bytes (and "
+        "--max-blobs names); trees and cache entries already linked to an evicted blob "
+        "keep it. With --cache DIR: clean up after dead processes (workspaces whose owner "
+        "was killed: their overlay detached, then their upper layer removed; dead "
+        "instances' scratch; orphans), each dead workspace reported (exit status 1 if "
+        "one could not be cleaned), and with --max-bytes also evict unpinned entries "
+        "(least recently used first) until the cache holds at most that.",
     )
     s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
@@ -194,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="bound, e.g. 500M, 10G, 2GB (default: evict nothing)",
+    )
+    s.add_argument(
+        "--max-blobs", type=int, metavar="N", help="bound on the CAS's names (without --cache)"
     )
 
     s = sub.add_parser(
@@ -278,8 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
         "  (scale_10k with --quick)\n"
         "methods: floor (C mkdirat+linkat loop), fastmat_cold (materialize), cache_hit\n"
         "  (DirectoryCache hit), overlay (workspace mount; skipped where this process\n"
-        "  cannot mount), os_link_walk, copytree, cp_al, and remote (with --remote:\n"
-        "  the fetch pipeline into an empty CAS)\n"
+        "  cannot mount), os_link_walk, copytree, cp_al, and with --remote: remote (the\n"
+        "  fetch pipeline into an empty default, durable CAS) and remote_nofsync (the\n"
+        "  same with fsync=False, side by side)\n"
         "--json prints the --out object: machine, config, shapes, every sample.",
     )
     s.add_argument("--quick", action="store_true", help=f"small sizes, {QUICK_DURATION}")

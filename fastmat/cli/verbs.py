@@ -268,38 +268,45 @@ def _run_command(
                 signalled_at = -1.0  # passed on once
 
 
-def _cas_usage(root: Path, cancel: Interrupt | None = None) -> dict[str, int]:
-    """Counts and bytes of blobs and executable variants (one lstat per file)."""
-    out = {"blobs": 0, "blob_bytes": 0, "exec_variants": 0, "exec_bytes": 0}
-    for area, count, size in (
-        ("blobs", "blobs", "blob_bytes"),
-        ("exec", "exec_variants", "exec_bytes"),
-    ):
-        top = root / area
-        if not top.is_dir():
-            continue
-        with os.scandir(top) as shards:
-            for shard in shards:
-                check_cancel(cancel, "stats")
-                if not shard.is_dir(follow_symlinks=False):
-                    continue
-                with os.scandir(shard.path) as it:
-                    for e in it:
-                        if e.is_file(follow_symlinks=False):
-                            out[count] += 1
-                            out[size] += e.stat(follow_symlinks=False).st_size
-    return out
+def _cas_payload(cas: LocalCAS, cancel: Interrupt | None) -> tuple[dict[str, Any], str]:
+    """What ``stats`` reports about the CAS, as JSON and as one text block."""
+    check_cancel(cancel, "stats")
+    u = cas.usage()
+    check_cancel(cancel, "stats")
+    c = u.counters
+    payload = {
+        "path": str(cas.root),
+        "blobs": u.blobs,
+        "blob_bytes": u.blob_bytes,
+        "exec_variants": u.exec_variants,
+        "exec_bytes": u.exec_bytes,
+        "names": u.names,
+        "bytes": u.bytes,
+        "bytes_cas_only": u.bytes_cas_only,
+        "bytes_shared": u.bytes_shared,
+        "pinned_keys": u.pinned_keys,
+        "evictions": c.evictions,
+        "evicted_bytes": c.evicted_bytes,
+        "refetches": c.refetches,
+        "recorded_bytes": u.recorded_bytes,
+    }
+    text = (
+        f"CAS {cas.root}: {u.blobs:,} blobs ({human_bytes(u.blob_bytes)}), "
+        f"{u.exec_variants:,} executable variants ({human_bytes(u.exec_bytes)})\n"
+        f"  {human_bytes(u.bytes_cas_only)} held only by the CAS, "
+        f"{human_bytes(u.bytes_shared)} shared with linked trees (link count > 1)\n"
+        f"  {c.evictions:,} names evicted ({human_bytes(c.evicted_bytes)}), "
+        f"{c.refetches:,} re-fetched after eviction; {u.pinned_keys:,} blobs pinned now"
+    )
+    return payload, text
 
 
 def cmd_stats(args: argparse.Namespace) -> Outcome:
 
     with _open_cas(args.cas) as cas:
-        usage = _cas_usage(cas.root, _cancel(args))
-        payload: dict[str, Any] = {"cas": {"path": str(cas.root), **usage}}
-        lines = [
-            f"CAS {cas.root}: {usage['blobs']:,} blobs ({human_bytes(usage['blob_bytes'])}), "
-            f"{usage['exec_variants']:,} executable variants ({human_bytes(usage['exec_bytes'])})"
-        ]
+        cas_payload, text = _cas_payload(cas, _cancel(args))
+        payload: dict[str, Any] = {"cas": cas_payload}
+        lines = [text]
         if args.cache is not None:
             with _open_cache_readonly(cas, args.cache) as cache:
                 st = cache.stats(all_instances=True)  # every process's, over its lifetime
@@ -378,7 +385,9 @@ def _open_cache_readonly(cas: Any, path: Path) -> Any:
 
 def cmd_gc(args: argparse.Namespace) -> Outcome:
     if args.cache is None:
-        raise UsageError("gc needs --cache DIR: the CAS itself is not garbage-collected")
+        return _gc_cas(args)
+    if args.max_blobs is not None:
+        raise UsageError("--max-blobs bounds the CAS: run gc without --cache for it")
     # Opening a cache sweeps: dead owners' workspaces (detached, then their upper layers
     # trashed), dead instances' scratch dirs, orphans; gc evicts down to --max-bytes and
     # waits for the background deletions.
@@ -409,6 +418,21 @@ def cmd_gc(args: argparse.Namespace) -> Outcome:
         lines.append(f"dead workspace {m.dest} (entry {m.key}, instance {m.owner}): {what}")
     kept = [m for m in dead if not m.cleaned]
     return (1 if kept else 0), payload, "\n".join(lines)
+
+
+def _gc_cas(args: argparse.Namespace) -> Outcome:
+    """The CAS itself: least recently used unpinned names evicted down to the bounds."""
+    if args.max_bytes is None and args.max_blobs is None:
+        raise UsageError("gc --cas needs --max-bytes or --max-blobs (or --cache DIR)")
+    with _open_cas(args.cas) as cas, Progress("collecting the CAS", enabled=_bars(args)):
+        rep = cas.gc(max_bytes=args.max_bytes, max_blobs=args.max_blobs)
+    payload = {"max_bytes": args.max_bytes, "max_blobs": args.max_blobs, **jsonable(rep)}
+    text = (
+        f"evicted {rep.evicted:,} of {rep.names_before:,} CAS names, "
+        f"{human_bytes(rep.evicted_bytes)}; {rep.names_after:,} names "
+        f"({human_bytes(rep.bytes_after)}) remain, {rep.pinned:,} blobs pinned"
+    )
+    return 0, payload, text
 
 
 def cmd_bench(args: argparse.Namespace) -> Outcome:

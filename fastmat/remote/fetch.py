@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from fastmat import proto
+from fastmat.cas import layout
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, InvalidDigestError
 from fastmat.remote.flight import FetchJob, FetchLocks, OnReady
 from fastmat.remote.pipeline import run_pipelined
@@ -40,6 +41,7 @@ from fastmat.remote.stats import FetchStats
 if TYPE_CHECKING:
     from fastmat import _binding
     from fastmat.cas import LocalCAS
+    from fastmat.cas.usage import Pin
     from fastmat.control import CancelToken, Reporter
     from fastmat.tree import Plan
 
@@ -104,9 +106,38 @@ class RemoteFetcher:
         self.locks = FetchLocks(
             cas.root / "locks", mode=cas.access.lock_mode, timeout_s=cas.lock_timeout_s
         )
+        self._dir_pins = threading.local()  # per thread: the Directory messages of one load
+        self._open_pins: set[contextlib.ExitStack] = set()
 
     def close(self) -> None:
+        with self._mutex:
+            pins, self._open_pins = self._open_pins, set()
+        for stack in pins:
+            stack.close()
         self.locks.close()
+
+    def _dir_pin(self, fresh: bool) -> Pin:
+        """This thread's pin of the Directory messages of the tree being loaded: from
+        ``fetch_directories`` until ``materialize_plan`` ends (so ``load_plan`` reads
+        what was just fetched even while another process evicts)."""
+        if fresh:
+            self._release_dir_pin()
+        pin: Pin | None = getattr(self._dir_pins, "pin", None)
+        if pin is None:
+            stack = contextlib.ExitStack()
+            pin = stack.enter_context(self.cas.pinned())
+            with self._mutex:
+                self._open_pins.add(stack)
+            self._dir_pins.pin, self._dir_pins.stack = pin, stack
+        return pin
+
+    def _release_dir_pin(self) -> None:
+        stack: contextlib.ExitStack | None = getattr(self._dir_pins, "stack", None)
+        self._dir_pins.pin = self._dir_pins.stack = None
+        if stack is not None:
+            with self._mutex:
+                self._open_pins.discard(stack)
+            stack.close()
 
     def __enter__(self) -> RemoteFetcher:
         return self
@@ -148,6 +179,8 @@ class RemoteFetcher:
         ``load_plan`` to report, with their path; ``DigestMismatchError`` and
         ``RemoteError`` propagate.
         """
+        pin = self._dir_pin(fresh=True)
+        pin.add(_names([root]))  # pinned before looked for: never evicted under our feet
         known: dict[Digest, bytes] = {}
         if root not in self.cas:
             with contextlib.suppress(BlobNotFoundError):  # load_plan names it
@@ -158,6 +191,7 @@ class RemoteFetcher:
         seen = {root}
         level = [root]
         while level:
+            pin.add(_names(level))
             data: dict[Digest, bytes] = {}
             absent = []
             for d in level:
@@ -230,22 +264,24 @@ class RemoteFetcher:
                 stored([d])
                 return
             first: BaseException | None = None
-            group: list[Digest] = []
-            for d, data in self.remote.read_batch(ds):
-                try:
-                    self.cas.put(data, expected=d)  # hashes, stores nothing on mismatch
-                except DigestMismatchError as e:
-                    first = first or DigestMismatchError(d, e.actual, f"from {self.remote.target}")
-                    continue
-                group.append(d)
-                if len(group) == _READY_GROUP:
-                    stored(group)
-                    group = []
+            got: list[Digest] = []
+            # One group commit for the whole response: its blobs are synced together,
+            # then published; only then are they handed over (and their locks freed).
+            with self.cas.batch(max_blobs=1 << 30, max_bytes=1 << 62) as batch:
+                for d, data in self.remote.read_batch(ds):
+                    try:
+                        batch.put(data, expected=d)  # hashes, stages nothing on mismatch
+                    except DigestMismatchError as e:
+                        first = first or DigestMismatchError(
+                            d, e.actual, f"from {self.remote.target}"
+                        )
+                        continue
+                    got.append(d)
             self.count(blobs=len(ds), bytes=sum(d.size_bytes for d in ds), batches=1)
+            for i in range(0, len(got), _READY_GROUP):
+                stored(got[i : i + _READY_GROUP])
             if first is not None:
                 raise first
-            if group:
-                stored(group)
         finally:
             with self._mutex:
                 self._inflight -= 1
@@ -282,13 +318,21 @@ class RemoteFetcher:
     ) -> _binding.ExecResult:
         """Builds ``plan`` at ``dest``, linking files while the missing blobs arrive
         (:func:`fastmat.remote.pipeline.run_pipelined`)."""
-        return run_pipelined(
-            self.cas,
-            plan,
-            dest,
-            self,
-            threads=threads,
-            max_inflight=max_inflight,
-            reporter=reporter,
-            cancel=cancel,
-        )
+        try:
+            return run_pipelined(
+                self.cas,
+                plan,
+                dest,
+                self,
+                threads=threads,
+                max_inflight=max_inflight,
+                reporter=reporter,
+                cancel=cancel,
+            )
+        finally:
+            self._release_dir_pin()
+
+
+def _names(digests: Iterable[Digest]) -> bytes:
+    """CAS names, NUL-separated, for ``Pin.add``."""
+    return b"\0".join(layout.rel(layout.BLOBS, d).encode() for d in digests)

@@ -168,7 +168,9 @@ def run_pipelined(
     stop = threading.Event()  # ends the fetches: on a failure, or when cancelled
     fetch_thread: threading.Thread | None = None
     try:
-        with staged(path) as st, contextlib.ExitStack() as watch:
+        # Pinned before looking: no process evicts a blob of the plan until the tree is
+        # published (one evicted before the pin is missing here, so fetched again).
+        with cas.pinned(plan.blobs), staged(path) as st, contextlib.ExitStack() as watch:
             linker = _Linker(cas, plan, path, st.fd, threads=threads, inflight=max_inflight)
 
             def stop_all() -> None:

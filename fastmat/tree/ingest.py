@@ -13,6 +13,7 @@ from fastmat.errors import InvalidTreeError
 
 if TYPE_CHECKING:
     from fastmat.cas import LocalCAS
+    from fastmat.cas.store import Batch
     from fastmat.digest import Digest
 
 __all__ = ["ingest_tree"]
@@ -52,11 +53,23 @@ def ingest_tree(
     so does a name that is not valid UTF-8. ``src_dir`` itself may not be a
     symlink (``NotADirectoryError``). ``progress`` is told the files stored ("ingest",
     at most every 0.1 s); it may raise (``Cancelled``) to stop the ingest.
+
+    Blobs are published in group commits of a few thousand (``LocalCAS.batch``):
+    one data sync and one fsync per shard directory per group, not per blob. All
+    are published when it returns; after a failure, none of the unfinished group.
     """
     reporter = Reporter(progress, "ingest", None, "files")
     top = os.fspath(src_dir)
     if not stat.S_ISDIR(os.lstat(top).st_mode):
         raise NotADirectoryError(errno.ENOTDIR, "ingest source is not a directory", top)
+    with cas.batch() as batch:
+        root = _walk(batch, top, reporter)
+    reporter.finish()
+    return root
+
+
+def _walk(cas: Batch, top: str, reporter: Reporter) -> Digest:
+    """The post-order walk of :func:`ingest_tree`, staging into ``cas``."""
     # Iterative post-order walk: [message, subdirs (path, relative path), next subdir].
     stack: list[list[Any]] = []
     done: list[Digest] = []
@@ -104,5 +117,4 @@ def ingest_tree(
         for (_, where), d in zip(subdirs, digests, strict=True):
             _set_digest(msg.directories.add(name=where.rsplit("/", 1)[-1]).digest, d)
         done.append(cas.put(msg.SerializeToString(deterministic=True)))
-    reporter.finish()
     return done[0]
