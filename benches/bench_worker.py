@@ -57,6 +57,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from fastmat import _binding  # noqa: E402
+from fastmat.control import CancelToken, check_cancel  # noqa: E402
 from fastmat.digest import Digest  # noqa: E402
 from fastmat.worker import Staged, Worker, WorkerConfig, run_until_signalled  # noqa: E402
 from tests.bazel_project import (  # noqa: E402
@@ -118,7 +119,10 @@ class BuildGridStager:
             p.wait(30)
 
     @contextlib.contextmanager
-    def stage(self, root: Digest, dest: Path) -> Iterator[Staged]:
+    def stage(
+        self, root: Digest, dest: Path, cancel: CancelToken | None = None
+    ) -> Iterator[Staged]:
+        check_cancel(cancel, "staging")  # BuildGrid's downloader cannot be stopped once asked
         p = self._helpers.get()
         try:
             assert p.stdin is not None

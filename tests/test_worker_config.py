@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import shutil
@@ -15,7 +14,6 @@ from typing import Any
 import pytest
 
 from fastmat import proto
-from fastmat.cas import LocalCAS
 from fastmat.worker import config
 from fastmat.worker import proto as wproto
 from tests.buildfarm import REPO, open_tmpdir, skip_or_fail
@@ -71,15 +69,14 @@ def test_the_bot_id_is_stable_per_work_directory(tmp_path: Path) -> None:
         config.WorkerConfig(server="g", cas=tmp_path, work=tmp_path, jobs=0)
 
 
-def test_cas_max_bytes_reaches_localcas_or_is_refused(tmp_path: Path) -> None:
-    if "max_bytes" in inspect.signature(LocalCAS).parameters:
-        with config.open_cas(tmp_path / "c", max_bytes=1 << 30, fsync=False) as cas:
-            assert cas.max_bytes == 1 << 30  # type: ignore[attr-defined,unused-ignore]
-    else:
-        with pytest.raises(config.ConfigError, match="issue 11"):
-            config.open_cas(tmp_path / "c", max_bytes=1 << 30, fsync=False)
+def test_cas_max_bytes_reaches_localcas(tmp_path: Path) -> None:
+    with config.open_cas(tmp_path / "c", max_bytes=1 << 30, fsync=False) as cas:
+        assert cas.max_bytes == 1 << 30
+    with pytest.raises(config.ConfigError, match="--cas-max-bytes must be positive"):
+        config.open_cas(tmp_path / "c", max_bytes=0, fsync=False)
     with config.open_cas(tmp_path / "d", max_bytes=None, fsync=False) as cas:
         assert cas.root == tmp_path / "d"
+        assert cas.max_bytes is None
 
 
 def test_the_worker_refuses_to_fork_with_grpcs_fork_handlers_on() -> None:

@@ -1,15 +1,14 @@
 """The worker's configuration, and the few decisions made from it at start-up: which
 user actions run as, the bot id, and how the local CAS is opened.
 
-``open_cas`` is the one place ``--cas-max-bytes`` reaches ``LocalCAS``: a byte budget
-needs a ``LocalCAS`` that takes ``max_bytes`` (issue 11); with one that does not, the
-option is refused with a clear error rather than accepted and ignored.
+``open_cas`` is the one place ``--cas-max-bytes`` reaches ``LocalCAS``: the CAS then
+evicts its least recently used unpinned blobs in the background (fastmat.cas.evict);
+an action's staging pins the blobs it links, so eviction never breaks a running one.
 """
 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
 import pwd
 import socket
@@ -156,11 +155,6 @@ def open_cas(path: Path, *, max_bytes: int | None, fsync: bool) -> LocalCAS:
     """The worker's local CAS, with a byte budget when ``max_bytes`` is given."""
     from fastmat.cas import LocalCAS
 
-    if max_bytes is None:
-        return LocalCAS(path, fsync=fsync)
-    if "max_bytes" not in inspect.signature(LocalCAS).parameters:
-        raise ConfigError(
-            "--cas-max-bytes: this fastmat's LocalCAS has no byte budget yet (issue 11); "
-            "run without it (the directory cache is bounded by --cache-max-bytes)"
-        )
-    return LocalCAS(path, fsync=fsync, max_bytes=max_bytes)  # type: ignore[call-arg,unused-ignore]
+    if max_bytes is not None and max_bytes <= 0:
+        raise ConfigError(f"--cas-max-bytes must be positive, not {max_bytes}")
+    return LocalCAS(path, fsync=fsync, max_bytes=max_bytes)

@@ -272,7 +272,7 @@ class LeaseRunner:
         try:
             t = time.monotonic()
             _now(self.metadata.input_fetch_start_timestamp)
-            with ctx.stager.stage(root, adir / "root") as staged:
+            with ctx.stager.stage(root, adir / "root", self._cancel) as staged:
                 _now(self.metadata.input_fetch_completed_timestamp)
                 phases["stage"] = time.monotonic() - t
                 rec.staging, rec.cache = staged.method, staged.cache

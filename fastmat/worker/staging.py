@@ -29,6 +29,7 @@ from fastmat.remote import RemoteFetcher
 if TYPE_CHECKING:
     from fastmat.cache import DirectoryCache
     from fastmat.cas import LocalCAS
+    from fastmat.control import CancelToken
     from fastmat.digest import Digest
     from fastmat.remote import RemoteCAS
     from fastmat.tree import Plan
@@ -55,7 +56,9 @@ class Stager(Protocol):
 
     name: str
 
-    def stage(self, root: Digest, dest: Path) -> AbstractContextManager[Staged]: ...
+    def stage(
+        self, root: Digest, dest: Path, cancel: CancelToken | None = None
+    ) -> AbstractContextManager[Staged]: ...
 
     def close(self) -> None: ...
 
@@ -131,17 +134,23 @@ class FastmatStager:
         return self.cache is not None and self.cache.can_overlay()
 
     @contextlib.contextmanager
-    def stage(self, root: Digest, dest: Path) -> Iterator[Staged]:
+    def stage(
+        self, root: Digest, dest: Path, cancel: CancelToken | None = None
+    ) -> Iterator[Staged]:
+        """``cancel`` set (the lease was cancelled, the worker stops) stops the staging
+        between chunks: ``Cancelled``, and nothing is left at ``dest``."""
         with RemoteFetcher(self.remote, self.cas) as fetcher:
             s = fetcher.stats
             if self.cache is None:
-                materialize(self.cas, root, dest, fetcher=fetcher, threads=self.threads)
+                materialize(
+                    self.cas, root, dest, fetcher=fetcher, threads=self.threads, cancel=cancel
+                )
                 try:
                     yield Staged(dest, "materialize", "none", s.blobs + s.directories, s.bytes)
                 finally:
                     with contextlib.suppress(FileNotFoundError):
                         _binding.remove_tree(dest)
                 return
-            with self._router.use(fetcher), self.cache.workspace(root, dest) as ws:
+            with self._router.use(fetcher), self.cache.workspace(root, dest, cancel=cancel) as ws:
                 cached = "hit" if ws.hit else "miss"
                 yield Staged(ws.path, ws.method, cached, s.blobs + s.directories, s.bytes)
