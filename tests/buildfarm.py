@@ -43,6 +43,7 @@ from fastmat.digest import Digest
 from fastmat.proto import BOOL, INT32, MSG, REPEATED, STRING
 from fastmat.remote import RemoteCAS
 from fastmat.worker import proto as wproto
+from tests.helpers import stop_process
 from tests.reapi_server import build_tree, find_bgd, free_port, venv_dir
 
 INSTANCES = tuple(f"t{i}" for i in range(24))
@@ -335,15 +336,8 @@ class Farm:
         return p.read_text(errors="replace")[-6000:] if p.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 15)
         self.proc = None
 
 

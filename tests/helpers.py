@@ -25,10 +25,11 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -140,6 +141,48 @@ def run_cmd(*cmd: str) -> subprocess.CompletedProcess[str]:
 # ---------------------------------------------------------------- the C core
 
 MiB = 1 << 20
+
+
+def wait_for_path(path: Path, proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
+    """Until ``path`` exists; fails at once if ``proc`` exited first, naming its output."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"child exited early: {proc.communicate()}")
+        assert time.monotonic() < deadline, f"timed out waiting for {path}"
+        time.sleep(0.01)
+
+
+def stop_process(proc: subprocess.Popen[bytes] | subprocess.Popen[str], grace_s: float) -> None:
+    """SIGTERM, then SIGKILL after ``grace_s``; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def lock_held_by_a_thread(locks: Any, name: str) -> Iterator[None]:
+    """Another thread holds the in-process lock ``name`` of ``locks`` (a CAS's
+    single-flight locks) for the ``with`` body."""
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with locks.hold(name):
+            held.set()
+            release.wait()
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait()
+    try:
+        yield
+    finally:
+        release.set()
+        t.join()
 
 
 @contextmanager

@@ -34,6 +34,7 @@ import pytest
 from fastmat import proto
 from fastmat.digest import Digest
 from fastmat.remote import RemoteCAS
+from tests.helpers import stop_process
 
 MAX_MESSAGE = 4 * 1024 * 1024
 _CAS = "/build.bazel.remote.execution.v2.ContentAddressableStorage/"
@@ -165,15 +166,8 @@ class BuildGrid:
         return p.read_text(errors="replace")[-4000:] if p.exists() else ""
 
     def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
         self.proc = None
 
 

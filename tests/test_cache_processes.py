@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from tests.cache_helpers import ingest as ingest_spec
 from tests.cache_helpers import leftovers, mounted, shape, snapshot
-from tests.helpers import mount_problem
+from tests.helpers import mount_problem, wait_for_path
 
 # argv: cas cache root dest go-file mode [marker]
 # mode: "slow" (the constructor sleeps 0.5 s after building), "hang-<stage>" (writes the
@@ -78,15 +77,6 @@ def _spawn(
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"child exited early: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.01)
-
-
 def _kill(proc: subprocess.Popen[str]) -> None:
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)  # reaps it and closes the pipes
@@ -103,7 +93,7 @@ def test_four_processes_one_construction(cas: LocalCAS, tmp_path: Path) -> None:
     root = ingest_spec(cas, tmp_path / "src", shape(300, 1))
     procs = [_spawn(cas, tmp_path, root, str(tmp_path / f"d{i}"), "slow") for i in range(4)]
     for i, p in enumerate(procs):  # all four opened the cache empty, then all go at once
-        _wait_for(tmp_path / f"d{i}.opened", p)
+        wait_for_path(tmp_path / f"d{i}.opened", p)
     (tmp_path / "go").write_text("go")
     results = [_result(p) for p in procs]
     assert sum(int(str(r["constructions"])) for r in results) == 1
@@ -121,7 +111,7 @@ def test_sigkill_mid_construction_leaves_no_entry(cas: LocalCAS, tmp_path: Path)
     marker = tmp_path / "marker"
     (tmp_path / "go").write_text("go")
     proc = _spawn(cas, tmp_path, root, str(tmp_path / "d0"), "hang-built", marker=str(marker))
-    _wait_for(marker, proc)
+    wait_for_path(marker, proc)
     _kill(proc)
     entries = tmp_path / "cache" / "entries"
     assert os.listdir(entries) == []  # the built tree is still under the dead tmp name
@@ -142,7 +132,7 @@ def test_sigkill_after_publish_entry_is_adopted(cas: LocalCAS, tmp_path: Path) -
     marker = tmp_path / "marker"
     (tmp_path / "go").write_text("go")
     proc = _spawn(cas, tmp_path, root, str(tmp_path / "d0"), "hang-published", marker=str(marker))
-    _wait_for(marker, proc)
+    wait_for_path(marker, proc)
     _kill(proc)
     with DirectoryCache(cas, tmp_path / "cache") as cache:
         assert cache.stats().entries == 1
@@ -162,7 +152,7 @@ def test_another_process_never_evicts_a_mounted_entry(cas: LocalCAS, tmp_path: P
     (tmp_path / "go").write_text("go")
     ws = str(tmp_path / "ws")
     proc = _spawn(cas, tmp_path, a, ws, "workspace", marker=str(release))
-    _wait_for(Path(ws + ".ready"), proc)
+    wait_for_path(Path(ws + ".ready"), proc)
     try:
         # this process adopts a at open, then needs room: a is pinned by the child
         with DirectoryCache(cas, tmp_path / "cache", max_entries=1) as cache:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.errors import FastmatError
 from tests.cache_helpers import BASIC, ingest, snapshot
-from tests.helpers import in_child
+from tests.helpers import in_child, lock_held_by_a_thread
 
 
 def _outcomes(calls: dict[str, Callable[[], object]]) -> dict[str, str]:
@@ -82,21 +81,8 @@ def test_fork_while_a_variant_lock_is_held_refuses_instead_of_hanging(tmp_path: 
     in the child that in-process lock is held forever, so the child must not use it."""
     with LocalCAS(tmp_path / "cas") as cas:
         d = cas.put(b"#!/bin/sh\necho hi\n")
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with cas._locks.hold(f"{d.key}.exec"):
-                held.set()
-                release.wait()
-
-        t = threading.Thread(target=hold)
-        t.start()
-        held.wait()
-        try:
+        with lock_held_by_a_thread(cas._locks, f"{d.key}.exec"):
             seen = in_child(_outcomes, {"executable_path": lambda: cas.executable_path(d)})
-        finally:
-            release.set()
-            t.join()
         assert seen == {"executable_path": "refused"}
         assert cas.executable_path(d).read_bytes() == b"#!/bin/sh\necho hi\n"
 

@@ -22,6 +22,7 @@ from fastmat.errors import LockTimeoutError
 from fastmat.fs import locks as fs_locks
 from fastmat.remote.flight import FetchLocks
 from tests.cache_helpers import BASIC, ingest
+from tests.helpers import lock_held_by_a_thread
 
 # A fresh interpreter without os.O_PATH (as on macOS) imports every module and uses
 # the fetch locks and a CAS.
@@ -145,21 +146,8 @@ def test_a_held_variant_lock_fails_the_waiter_naming_lock_and_holder(tmp_path: P
 def test_a_variant_lock_held_by_another_thread_times_out_too(tmp_path: Path) -> None:
     with LocalCAS(tmp_path / "cas", lock_timeout_s=0.2) as cas:
         d = cas.put(b"#!/bin/sh\necho busy\n")
-        held, release = threading.Event(), threading.Event()
-
-        def hold() -> None:
-            with cas._locks.hold(f"{d.key}.exec"):
-                held.set()
-                release.wait()
-
-        t = threading.Thread(target=hold)
-        t.start()
-        held.wait()
-        try:
+        with lock_held_by_a_thread(cas._locks, f"{d.key}.exec"):
             got = in_thread(lambda: cas.executable_path(d))
-        finally:
-            release.set()
-            t.join()
         assert isinstance(got, LockTimeoutError), got
         assert got.holder_pid == os.getpid()
         assert "(in-process)" in got.path

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fastmat.cache import DirectoryCache
 from fastmat.cas import LocalCAS
 from fastmat.cli import main
 from tests.cache_helpers import ingest, leftovers, mounted, shape, snapshot
-from tests.helpers import mount_problem
+from tests.helpers import mount_problem, wait_for_path
 
 pytestmark = pytest.mark.skipif(mount_problem() is not None, reason=str(mount_problem()))
 
@@ -48,15 +47,6 @@ def cas(tmp_path: Path) -> Iterator[LocalCAS]:
         yield c
 
 
-def _wait_for(path: Path, proc: subprocess.Popen[str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"child exited early: {proc.communicate()}")
-        assert time.monotonic() < deadline, f"timed out waiting for {path}"
-        time.sleep(0.01)
-
-
 def _kill_inside_a_workspace(cas: LocalCAS, tmp_path: Path, root: object, ws: Path) -> int:
     """A child enters a workspace and is SIGKILLed there; returns its pid."""
     proc = subprocess.Popen(
@@ -65,7 +55,7 @@ def _kill_inside_a_workspace(cas: LocalCAS, tmp_path: Path, root: object, ws: Pa
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait_for(Path(f"{ws}.ready"), proc)
+    wait_for_path(Path(f"{ws}.ready"), proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert mounted(ws)  # the kernel keeps the mount of a dead owner

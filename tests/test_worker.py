@@ -54,6 +54,14 @@ def worker(farm: Farm, instance: str, wdir: Path, **kw: Any) -> WorkerProc:
     return WorkerProc(farm, instance, wdir, **kw)
 
 
+def marks_dir(wdir: Path) -> Path:
+    """A directory every action's user may write its marks (started, pid) into."""
+    marks = wdir / "marks"
+    marks.mkdir()
+    marks.chmod(0o777)
+    return marks
+
+
 def outputs_by_path(client: ExecClient, result: Any) -> dict[str, Any]:
     return {f.path: f for f in result.output_files}
 
@@ -362,9 +370,7 @@ def test_a_bounded_cas_evicts_between_actions_and_every_action_gets_its_inputs(
 def test_sigterm_drains_and_the_stopped_worker_gets_no_more_work(
     farm: Farm, instance: str, wdir: Path, client: ExecClient
 ) -> None:
-    marks = wdir / "marks"
-    marks.mkdir(mode=0o777)
-    marks.chmod(0o777)
+    marks = marks_dir(wdir)
     slow, _ = client.action([SH, "-c", f"touch {marks}/started; sleep 3; echo finished"])
     later, _ = client.action([SH, "-c", "echo later"])
     w1 = worker(farm, instance, wdir / "w1", jobs=1).start()
@@ -390,9 +396,7 @@ def test_sigterm_drains_and_the_stopped_worker_gets_no_more_work(
 def test_a_second_signal_returns_the_running_lease_to_the_server(
     farm: Farm, instance: str, wdir: Path, client: ExecClient
 ) -> None:
-    marks = wdir / "marks"
-    marks.mkdir(mode=0o777)
-    marks.chmod(0o777)
+    marks = marks_dir(wdir)
     slow, _ = client.action([SH, "-c", f"touch {marks}/started.$$; sleep 4; echo done"])
     w1 = worker(farm, instance, wdir / "w1", jobs=1).start()
     w1.wait_session()
@@ -414,9 +418,7 @@ def test_a_second_signal_returns_the_running_lease_to_the_server(
 def test_a_killed_worker_is_replaced_and_its_leftovers_cleared(
     farm: Farm, instance: str, wdir: Path, client: ExecClient
 ) -> None:
-    marks = wdir / "marks"
-    marks.mkdir(mode=0o777)
-    marks.chmod(0o777)
+    marks = marks_dir(wdir)
     script = f"echo $$ > {marks}/pid.$$; sleep 5; echo done"
     action, _ = client.action([SH, "-c", script])
     w1 = worker(farm, instance, wdir / "w", jobs=1).start()
@@ -443,9 +445,7 @@ def test_the_worker_keeps_its_leases_through_an_outage(
     farm: Farm, instance: str, wdir: Path, client: ExecClient
 ) -> None:
     outage = Outage(farm.port)
-    marks = wdir / "marks"
-    marks.mkdir(mode=0o777)
-    marks.chmod(0o777)
+    marks = marks_dir(wdir)
     action, _ = client.action([SH, "-c", f"touch {marks}/started; sleep 3; echo survived"])
     w = worker(farm, instance, wdir, server=outage.url, jobs=1)
     try:
