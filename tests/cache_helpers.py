@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TypeAlias
 
+from fastmat import proto
 from fastmat.cas import LocalCAS
 from fastmat.digest import Digest
 from fastmat.tree import ingest_tree
@@ -113,3 +114,13 @@ def leftovers(cache_dir: Path) -> list[str]:
     for inst in (cache_dir / "tmp").iterdir():
         out += [f"tmp/{inst.name}/{p.name}" for p in inst.iterdir() if p.name != "owner.lock"]
     return out
+
+
+def wide(cas: LocalCAS, n: int) -> Digest:
+    """One directory of ``n`` small distinct files."""
+    d = proto.Directory()
+    for i in range(n):
+        blob = cas.put(f"wide {i}\n".encode())
+        f = d.files.add(name=f"f{i:06d}")
+        f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
+    return cas.put(d.SerializeToString())

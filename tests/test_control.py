@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from fastmat import Cancelled, DirectoryCache, LocalCAS, Progress, proto
+from fastmat import Cancelled, DirectoryCache, LocalCAS, Progress
 from fastmat.cache import build as cache_build
 from fastmat.control import ProgressFn, stopping
-from fastmat.digest import Digest
 from fastmat.tree import ingest_tree
-from tests.cache_helpers import BASIC, ingest, leftovers, snapshot
+from tests.cache_helpers import BASIC, ingest, leftovers, snapshot, wide
 
 N_WIDE = 20_000
 
@@ -29,16 +28,6 @@ N_WIDE = 20_000
 def cas(tmp_path: Path) -> Iterator[LocalCAS]:
     with LocalCAS(tmp_path / "cas", fsync=False) as c:
         yield c
-
-
-def wide(cas: LocalCAS, n: int = N_WIDE) -> Digest:
-    """One directory of ``n`` small distinct files."""
-    d = proto.Directory()
-    for i in range(n):
-        blob = cas.put(f"wide {i}\n".encode())
-        f = d.files.add(name=f"f{i:06d}")
-        f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
-    return cas.put(d.SerializeToString())
 
 
 def bounded(reports: list[Progress], what: str) -> list[Progress]:
@@ -82,7 +71,7 @@ def test_cache_miss_then_hit_report_their_phases(cas: LocalCAS, tmp_path: Path) 
 
 
 def test_cancelling_a_cache_miss_leaves_no_entry_and_no_dest(cas: LocalCAS, tmp_path: Path) -> None:
-    root = wide(cas)
+    root = wide(cas, N_WIDE)
     stop = threading.Event()
     seen, on = cancel_once_started(stop, "materialize")
     path = tmp_path / "cache"
@@ -100,7 +89,7 @@ def test_cancelling_a_cache_miss_leaves_no_entry_and_no_dest(cas: LocalCAS, tmp_
 
 
 def test_cancelling_a_hit_leaves_the_entry_intact(cas: LocalCAS, tmp_path: Path) -> None:
-    root = wide(cas)
+    root = wide(cas, N_WIDE)
     stop = threading.Event()
     seen, on = cancel_once_started(stop, "replay")
     with DirectoryCache(cas, tmp_path / "cache", fsync=False, threads=1) as cache:

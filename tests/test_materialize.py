@@ -20,6 +20,7 @@ from fastmat.cas import LocalCAS
 from fastmat.digest import BlobNotFoundError, Digest
 from fastmat.materialize import materialize
 from fastmat.tree import ingest_tree
+from tests.cache_helpers import wide
 from tests.helpers import as_nobody
 
 
@@ -433,19 +434,10 @@ def test_concurrent_calls_share_variants_and_nodes(cas: LocalCAS, tmp_path: Path
     assert os.stat(tool).st_nlink == 1 + 8  # the variant + one link per tree
 
 
-def _wide(cas: LocalCAS, n: int) -> Digest:
-    d = proto.Directory()
-    for i in range(n):
-        blob = cas.put(f"wide {i}\n".encode())
-        f = d.files.add(name=f"f{i:06d}")
-        f.digest.hash, f.digest.size_bytes = blob.hash, blob.size_bytes
-    return cas.put(d.SerializeToString())
-
-
 def test_progress_is_reported_at_a_bounded_rate_and_ends_at_the_total(
     cas: LocalCAS, tmp_path: Path
 ) -> None:
-    root = _wide(cas, 3000)
+    root = wide(cas, 3000)
     reports: list[fastmat.Progress] = []
     stats = materialize(cas, root, tmp_path / "dest", progress=reports.append)
     assert reports, "at least the final report"
@@ -456,7 +448,7 @@ def test_progress_is_reported_at_a_bounded_rate_and_ends_at_the_total(
 
 
 def test_cancel_before_anything_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
-    root = _wide(cas, 10)
+    root = wide(cas, 10)
     stop = threading.Event()
     stop.set()
     with pytest.raises(fastmat.Cancelled):
@@ -467,7 +459,7 @@ def test_cancel_before_anything_leaves_nothing(cas: LocalCAS, tmp_path: Path) ->
 def test_cancel_while_linking_stops_soon_and_leaves_nothing(cas: LocalCAS, tmp_path: Path) -> None:
     """A ``threading.Event`` set while the native call runs: the executor stops between
     chunks, ``Cancelled`` is raised and neither dest nor a staging dir remains."""
-    root = _wide(cas, 20_000)
+    root = wide(cas, 20_000)
     stop = threading.Event()
     seen: list[int] = []
 
@@ -509,7 +501,7 @@ def test_a_progress_callback_that_raises_stops_the_call_with_its_exception(
     """The callback runs on the watcher thread during the native call: its exception
     was lost there (and the call ran to its end); now it stops the call, ``dest`` never
     appears, and the caller gets the callback's exception."""
-    root = _wide(cas, 20_000)
+    root = wide(cas, 20_000)
 
     class Enough(Exception):
         pass
