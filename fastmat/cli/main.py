@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cas = argparse.ArgumentParser(add_help=False)
     cas.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
+    cache = argparse.ArgumentParser(add_help=False)
+    cache.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
     p = argparse.ArgumentParser(
         prog="fastmat",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "materialize",
-        parents=[common, cas],
+        parents=[common, cas, cache],
         formatter_class=fmt,
         help="build a tree at DEST",
         description="Build the tree DIGEST (hash/size) at DEST, which must not exist.\n\n"
@@ -144,7 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("digest", metavar="DIGEST", type=_digest, help="root digest, hash/size")
     s.add_argument("dest", metavar="DEST", help="destination (must not exist)")
-    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--cache-max-bytes",
         type=parse_size,
@@ -159,28 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "stats",
-        parents=[common, cas],
+        parents=[common, cas, cache],
         help="CAS (and cache) usage",
         description="Counts and bytes of the CAS blobs and executable variants, the bytes "
         "held only by the CAS vs shared with linked trees, evictions and re-fetches, and "
         "with --cache the directory cache's statistics.",
     )
-    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
     s = sub.add_parser(
         "verify",
-        parents=[common, cas],
+        parents=[common, cas, cache],
         help="re-hash every blob (and cache entry), quarantine damage",
         description="Check every blob and executable variant (type, mode, size, SHA-256); "
         "damaged ones are moved to <cas>/quarantine/ and reported. With --cache, then "
         "check every cache entry (no file links a quarantined blob, private files hash to "
         "their digests) and invalidate the bad ones. Exit status 1 if anything was bad.",
     )
-    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
 
     s = sub.add_parser(
         "gc",
-        parents=[common, cas],
+        parents=[common, cas, cache],
         help="evict CAS blobs down to a size, or clean up a directory cache",
         description="Without --cache: evict the least recently used unpinned CAS blobs "
         "and executable variants until the CAS holds at most --max-bytes (and "
@@ -191,7 +190,6 @@ def build_parser() -> argparse.ArgumentParser:
         "one could not be cleaned), and with --max-bytes also evict unpinned entries "
         "(least recently used first) until the cache holds at most that.",
     )
-    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--max-bytes",
         type=parse_size,
@@ -205,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "worker",
-        parents=[common],
+        parents=[common, cache],
         formatter_class=fmt,
         help="run a remote-execution worker (Remote Workers API bot)",
         description="Take actions from a REAPI server's Bots service (BuildGrid) and run\n"
@@ -229,7 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--cas-server", metavar="URL", help="CAS server when not --server")
     s.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
     s.add_argument("--work", required=True, type=Path, metavar="DIR", help="actions run here")
-    s.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
     s.add_argument(
         "--cache-max-bytes",
         type=parse_size,
