@@ -128,6 +128,20 @@ def _not_found(plan: Plan, blob: bytes) -> BlobNotFoundError:
     return BlobNotFoundError(digest_of_rel(blob), plan.path_of_entry(plan.entry_of_blob(blob)))
 
 
+def _private_executables(cas: LocalCAS, plan: Plan) -> Plan:
+    """On a read-only CAS (which cannot make variants): ``plan`` with the executables
+    whose variant is absent as private 0555 copies of their blobs."""
+    lacking = cas.missing_variants(plan.exec_digests) if plan.exec_digests else []
+    if not lacking:
+        return plan
+    log.info(
+        "read-only CAS %s lacks %d executable variant(s): private copies in the tree",
+        cas.root,
+        len(lacking),
+    )
+    return plan.with_private_executables({cas.exec_relpath(d).encode() for d in lacking})
+
+
 def check_blobs(
     cas: LocalCAS, plan: Plan, fetcher: Fetcher | None = None, *, presence: bool = True
 ) -> Plan:
@@ -145,15 +159,8 @@ def check_blobs(
         absent = _missing(cas, absent)
     if absent:
         raise _not_found(plan, absent[0])
-    if plan.exec_digests and cas.read_only:
-        lacking = cas.missing_variants(plan.exec_digests)
-        if lacking:
-            log.info(
-                "read-only CAS %s lacks %d executable variant(s): private copies in the tree",
-                cas.root,
-                len(lacking),
-            )
-            plan = plan.with_private_executables({cas.exec_relpath(d).encode() for d in lacking})
+    if cas.read_only:
+        plan = _private_executables(cas, plan)
     elif plan.exec_digests:
         try:
             cas.ensure_executables(plan.exec_digests)
@@ -324,6 +331,8 @@ def materialize(
         check_cancel(cancel, "materialize")
         reporter = Reporter(progress, "materialize", plan.arrays.n_entries, "entries")
         if isinstance(f, PipelinedFetcher):
+            if cas.read_only:
+                plan = _private_executables(cas, plan)
             t1 = time.perf_counter()
             res = f.materialize_plan(
                 plan,

@@ -22,6 +22,7 @@ import pytest
 
 from fastmat import Digest, LocalCAS, ReadOnlyCASError, ingest_tree, materialize
 from tests.helpers import as_nobody, open_to_all, run_cmd
+from tests.reapi_server import free_port
 
 REPO = str(Path(__file__).resolve().parent.parent)
 PLAIN = b"plain file\n" * 100
@@ -136,6 +137,21 @@ def test_materialize_from_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
     assert stats.linked == 0
     ran = subprocess.run([out / "sub" / "tool"], capture_output=True, check=True)
     assert ran.stdout == b"tool\n"
+
+
+def test_remote_materialize_from_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
+    """Everything local: the pipelined fetcher links (here: copies) it all, the server
+    (down) is never asked, and the missing variant is a private copy there too."""
+    from fastmat.remote import RemoteCAS
+
+    with (
+        RemoteCAS(f"grpc://127.0.0.1:{free_port()}", retries=0, timeout_s=5) as remote,
+        LocalCAS(ro.root) as cas,
+    ):
+        stats = materialize(cas, ro.tree, tmp_path / "out", fetcher=remote)
+    assert stats.files == 3
+    assert (tmp_path / "out" / "sub" / "tool").read_bytes() == TOOL
+    assert stat.S_IMODE((tmp_path / "out" / "sub" / "tool").stat().st_mode) == 0o555
 
 
 def test_writes_raise_naming_the_cas_and_the_operation(ro: ReadOnly, tmp_path: Path) -> None:
