@@ -41,6 +41,7 @@ from fastmat.errors import (
     InvalidTreeError,
     LockTimeoutError,
     NativeBuildError,
+    ReadOnlyCASError,
     RemoteError,
 )
 from fastmat.materialize import MaterializeStats, materialize
@@ -71,6 +72,7 @@ __all__ = [
     "MaterializeStats",
     "NativeBuildError",
     "Progress",
+    "ReadOnlyCASError",
     "RemoteCAS",
     "RemoteError",
     "TreeLimits",

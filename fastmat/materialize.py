@@ -128,24 +128,45 @@ def _not_found(plan: Plan, blob: bytes) -> BlobNotFoundError:
     return BlobNotFoundError(digest_of_rel(blob), plan.path_of_entry(plan.entry_of_blob(blob)))
 
 
+def _private_executables(cas: LocalCAS, plan: Plan) -> Plan:
+    """On a read-only CAS (which cannot make variants): ``plan`` with the executables
+    whose variant is absent as private 0555 copies of their blobs."""
+    lacking = cas.missing_variants(plan.exec_digests) if plan.exec_digests else []
+    if not lacking:
+        return plan
+    log.info(
+        "read-only CAS %s lacks %d executable variant(s): private copies in the tree",
+        cas.root,
+        len(lacking),
+    )
+    return plan.with_private_executables({cas.exec_relpath(d).encode() for d in lacking})
+
+
 def check_blobs(
     cas: LocalCAS, plan: Plan, fetcher: Fetcher | None = None, *, presence: bool = True
-) -> None:
+) -> Plan:
     """Raises ``BlobNotFoundError`` (digest, tree path) unless every blob the plan
     reads is in the local CAS, asking ``fetcher`` once for the missing ones; then
     makes the executable variants the plan links. ``presence=False`` skips the
-    presence check (one ``faccessat`` per distinct blob) and only makes the variants."""
+    presence check (one ``faccessat`` per distinct blob) and only makes the variants.
+
+    Returns the plan to run: ``plan``, or on a read-only CAS lacking some variants
+    (it cannot make them) the plan with those executables as private 0555 copies of
+    their blobs in the destination (counted as copies in ``MaterializeStats``)."""
     absent = _missing(cas, plan.blob_list()) if presence else []
     if absent and fetcher is not None:
         fetcher.fetch_blobs([digest_of_rel(b) for b in absent])
         absent = _missing(cas, absent)
     if absent:
         raise _not_found(plan, absent[0])
-    if plan.exec_digests:
+    if cas.read_only:
+        plan = _private_executables(cas, plan)
+    elif plan.exec_digests:
         try:
             cas.ensure_executables(plan.exec_digests)
         except BlobNotFoundError as e:
             raise _not_found(plan, cas.relpath(e.digest).encode()) from None
+    return plan
 
 
 def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> Exception | None:
@@ -225,7 +246,7 @@ def run_plan(
                 plan.arrays,
                 threads=threads,
                 max_inflight=max_inflight,
-                tmp_dirfd=cas.tmp_fd,
+                tmp_dirfd=cas.rotation_fd,
                 check_srcs=check_srcs,
                 ctl=ctl,
             )
@@ -310,6 +331,8 @@ def materialize(
         check_cancel(cancel, "materialize")
         reporter = Reporter(progress, "materialize", plan.arrays.n_entries, "entries")
         if isinstance(f, PipelinedFetcher):
+            if cas.read_only:
+                plan = _private_executables(cas, plan)
             t1 = time.perf_counter()
             res = f.materialize_plan(
                 plan,
@@ -323,7 +346,7 @@ def materialize(
             # Pinned before the checks: no process evicts a blob the plan links until
             # it is linked (issue 11; the pipelined fetcher pins by itself).
             with cas.pinned(plan.blobs):
-                check_blobs(cas, plan, f, presence=f is not None)
+                plan = check_blobs(cas, plan, f, presence=f is not None)
                 t1 = time.perf_counter()
                 res = run_plan(
                     cas,

@@ -493,7 +493,9 @@ def _put_file_while_source_changes(root: Path, method: str) -> None:
         for d in got:  # whatever bytes were caught, the blob matches its name
             assert Digest.of(cas.read(d)) == d
         assert cas.verify().ok
-        assert getattr(cas.counters, f"{method}_files") == 40
+        c = cas.counters  # a put finding its bytes stored (the writer paused) copies nothing
+        assert getattr(c, f"{method}_files") + c.blobs_present == 40
+        assert getattr(c, f"{method}_files") >= 1
 
 
 def test_put_file_of_a_changing_source_copy(tmp_path: Path) -> None:

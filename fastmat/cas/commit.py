@@ -16,8 +16,11 @@ instead of once per blob (invariant 14):
 
 So after a crash or power loss a published name holds complete, correct bytes or
 does not exist: a name appears only by the rename, after its data was synced. A
-temp whose sync failed is removed, never published. ``fsync=False`` skips steps 1
-and 3's fsyncs (an explicit opt-out: not crash-safe).
+temp whose sync failed is removed, never published; so is every temp of a group
+that fails as a whole (the admission hook raised: a full disk, a lock timeout), so
+a failed commit leaves nothing behind in the temp dir. Errors name full paths
+(the temp's, the final name's). ``fsync=False`` skips steps 1 and 3's fsyncs (an
+explicit opt-out: not crash-safe).
 
 Threads commit together: the first caller to arrive while no group is being
 committed becomes the leader and commits everything pending (up to a byte
@@ -36,6 +39,7 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from fastmat import _binding
@@ -156,8 +160,12 @@ class Committer:
         sync_mode: SyncPolicy,
         threads: int = SYNC_THREADS,
         max_group_bytes: int = MAX_GROUP_BYTES,
+        tmp_dir: Path | None = None,
+        root: Path | None = None,
     ) -> None:
-        self.tmp_fd = tmp_fd
+        self.tmp_fd = tmp_fd  # -1 until the instance's temp dir is made (then set)
+        self.tmp_dir = tmp_dir or Path(".")  # for messages
+        self.root = root or Path(".")
         self.root_fd = root_fd
         self.fsync = fsync
         self.sync_mode = sync_mode
@@ -178,9 +186,14 @@ class Committer:
         if not items:
             return CommitResult([], [])
         if self.fsync:  # their writeback runs while this caller waits for a leader
-            _binding.sync_batch(
-                self.tmp_fd, [s.tmp.encode() for s in items], "writeback", threads=1
-            )
+            try:
+                _binding.sync_batch(
+                    self.tmp_fd, [s.tmp.encode() for s in items], "writeback", threads=1
+                )
+            except BaseException:
+                for s in items:
+                    _unlink(self.tmp_fd, s.tmp)
+                raise
         ticket = _Ticket(list(items))
         with self._cv:
             self._pending.append(ticket)
@@ -221,12 +234,24 @@ class Committer:
         except BaseException as e:
             for t in group:
                 t.error = e
+                for s in t.items:  # published ones were renamed: nothing under this name
+                    _unlink(self.tmp_fd, s.tmp)
             raise
         k = 0
         for t in group:
             n = len(t.items)
             t.result = CommitResult(published[k : k + n], errors[k : k + n])
             k += n
+
+    def _error(self, rc: int, what: str, s: Staged, published: bool = False) -> OSError:
+        """The OSError of one blob's failure, naming the temp (or the published name)
+        and the final name in full."""
+        err = -rc
+        final = str(self.root / s.final)
+        path = final if published else str(self.tmp_dir / s.tmp)
+        return OSError(
+            err, f"{os.strerror(err)} ({what})", path, None, None if published else final
+        )
 
     def _sync(self, tmps: list[bytes], nbytes: int) -> Sequence[int]:
         """The group's data sync: per-file status (0 or -errno)."""
@@ -256,11 +281,11 @@ class Committer:
             ok = []
             for i, rc in enumerate(status):
                 if rc < 0:  # never published: its bytes may not be durable
-                    errors[i] = _error(rc, items[i].tmp, items[i].final)
+                    errors[i] = self._error(rc, "syncing blob temp", items[i])
                     _unlink(self.tmp_fd, items[i].tmp)
                 else:
                     ok.append(i)
-        if ok and self.admit is not None:
+        if ok and self.admit is not None:  # may raise: the group fails, _run removes its temps
             self.admit([items[i] for i in ok])
         rc, status = _binding.publish_batch(
             self.tmp_fd,
@@ -274,20 +299,15 @@ class Committer:
             if status[k] == 0:
                 published[i] = True
             elif status[k] != -errno.EEXIST:
-                errors[i] = _error(status[k], items[i].tmp, items[i].final)
+                errors[i] = self._error(status[k], "publishing blob", items[i])
         if rc < 0 and not any(status[k] < 0 and status[k] != -errno.EEXIST for k in range(len(ok))):
             # a directory fsync failed: the names exist but may not survive a crash
             for k, i in enumerate(ok):
                 if status[k] == 0:
-                    errors[i] = _error(rc, items[i].final, None)
+                    errors[i] = self._error(rc, "syncing the directory of blob", items[i], True)
         self.groups += 1
         log.debug("group commit: %d blobs, %d published", n, sum(published))
         return published, errors
-
-
-def _error(rc: int, path: str, path2: str | None) -> OSError:
-    err = -rc
-    return OSError(err, os.strerror(err), path, None, path2)
 
 
 def _unlink(dir_fd: int, name: str) -> None:

@@ -1,15 +1,24 @@
 """``LocalCAS``: the local content-addressable store, shared by the threads and
 processes of a worker.
 
-Layout: :mod:`fastmat.cas.layout`. Everything is built in the instance's own temp
+Layout: :mod:`fastmat.cas.layout`. Opening writes nothing: the instance's own temp
 dir (``tmp/<pid>.<rand>/``, flock-owned, swept by later openers once its owner is
-dead), checked, and renamed into place without replacing by a group commit
+dead) is made at its first write. Everything is built there, checked, and renamed
+into place without replacing by a group commit
 (:mod:`fastmat.cas.commit`): a final name only ever holds a complete file whose
 bytes were made durable before the rename (invariants 6 and 14), at the cost of one
 sync per group of blobs rather than per blob (:class:`Batch`, and threads that
 commit at the same time). A blob's inode is never written, chmod'ed or
 utime'd after insertion (invariant 1); executables link a per-digest 0555 variant
-built once across threads and processes (invariant 2).
+built once across threads and processes (invariant 2). Content already stored is
+never written again: every put looks its digest up first (``put_file`` hashes the
+source, reading only).
+
+A CAS this process cannot write (a read-only filesystem or mount, or directories it
+may not write) opens read-only (issue 12): lookups, reads, ``usage()``, ``verify()``
+(which then reports damage without quarantining it) and materializing from it work;
+a put of content already stored succeeds (nothing to write); any other write
+raises :class:`~fastmat.errors.ReadOnlyCASError` naming the CAS and the operation.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import os
 import stat
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +52,7 @@ from fastmat.cas.verify import (
 )
 from fastmat.control import ProgressFn
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError, hash_fd
+from fastmat.errors import ReadOnlyCASError, naming, with_path
 from fastmat.fs import locks
 from fastmat.fs.access import Access
 from fastmat.fs.forks import OpenedHere
@@ -60,6 +70,8 @@ _NO_REFLINK = frozenset({errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EIN
 _MAX_PARALLEL_VARIANTS = 8
 _VARIANT_ATTEMPTS = 4
 _WRITEBACK_BYTES = 8 << 20  # a temp's writeback is started every this many bytes written
+_SMALL_FILE = 1 << 20  # put_file reads a file smaller than this once, into memory
+_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 @dataclass
@@ -98,7 +110,7 @@ class CASUsage:
 
 
 def _release(
-    owned: OwnedDir,
+    scratch: list[OwnedDir],
     tmp_parent_fd: int,
     fds: list[int],
     pid: int,
@@ -108,14 +120,28 @@ def _release(
         in_child = os.getpid() != pid
         for close in closers:  # the evictor's thread, the use record's files
             close(in_child)
-        if not in_child:
-            owned.release(tmp_parent_fd)
-        else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
-            os.close(owned.fd)
-            os.close(owned.lock_fd)
+        for owned in scratch:  # the temp dir, if a write made it
+            if not in_child:
+                owned.release(tmp_parent_fd)
+            else:  # a forked child: the temp dir (and the flock, shared) belong to the parent
+                os.close(owned.fd)
+                os.close(owned.lock_fd)
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def _writable(root_fd: int) -> bool:
+    """Whether this process may create files in the CAS (its temp area), by
+    ``faccessat``: false on a read-only filesystem (EROFS) as for permissions."""
+    return os.access(layout.TMP, os.W_OK, dir_fd=root_fd)
+
+
+def _ro_errno(root: Path) -> int:
+    try:
+        return errno.EROFS if os.statvfs(root).f_flag & os.ST_RDONLY else errno.EACCES
+    except OSError:
+        return errno.EACCES
 
 
 def _size_of(name: bytes) -> int:
@@ -143,6 +169,17 @@ class LocalCAS:
     ``create=False`` opens only an existing CAS (else ``FileNotFoundError`` naming
     ``path``, and nothing is created).
 
+    Opening writes nothing; the instance's temp dir is made at its first write.
+    ``read_only``: None (default) opens read-only exactly when the CAS is not
+    writable here (a read-only filesystem or bind mount, or directories this user
+    may not write); True never writes; False requires a writable CAS
+    (``ReadOnlyCASError`` at open otherwise). A read-only instance serves lookups,
+    reads, materialize (an executable variant it lacks becomes a private 0555 copy in
+    the destination), ``usage()`` and ``verify()`` (damage reported, not
+    quarantined); it pins nothing, and a bounded one (``max_bytes``) evicts nothing.
+    Any write it would need raises ``ReadOnlyCASError`` naming the CAS and the
+    operation; a put of content already stored needs none.
+
     Open it after fork: an instance belongs to the process that opened it, and any use
     in a forked child (but ``close``) raises ``FastmatError``. Processes share a CAS by
     each opening it.
@@ -160,34 +197,47 @@ class LocalCAS:
         group: str | int | None = None,
         lock_timeout_s: float = locks.DEFAULT_LOCK_TIMEOUT_S,
         create: bool = True,
+        read_only: bool | None = None,
     ) -> None:
         self.root = Path(path).absolute()
-        if not create and not layout.exists(self.root):
+        exists = layout.exists(self.root)
+        if not create and not exists:
             raise FileNotFoundError(errno.ENOENT, "no CAS here", str(self.root))
         self._fsync = fsync
         self.lock_timeout_s = lock_timeout_s
         self.access = Access.of(group)
-        layout.create(self.root, self.access)
+        if not exists or (
+            self.access.gid is not None
+            and read_only is not True
+            and os.access(self.root / layout.TMP, os.W_OK)
+        ):
+            layout.create(self.root, self.access)  # a new CAS, or one shared for the first time
         self._opened = OpenedHere(f"LocalCAS {self.root}")
-        self._root_fd = os.open(self.root, _DIR_PATH)
+        with naming("opening the CAS", self.root):
+            self._root_fd = os.open(self.root, _DIR_PATH)
         fds = [self._root_fd]
         try:
-            self._tmp_parent_fd = os.open(layout.TMP, _DIR, dir_fd=self.root_fd)
-            fds.append(self._tmp_parent_fd)
-            self._locks_fd = os.open(layout.LOCKS, _DIR_PATH, dir_fd=self.root_fd)
-            fds.append(self._locks_fd)
-            self._owned = OwnedDir.create(
-                self._tmp_parent_fd, self.access.dir_mode, self.access.lock_mode
-            )
+            with naming("opening the CAS", self.root):
+                self._tmp_parent_fd = os.open(layout.TMP, _DIR, dir_fd=self.root_fd)
+                fds.append(self._tmp_parent_fd)
+                self._locks_fd = os.open(layout.LOCKS, _DIR_PATH, dir_fd=self.root_fd)
+                fds.append(self._locks_fd)
+                writable = _writable(self._root_fd)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self.tmp_dir = self.root / layout.TMP / self._owned.name
-        self._tmp_fd = self._owned.fd
+        self._ro_errno = 0 if writable else _ro_errno(self.root)
+        self.read_only: bool = not writable if read_only is None else read_only
+        if read_only is False and not writable:
+            for fd in fds:
+                os.close(fd)
+            raise ReadOnlyCASError(self.root, "open it for writing", self._ro_errno)
+        self._scratch_dir: list[OwnedDir] = []  # the temp dir, once a write made it
+        self._scratch_mutex = threading.Lock()
         closers: list[Callable[[bool], None]] = []
         self._finalizer = weakref.finalize(
-            self, _release, self._owned, self._tmp_parent_fd, fds, os.getpid(), closers
+            self, _release, self._scratch_dir, self._tmp_parent_fd, fds, os.getpid(), closers
         )
         self._locks = locks.KeyedLock(
             self._locks_fd, mode=self.access.lock_mode, timeout_s=lock_timeout_s
@@ -198,18 +248,26 @@ class LocalCAS:
         self._reflink: bool | None = None  # probed on first put_file
         self._no_reflink_devs: set[int] = set()
         self._committer = Committer(
-            self._tmp_fd, self._root_fd, fsync=fsync, sync_mode=sync_mode_for(self._tmp_fd)
+            -1, self._root_fd, fsync=fsync, sync_mode=sync_mode_for(self._root_fd), root=self.root
         )
-        self._usage = Usage(
-            self._root_fd,
-            self._tmp_parent_fd,
-            self._tmp_fd,
-            access=self.access,
-            timeout_s=lock_timeout_s,
-        )
+        try:
+            self._usage = Usage(
+                self._root_fd,
+                self._tmp_parent_fd,
+                self._scratch,
+                access=self.access,
+                timeout_s=lock_timeout_s,
+                root=self.root,
+                read_only=self.read_only,
+            )
+        except BaseException:
+            self._finalizer()
+            raise
         closers.append(self._usage.close)
         self.budget = Budget(max_bytes, max_blobs)
         self._evictor: Evictor | None = None
+        if self.read_only:
+            return  # nothing to sweep; nothing is written, so nothing to evict
         if self.budget.bounded:
             self._evictor = Evictor(self._usage, self.budget)
             closers.insert(0, self._evictor.close)
@@ -220,7 +278,7 @@ class LocalCAS:
                 )
         else:
             self._committer.admit = self._record_stored
-        swept = sweep_dead(self._tmp_parent_fd, keep=self._owned.name)
+        swept = sweep_dead(self._tmp_parent_fd, keep=())
         self._count(temp_dirs_swept=swept)
         if swept:
             log.info("CAS %s: swept %d temp dirs of dead owners", self.root, swept)
@@ -245,11 +303,53 @@ class LocalCAS:
         self._opened.check()
         return self._root_fd
 
+    def _scratch(self, operation: str) -> tuple[int, Path]:
+        """(fd, path) of this instance's temp dir, made now if no write made it yet.
+        ``ReadOnlyCASError`` naming ``operation`` on a read-only CAS."""
+        self._opened.check()
+        if self._scratch_dir:
+            owned = self._scratch_dir[0]
+            return owned.fd, self.root / layout.TMP / owned.name
+        if self.read_only:
+            raise ReadOnlyCASError(self.root, operation, self._ro_errno)
+        if not self._finalizer.alive:
+            raise ValueError(f"LocalCAS {self.root} is closed")
+        with self._scratch_mutex:
+            if not self._scratch_dir:
+                try:
+                    owned = OwnedDir.create(
+                        self._tmp_parent_fd, self.access.dir_mode, self.access.lock_mode
+                    )
+                except OSError as e:
+                    if e.errno in _NOT_WRITABLE:  # remounted read-only since the open
+                        raise ReadOnlyCASError(self.root, operation, e.errno) from e
+                    where = f"making this instance's temp dir to {operation}"
+                    raise with_path(e, where, self.root / layout.TMP) from e
+                self._committer.tmp_fd = owned.fd
+                self._committer.tmp_dir = self.root / layout.TMP / owned.name
+                self._scratch_dir.append(owned)
+        owned = self._scratch_dir[0]
+        return owned.fd, self.root / layout.TMP / owned.name
+
     @property
     def tmp_fd(self) -> int:
-        """An fd of this instance's own temp directory."""
-        self._opened.check()
-        return self._tmp_fd
+        """An fd of this instance's own temp directory (made by the first write, or
+        now). ``ReadOnlyCASError`` on a read-only CAS."""
+        return self._scratch("write to it")[0]
+
+    @property
+    def tmp_dir(self) -> Path:
+        """This instance's own temp directory (made by the first write, or now; after
+        ``close`` the one it had). ``ReadOnlyCASError`` on a read-only CAS."""
+        if self._scratch_dir:
+            return self.root / layout.TMP / self._scratch_dir[0].name
+        return self._scratch("write to it")[1]
+
+    @property
+    def rotation_fd(self) -> int:
+        """Where the executor builds an EMLINK rotation's copy: the temp dir, or -1 on
+        a read-only CAS (beside the blob, where a rotation then fails: the link fails)."""
+        return -1 if self.read_only else self.tmp_fd
 
     @property
     def counters(self) -> CASCounters:
@@ -285,9 +385,14 @@ class LocalCAS:
     def _tmp_name(self, what: str) -> str:
         return f"{what}.{next(self._names)}"
 
+    def _tmp_path(self, name: str) -> Path:
+        return self.tmp_dir / name
+
     def _unlink_tmp(self, name: str) -> None:
+        if not self._scratch_dir:
+            return
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(name, dir_fd=self.tmp_fd)
+            os.unlink(name, dir_fd=self._scratch_dir[0].fd)
 
     def commit(self, staged: Sequence[Staged], **counts: int) -> CommitResult:
         """Publishes staged temps as one group (:mod:`fastmat.cas.commit`) and counts
@@ -348,8 +453,10 @@ class LocalCAS:
         if self._is_file(layout.rel(area, d)):
             return
         mode = layout.MODES[area]
+        tmp_fd, _ = self._scratch(f"store the empty blob in {area}/")
         tmp = self._tmp_name("empty")
-        _binding.durable_write(self.tmp_fd, tmp, b"", mode, fsync=False, noreplace=True)
+        with naming("writing blob temp", self._tmp_path(tmp)):
+            _binding.durable_write(tmp_fd, tmp, b"", mode, fsync=False, noreplace=True)
         if mode & 0o111:
             fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
             try:
@@ -390,28 +497,54 @@ class LocalCAS:
 
     # ---- staging: a complete, checked temp (published by a commit) ----
 
-    def _stage_bytes(self, data: bytes, expected: Digest | None) -> tuple[Digest, Staged | None]:
+    def _stage_bytes(
+        self,
+        data: bytes,
+        expected: Digest | None,
+        where: str = "put",
+        pending: Container[Digest] = (),
+        **counts: int,
+    ) -> tuple[Digest, Staged | None]:
+        """Stages ``data`` unless its digest is stored (or in ``pending``: staged by the
+        caller's batch): then nothing is written. ``counts`` are counted if it is."""
         d = Digest.of(data)
         if expected is not None and d != expected:
-            raise DigestMismatchError(expected, d, "put")
-        if d.size_bytes == 0 or d in self:
+            raise DigestMismatchError(expected, d, where)
+        if d.size_bytes == 0 or d in pending or d in self:
             self._count(blobs_present=1)
             return d, None
+        self._scratch(where)
         tmp = self._tmp_name("put")
         self._write_temp(tmp, (data,))
+        if counts:
+            self._count(**counts)
         return d, Staged(tmp, d)
 
     def _stage_file(
-        self, path: str | os.PathLike[str], expected: Digest | None
+        self, path: str | os.PathLike[str], expected: Digest | None, pending: Container[Digest] = ()
     ) -> tuple[Digest, Staged | None]:
+        """Looks first, copies only what is absent: a small file is read once (hashed,
+        and written from memory if absent); a larger one is hashed (reads only), then,
+        if absent, reflinked or streamed into a temp whose bytes are hashed again (a
+        concurrent writer of the source cannot make a blob disagree with its name)."""
         path = os.fspath(path)
         src_fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO: no hang
         try:
             st = os.fstat(src_fd)
             if not stat.S_ISREG(st.st_mode):
                 raise OSError(errno.EINVAL, "put_file needs a regular file", path)
-            if expected is not None and expected in self:  # only check, copy nothing
-                return self._stage_chunks(_read_chunks(src_fd), expected, "put_file")
+            if st.st_size < _SMALL_FILE:
+                data = b"".join(_read_chunks(src_fd))
+                return self._stage_bytes(data, expected, "put_file", pending, copied_files=1)
+            with naming("reading the file to store", path):
+                d = hash_fd(src_fd)
+            if expected is not None and d != expected:
+                raise DigestMismatchError(expected, d, "put_file")
+            if d in pending or d in self:  # stored already: copy nothing
+                self._count(blobs_present=1)
+                return d, None
+            os.lseek(src_fd, 0, os.SEEK_SET)
+            self._scratch("put_file")
             tmp = self._tmp_name("file")
             if not self._reflink_into(path, st.st_dev, tmp):
                 self._count(copied_files=1)
@@ -450,7 +583,7 @@ class LocalCAS:
             )
         except OSError as e:
             if e.errno not in _NO_REFLINK:
-                raise
+                raise with_path(e, f"reflinking {path} into blob temp", self._tmp_path(tmp)) from e
             if e.errno == errno.EXDEV:
                 self._no_reflink_devs.add(dev)
             return False
@@ -472,6 +605,7 @@ class LocalCAS:
                 raise DigestMismatchError(expected, d, where)
             self._count(blobs_present=1)
             return d, None
+        self._scratch(where)
         tmp = self._tmp_name("stream")
         h = hashlib.sha256()
         size = self._write_temp(tmp, chunks, h)
@@ -482,31 +616,36 @@ class LocalCAS:
         """Writes ``chunks`` to a new temp (0444), hashing them into ``h``; the temp is
         removed if anything fails. Starts the writeback of every ``_WRITEBACK_BYTES``
         written (durable instances): the group's sync then finds little left to do."""
-        fd = os.open(
-            tmp,
-            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
-            layout.BLOB_MODE,
-            dir_fd=self.tmp_fd,
-        )
+        tmp_fd, tmp_dir = self._scratch("write a blob")
+        with naming("creating blob temp", tmp_dir / tmp):
+            fd = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                layout.BLOB_MODE,
+                dir_fd=tmp_fd,
+            )
         size = unsynced = 0
         try:
-            for chunk in chunks:
-                if h is not None:
-                    h.update(chunk)
-                size += len(chunk)
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
-                unsynced += len(chunk)
-                if self._fsync and unsynced >= _WRITEBACK_BYTES:
-                    _binding.sync_batch(self.tmp_fd, [tmp.encode()], "writeback")
-                    unsynced = 0
-            os.fchmod(fd, layout.BLOB_MODE)
+            with naming("writing blob temp", tmp_dir / tmp):
+                for chunk in chunks:
+                    if h is not None:
+                        h.update(chunk)
+                    size += len(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    unsynced += len(chunk)
+                    if self._fsync and unsynced >= _WRITEBACK_BYTES:
+                        _binding.sync_batch(tmp_fd, [tmp.encode()], "writeback")
+                        unsynced = 0
+                os.fchmod(fd, layout.BLOB_MODE)
+                closing, fd = fd, -1
+                os.close(closing)  # (closed even when it fails)
         except BaseException:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             self._unlink_tmp(tmp)
             raise
-        os.close(fd)
         return size
 
     def _checked(self, tmp: str, d: Digest, expected: Digest | None, where: str) -> Staged | None:
@@ -523,17 +662,29 @@ class LocalCAS:
 
     def executable_path(self, d: Digest) -> Path:
         """The 0555 variant of blob ``d`` (another inode), built once across threads and
-        processes and the same inode on every later call. BlobNotFoundError if absent."""
+        processes and the same inode on every later call. BlobNotFoundError if absent;
+        ``ReadOnlyCASError`` if the variant is absent and the CAS read-only."""
         rel = self.exec_relpath(d)
         if self._is_file(rel):
             return self.root / rel
+        if self.read_only:
+            if d.size_bytes and not self._is_file(self.relpath(d)):
+                raise BlobNotFoundError(d)
+            raise ReadOnlyCASError(self.root, f"make the executable variant of {d}", self._ro_errno)
         if d.size_bytes == 0:
             self._ensure_empty(d, layout.EXEC)
             return self.root / rel
-        with self._locks.hold(f"{d.key}.exec"):
+        self._scratch(f"make the executable variant of {d}")
+        with contextlib.ExitStack() as held:
+            with naming("taking the variant's lock", self.root / layout.LOCKS / f"{d.key}.exec"):
+                held.enter_context(self._locks.hold(f"{d.key}.exec"))
             if not self._is_file(rel):
                 self._build_variant(d)
         return self.root / rel
+
+    def missing_variants(self, digests: Iterable[Digest]) -> list[Digest]:
+        """The digests whose executable variant is not stored (distinct, in order)."""
+        return [d for d in dict.fromkeys(digests) if not self._is_file(self.exec_relpath(d))]
 
     def ensure_executables(self, digests: Iterable[Digest]) -> None:
         """``executable_path`` for each digest, a few at a time."""
@@ -564,6 +715,9 @@ class LocalCAS:
                 )
             except FileNotFoundError:
                 raise BlobNotFoundError(d) from None
+            except OSError as e:
+                where = f"copying {self.relpath(d)} into variant temp"
+                raise with_path(e, where, self._tmp_path(tmp)) from e
             self._count(**{"exec_variants_built" if attempt == 1 else "exec_variants_rebuilt": 1})
             try:
                 fd = os.open(tmp, _RDONLY, dir_fd=self.tmp_fd)
@@ -616,6 +770,8 @@ class LocalCAS:
         ``max_bytes`` / ``max_blobs`` remain (default: this instance's bounds; neither:
         only the rescan)."""
         self._opened.check()
+        if self.read_only:
+            raise ReadOnlyCASError(self.root, "collect garbage (gc)", self._ro_errno)
         self._usage.compact()
         mb = self.budget.max_bytes if max_bytes is None else max_bytes
         mn = self.budget.max_blobs if max_blobs is None else max_blobs
@@ -669,10 +825,19 @@ class LocalCAS:
 
     # ---- verification ----
 
-    def verify(self, *, progress: ProgressFn | None = None) -> VerifyReport:
+    def verify(
+        self, *, progress: ProgressFn | None = None, quarantine: bool | None = None
+    ) -> VerifyReport:
         """Checks every blob and variant (type, mode, size, hash); moves each damaged
-        one to ``quarantine/`` (it then reads as missing) and reports it."""
-        return verify_cas(self.root, self.root_fd, progress=progress)
+        one to ``quarantine/`` (it then reads as missing) and reports it.
+        ``quarantine=False`` (the default on a read-only CAS, where moving is a write)
+        only reports (``VerifyReport.quarantined`` empty); True on a read-only CAS
+        raises ``ReadOnlyCASError``."""
+        if quarantine is None:
+            quarantine = not self.read_only
+        elif quarantine and self.read_only:
+            raise ReadOnlyCASError(self.root, "quarantine damaged blobs", self._ro_errno)
+        return verify_cas(self.root, self.root_fd, progress=progress, quarantine=quarantine)
 
     def quarantine_stamp(self) -> tuple[int, int, int, int]:
         """A fingerprint of ``quarantine/`` (one stat): it changes when verify
@@ -719,10 +884,10 @@ class Batch:
     def put(self, data: bytes, *, expected: Digest | None = None) -> Digest:
         if expected is not None and expected in self._staged:
             return self._dup(expected, Digest.of(data), "put")
-        return self._add(*self.cas._stage_bytes(data, expected))
+        return self._add(*self.cas._stage_bytes(data, expected, "put", self._staged))
 
     def put_file(self, path: str | os.PathLike[str], *, expected: Digest | None = None) -> Digest:
-        return self._add(*self.cas._stage_file(path, expected))
+        return self._add(*self.cas._stage_file(path, expected, self._staged))
 
     def put_stream(self, chunks: Iterable[bytes], expected: Digest | None) -> Digest:
         return self._add(*self.cas._stage_chunks(chunks, expected, "put_stream"))

@@ -20,6 +20,12 @@ a key. Readers replay the logs into an :class:`Index`, then follow their tails;
 garbage (a chunk torn by a crash) is skipped. The logs are hints for the policy,
 never fsync'ed: after a crash a compaction rescans the shard directories.
 
+Read-only (an instance of a read-only CAS, issue 12): the logs and the lock file are
+opened for reading (absent ones read as empty), nothing is ever written, nothing
+compacted (a never-compacted record is reported as it is), and a pin pins nothing:
+such an opener cannot keep a writer elsewhere from evicting what it links (it then
+fails with ``BlobNotFoundError``, its destination absent).
+
 Pins: a running materialize, fetch or cache construction writes the names it needs
 to ``tmp/<instance>/pin.<n>`` (removed at the end, with the instance's temp dir if
 it dies) before it looks for them in the CAS. Eviction reads every pin file and
@@ -47,11 +53,12 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from fastmat.cas import layout
-from fastmat.errors import LockTimeoutError
+from fastmat.errors import LockTimeoutError, ReadOnlyCASError, naming
 from fastmat.fs.access import Access
 from fastmat.fs.locks import DEFAULT_LOCK_TIMEOUT_S, flock_within, lock_path, open_lock
 
@@ -187,41 +194,60 @@ class Index:
 class _Log:
     """One append-only log file followed from where this process last read it."""
 
-    def __init__(self, dir_fd: int, name: str, mode: int) -> None:
+    def __init__(self, dir_fd: int, name: str, mode: int, path: Path, *, writable: bool) -> None:
         self.dir_fd = dir_fd
         self.name = name
         self.mode = mode
-        self.fd = _open_file(dir_fd, name, _APPEND, mode)
-        self.ino = os.fstat(self.fd).st_ino
+        self.path = path  # for messages
+        self.writable = writable
+        self.fd = -1
+        self.ino = 0
+        self._open()
         self.offset = 0
         self.kind = b""  # the header of a chunk whose body was not read yet
         self.t = 0
 
+    def _open(self) -> None:
+        with naming("opening the CAS use record", self.path):
+            if self.writable:
+                self.fd = _open_file(self.dir_fd, self.name, _APPEND, self.mode)
+            elif self.dir_fd >= 0:
+                try:
+                    self.fd = os.open(self.name, _READ, dir_fd=self.dir_fd)
+                except (FileNotFoundError, PermissionError):
+                    self.fd = -1  # never written, or another user's: reads as empty
+        self.ino = os.fstat(self.fd).st_ino if self.fd >= 0 else 0
+
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
     def replaced(self) -> bool:
         """Whether a compaction put another file under the name (lock held)."""
+        if self.dir_fd < 0:
+            return False
         try:
             return os.stat(self.name, dir_fd=self.dir_fd, follow_symlinks=False).st_ino != self.ino
         except FileNotFoundError:
             return True
 
     def reopen(self) -> None:
-        os.close(self.fd)
-        self.fd = _open_file(self.dir_fd, self.name, _APPEND, self.mode)
-        self.ino = os.fstat(self.fd).st_ino
+        self.close()
+        self._open()
         self.offset = 0
         self.kind = b""
 
     def append(self, data: bytes) -> int:
-        n = os.write(self.fd, data)
+        with naming("appending to the CAS use record", self.path):
+            n = os.write(self.fd, data)
         if n != len(data):  # a full disk: a torn chunk, skipped by readers
-            raise OSError(errno.ENOSPC, "short write to the CAS use log", self.name)
+            msg = f"{os.strerror(errno.ENOSPC)} (short write to the CAS use record)"
+            raise OSError(errno.ENOSPC, msg, str(self.path))
         return n
 
     def size(self) -> int:
-        return os.fstat(self.fd).st_size
+        return os.fstat(self.fd).st_size if self.fd >= 0 else 0
 
     def read_new(self) -> Iterator[tuple[bytes, int, bytes]]:
         """The complete chunks appended since the last call: (kind, time, body)."""
@@ -252,10 +278,11 @@ class Pin:
         self.body: list[bytes] = []
 
     def add(self, names: bytes) -> None:
-        """Pins more names (``\\0``-separated) before the caller looks for them."""
-        if not names:
+        """Pins more names (``\\0``-separated) before the caller looks for them (a
+        read-only instance's pin pins nothing)."""
+        if not names or self.fd < 0:
             return
-        with self._usage.shared():
+        with self._usage.shared(), naming("writing a pin file", self._usage.pin_path(self.name)):
             os.write(self.fd, names + b"\0")
         self.body.append(names)
 
@@ -267,27 +294,46 @@ class Usage:
         self,
         root_fd: int,
         tmp_parent_fd: int,
-        tmp_fd: int,
+        scratch: Callable[[str], tuple[int, Path]],
         *,
         access: Access | None = None,
         timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+        root: Path | None = None,
+        read_only: bool = False,
     ) -> None:
         self.root_fd = root_fd
         self.tmp_parent_fd = tmp_parent_fd
-        self.tmp_fd = tmp_fd
+        self.scratch = scratch  # (fd, path) of the instance's temp dir, made on first need
         self.access = access or Access()
         self.timeout_s = timeout_s
+        self.read_only = read_only
+        self.root = root or Path(".")
         mode = self.access.lock_mode  # 0600, or 0660 when the CAS is shared with a group
         self.file_mode = mode
         fds: list[int] = []
+        where = self.root / layout.USAGE
         try:
-            self.dir_fd = _open_usage_dir(root_fd, self.access)
-            fds.append(self.dir_fd)
-            self.lock_fd = open_lock(self.dir_fd, layout.USAGE_LOCK, mode)
-            fds.append(self.lock_fd)
-            self.store = _Log(self.dir_fd, layout.STORE_LOG, mode)
-            fds.append(self.store.fd)
-            self.uses = _Log(self.dir_fd, layout.USES_LOG, mode)
+            with naming("opening the CAS use record", where):
+                self.dir_fd = _open_usage_dir(root_fd, self.access, create=not read_only)
+                if self.dir_fd >= 0:
+                    fds.append(self.dir_fd)
+                self.lock_fd = -1
+                if not read_only:
+                    self.lock_fd = open_lock(self.dir_fd, layout.USAGE_LOCK, mode)
+                elif self.dir_fd >= 0:
+                    with contextlib.suppress(FileNotFoundError, PermissionError):
+                        self.lock_fd = os.open(layout.USAGE_LOCK, _READ, dir_fd=self.dir_fd)
+                if self.lock_fd >= 0:
+                    fds.append(self.lock_fd)
+            writable = not read_only
+            self.store = _Log(
+                self.dir_fd, layout.STORE_LOG, mode, where / layout.STORE_LOG, writable=writable
+            )
+            if self.store.fd >= 0:
+                fds.append(self.store.fd)
+            self.uses = _Log(
+                self.dir_fd, layout.USES_LOG, mode, where / layout.USES_LOG, writable=writable
+            )
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -306,15 +352,24 @@ class Usage:
         if in_child:
             if not self._closed:
                 self._closed = True
-                for fd in (self.store.fd, self.uses.fd, self.lock_fd, self.dir_fd):
-                    os.close(fd)
+                self._close_fds()
             return
         with self._compacting, self._mutex:  # _compacting: held by a compaction thread
             if self._closed:
                 return
             self._closed = True
-            for fd in (self.store.fd, self.uses.fd, self.lock_fd, self.dir_fd):
+            self._close_fds()
+
+    def _close_fds(self) -> None:
+        self.store.close()
+        self.uses.close()
+        for fd in (self.lock_fd, self.dir_fd):
+            if fd >= 0:
                 os.close(fd)
+
+    def pin_path(self, name: str) -> Path:
+        """A pin file's full path (for messages)."""
+        return self.scratch("pin")[1] / name
 
     # ---- the lock ----
 
@@ -325,6 +380,12 @@ class Usage:
         if not self._mutex.acquire(timeout=self.timeout_s):
             path = lock_path(self.dir_fd, layout.USAGE_LOCK)
             raise LockTimeoutError(path, self.timeout_s, os.getpid())
+        if self.lock_fd < 0:  # read-only, and no writer ever made the lock file
+            try:
+                yield
+            finally:
+                self._mutex.release()
+            return
         try:
             flock_within(
                 self.lock_fd,
@@ -348,6 +409,8 @@ class Usage:
     # ---- writing (lock held by the caller) ----
 
     def _append(self, log_: _Log, kind: bytes, names: Iterable[bytes] | bytes) -> None:
+        if self.read_only:
+            raise ReadOnlyCASError(self.root, "write the use record")
         body = names if isinstance(names, bytes) else b"\0".join(names)
         if not body:
             return
@@ -374,15 +437,19 @@ class Usage:
     def pin(self, names: bytes) -> Iterator[Pin]:
         """Pins ``names`` (``\\0``-separated) for the ``with`` block; records their use
         (``U``) when it ends."""
+        if self.read_only:  # nothing can be written: a pin that pins nothing
+            yield Pin(self, "", -1)
+            return
         name = f"{_PIN_PREFIX}{next(self._pins)}"
-        with self.shared():
-            fd = _open_file(self.tmp_fd, name, _APPEND | os.O_EXCL, self.file_mode)
+        tmp_fd, tmp_dir = self.scratch("pin blobs")
+        with self.shared(), naming("writing a pin file", tmp_dir / name):
+            fd = _open_file(tmp_fd, name, _APPEND | os.O_EXCL, self.file_mode)
             try:
                 if names:
                     os.write(fd, names + b"\0")
             except BaseException:
                 os.close(fd)
-                os.unlink(name, dir_fd=self.tmp_fd)
+                os.unlink(name, dir_fd=tmp_fd)
                 raise
         pin = Pin(self, name, fd)
         pin.body.append(names)
@@ -395,7 +462,7 @@ class Usage:
             finally:
                 os.close(fd)
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(name, dir_fd=self.tmp_fd)
+                    os.unlink(name, dir_fd=tmp_fd)
             self.maybe_compact()
 
     def pinned_keys(self) -> set[bytes]:
@@ -408,6 +475,10 @@ class Usage:
                 dfd = os.open(owner, _DIR, dir_fd=self.tmp_parent_fd)
             except (FileNotFoundError, NotADirectoryError):
                 continue
+            except PermissionError:
+                if self.read_only:  # another user's: a reader only reports, never evicts
+                    continue
+                raise
             try:
                 with os.scandir(dfd) as it:
                     pins = [e.name for e in it if e.name.startswith(_PIN_PREFIX)]
@@ -454,7 +525,7 @@ class Usage:
         """The up-to-date index (takes LOCK_SH; reconciles a never-compacted log)."""
         with self.shared():
             idx = self._tail()
-        if not idx.reconciled:
+        if not idx.reconciled and not self.read_only:
             with self.exclusive():
                 idx = self._tail()
                 if not idx.reconciled:
@@ -585,13 +656,15 @@ class Usage:
         log.info("CAS use record compacted: %d keys", len(idx.entries))
 
 
-def _open_usage_dir(root_fd: int, access: Access) -> int:
+def _open_usage_dir(root_fd: int, access: Access, *, create: bool = True) -> int:
     """``usage/``, made at first use (a CAS older than the use record has none) with
-    the CAS's access (private, or the shared group's 2770)."""
+    the CAS's access (private, or the shared group's 2770); -1 if absent and not
+    ``create``."""
     try:
         return os.open(layout.USAGE, _DIR, dir_fd=root_fd)
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, PermissionError):
+        if not create:
+            return -1  # read-only: no record (or another user's), read as empty
     made = True
     try:
         os.mkdir(layout.USAGE, 0o755 if access.gid is None else 0o2770, dir_fd=root_fd)

@@ -23,6 +23,7 @@ from fastmat import _binding
 from fastmat.cas import layout
 from fastmat.control import ProgressFn, Reporter
 from fastmat.digest import Digest, InvalidDigestError, hash_fd
+from fastmat.errors import naming
 
 log = logging.getLogger("fastmat")
 
@@ -39,7 +40,8 @@ class DamagedBlob(NamedTuple):
 
 @dataclass
 class VerifyReport:
-    """The result of ``LocalCAS.verify()``; every damaged file is already in quarantine."""
+    """The result of ``LocalCAS.verify()``; every damaged file is already in quarantine,
+    unless the verify only reported (``quarantining`` False: a read-only CAS)."""
 
     blobs_checked: int = 0
     exec_checked: int = 0
@@ -48,36 +50,45 @@ class VerifyReport:
     unexpected: list[str] = field(default_factory=list)  # foreign names, quarantined too
     quarantined: list[Path] = field(default_factory=list)
     duration_s: float = 0.0
+    quarantining: bool = True  # False: damage reported, left in place
 
     @property
     def ok(self) -> bool:
         return not self.damaged and not self.unexpected
 
 
-def verify_cas(root: Path, root_fd: int, *, progress: ProgressFn | None = None) -> VerifyReport:
+def verify_cas(
+    root: Path, root_fd: int, *, progress: ProgressFn | None = None, quarantine: bool = True
+) -> VerifyReport:
     """Checks every blob and variant (type, mode, size, hash); moves each damaged
-    one to ``quarantine/`` (it then reads as missing) and reports it. ``progress`` is
+    one to ``quarantine/`` (it then reads as missing; not with ``quarantine=False``,
+    which writes nothing) and reports it. ``progress`` is
     told the bytes checked of the total the names announce ("verify", at a bounded
     rate; counting them costs one more listing of the shards, made only then); it may
     raise to stop the verify between two files."""
-    report = VerifyReport()
+    report = VerifyReport(quarantining=quarantine)
     t0 = time.monotonic()
     reporter = None
     if progress is not None:
         reporter = Reporter(progress, "verify", _announced_bytes(root_fd), "bytes")
-    q_fd = os.open(layout.QUARANTINE, _DIR, dir_fd=root_fd)
+    q_fd = -1
     try:
+        if quarantine:
+            with naming("opening the quarantine", root / layout.QUARANTINE):
+                q_fd = os.open(layout.QUARANTINE, _DIR, dir_fd=root_fd)
         for area in layout.AREAS:
             for hh in layout.SHARDS:
-                dir_fd = os.open(f"{area}/{hh}", _DIR, dir_fd=root_fd)
-                try:
-                    _verify_dir(root, dir_fd, hh, area, q_fd=q_fd, report=report)
-                finally:
-                    os.close(dir_fd)
+                with naming("verifying", root / area / hh):
+                    dir_fd = os.open(f"{area}/{hh}", _DIR, dir_fd=root_fd)
+                    try:
+                        _verify_dir(root, dir_fd, hh, area, q_fd=q_fd, report=report)
+                    finally:
+                        os.close(dir_fd)
                 if reporter is not None:
                     reporter.set(report.bytes_checked)
     finally:
-        os.close(q_fd)
+        if q_fd >= 0:
+            os.close(q_fd)
     if reporter is not None:
         reporter.finish()
     report.duration_s = time.monotonic() - t0
@@ -137,6 +148,8 @@ def _verify_dir(
             if reason is None:
                 continue
             report.damaged.append(DamagedBlob(d, reason, kind))
+        if q_fd < 0:
+            continue  # report only: moving is a write
         qname = f"{kind}.{name}.{os.getpid()}.{secrets.token_hex(4)}"
         try:
             os.rename(name, qname, src_dir_fd=dir_fd, dst_dir_fd=q_fd)

@@ -79,7 +79,7 @@ def _name(filename: object) -> str:
 
 def _error_line(e: BaseException) -> str:
     """One clear line: the strerror and the paths for an OSError, the message otherwise."""
-    if isinstance(e, OSError) and e.strerror:
+    if isinstance(e, OSError) and e.strerror and not isinstance(e, FastmatError):
         where = ""
         if e.filename is not None:
             where = f": {_name(e.filename)}"

@@ -343,6 +343,7 @@ def cmd_verify(args: argparse.Namespace) -> Outcome:
             ],
             "unexpected": list(report.unexpected),
             "quarantined": [str(p) for p in report.quarantined],
+            "quarantining": report.quarantining,
             "duration_s": round(report.duration_s, 3),
         }
         lines = [
@@ -353,6 +354,8 @@ def cmd_verify(args: argparse.Namespace) -> Outcome:
         lines += [f"unexpected file: {name}" for name in report.unexpected]
         if report.quarantined:
             lines.append(f"moved {len(report.quarantined)} file(s) to {cas.root / 'quarantine'}")
+        if not report.quarantining and not report.ok:
+            lines.append(f"read-only CAS {cas.root}: nothing quarantined (damage left in place)")
         ok = report.ok
         if cache_report is not None:
             c = cache_report

@@ -121,7 +121,7 @@ class _Linker:
             threads=self.threads,
             max_inflight=self.inflight,
             dirs_exist=not first,
-            tmp_dirfd=self.cas.tmp_fd,
+            tmp_dirfd=self.cas.rotation_fd,
             ctl=self.ctl,
         )
         if res.rc == -errno.ECANCELED and self.ctl.cancelled:

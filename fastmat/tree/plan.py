@@ -9,7 +9,8 @@ for error messages are rebuilt from the arrays (:meth:`Plan.path_of_entry`).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
+from dataclasses import replace
 
 from fastmat._binding import PlanArrays
 from fastmat.cas import layout
@@ -102,6 +103,29 @@ class Plan:
         srcs = self.arrays.srcs.split(b"\0")
         variant = layout.variant_of(blob)
         return next(i for i, s in enumerate(srcs) if s in (blob, variant))
+
+    def with_private_executables(self, variants: Collection[bytes]) -> Plan:
+        """This plan with every LINK of an ``exec/..`` name in ``variants`` turned into a
+        COPY of its plain blob (a private inode with the entry's 0555 mode): how a
+        read-only CAS that lacks the variants still serves the tree (issue 12)."""
+        a = self.arrays
+        srcs = a.srcs.split(b"\0")[: a.n_entries]
+        op = bytearray(a.op)
+        for i, src in enumerate(srcs):
+            if op[i] == OP_LINK and src in variants:
+                op[i] = OP_COPY
+                srcs[i] = layout.plain_of(src)
+        arrays = replace(a, op=bytes(op), srcs=b"".join(x + b"\0" for x in srcs))
+        return Plan(
+            self.root,
+            arrays,
+            exec_digests=[
+                d for d in self.exec_digests if layout.rel(layout.EXEC, d).encode() not in variants
+            ],
+            n_files=self.n_files,
+            n_bytes=self.n_bytes,
+            blobs=self.blobs,
+        )
 
     def blob_srcs(self) -> dict[bytes, int]:
         """Distinct CAS blobs the plan reads (``blobs/..`` relpaths) -> first entry index.
