@@ -249,7 +249,11 @@ def test_another_instance_replays_the_same_index(tmp_path: Path) -> None:
     with LocalCAS(tmp_path / "cas", max_bytes=500 * KB) as a, LocalCAS(tmp_path / "cas") as b:
         for i in range(9):
             (a if i % 2 else b).put(blob(i))
+        # down to the low watermark (400 KB) now, so that a's background eviction has
+        # nothing left to do while the two indexes are read
+        a.gc(max_bytes=400 * KB)
         ia, ib = a.index, b.index
+        assert ia.counters.evictions > 0
         assert (ia.total_bytes, ia.total_names) == (ib.total_bytes, ib.total_names)
         assert ia.entries == ib.entries
         assert ia.total_bytes == bytes_on_disk(a)
