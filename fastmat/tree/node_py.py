@@ -1,61 +1,46 @@
-"""Validating one ``Directory`` message and packing it into a :class:`Node`.
+"""The reference implementation of :func:`fastmat.tree.node.decode_node`, in Python.
 
-A :class:`Node` is the packed form of one distinct ``Directory`` digest: its
-entries (files, then symlinks) as ready-to-join byte strings and arrays, and
-its subdirectories. This is the per-file hot path of loading a tree; the
-decisions it enforces are listed in :mod:`fastmat.tree.load`.
+:func:`build_node` validates a upb-decoded ``Directory`` and packs it into a
+:class:`~fastmat.tree.node.Node`; :func:`decode_node_py` decodes the bytes
+first. This is the rule book written out plainly (it was the production path
+until the C core's ``fm_dir_decode`` took over): ``tests/test_native_decode.py``
+checks that both give the same ``Node``, or the same ``BadNode`` message and
+name, for generated and mutated messages. Nothing loads a tree with it;
+``benches/bench_materialize.py`` times it beside the C path.
+
+One documented difference: the C core refuses every group (wire types 3 and
+4; proto3 has none), where upb skips an unknown one.
 """
 
 from __future__ import annotations
 
 import re
 from array import array
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from fastmat import proto
 from fastmat.cas.layout import blob_rel, blob_rels, exec_rel
 from fastmat.digest import EMPTY_DIGEST, Digest
+from fastmat.tree.node import (
+    OP_COPY,
+    OP_EMPTY,
+    OP_LINK,
+    BadNode,
+    Node,
+    UndecodableNode,
+)
 
 if TYPE_CHECKING:
     from fastmat.tree.limits import TreeLimits
 
-__all__ = ["OP_COPY", "OP_EMPTY", "OP_LINK", "OP_SYMLINK", "BadNode", "Node", "build_node"]
+__all__ = ["build_node", "decode_node_py"]
 
-# FM_OP_* from csrc/fastmat.h (repeated here so validation never needs the C core).
-OP_LINK, OP_SYMLINK, OP_EMPTY, OP_COPY = 1, 2, 3, 4
 _HASHES = re.compile(r"(?:[0-9a-f]{64}\n)*")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _EMPTY_HASH = EMPTY_DIGEST.hash
 _RESERVED = ("", ".", "..")
 _MODE_444, _MODE_777, _NO_MTIME = (0o444,), (0o777,), (-1,)
 _MAX_MTIME_NS = 2**63 - 1  # the executor's int64 (-1: none)
-
-
-class BadNode(Exception):
-    """A ``Directory`` failed validation; ``name`` is the offending entry ("" = itself)."""
-
-    def __init__(self, message: str, name: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.name = name
-
-
-@dataclass(slots=True)
-class Node:
-    """One distinct ``Directory``, validated and packed."""
-
-    n: int  # entries: files + symlinks
-    ops: bytes
-    names: bytes  # NUL-terminated each
-    srcs: bytes  # NUL-terminated each: CAS relpath, symlink target, or b""
-    modes: array[int]
-    mtimes: array[int] | None
-    children: list[tuple[bytes, str]]  # (name, "hash-size" key)
-    n_files: int
-    n_bytes: int
-    exec_digests: list[Digest]
-    blobs: list[bytes]  # the ``blobs/..`` relpaths its files read (exec: the plain blob)
-    longest_name: int  # UTF-8 bytes of its longest entry name (directories too); 0: empty
 
 
 def _name_problem(name: str, limits: TreeLimits) -> str | None:
@@ -135,8 +120,8 @@ def _check_hashes(hashes: list[str], names: list[str], what: str) -> None:
 def build_node(msg: Any, limits: TreeLimits) -> Node:
     """Validates one decoded ``Directory`` and packs it; raises :class:`BadNode`.
 
-    This is the per-file hot path: a few list comprehensions over the upb
-    message, one join and one encode per directory, no per-file objects kept.
+    A few list comprehensions over the upb message, one join and one encode per
+    directory, no per-file objects kept (it was the hot path).
     """
     files, syms, dirs = list(msg.files), msg.symlinks, list(msg.directories)
     fnames = [f.name for f in files]
@@ -235,3 +220,13 @@ def build_node(msg: Any, limits: TreeLimits) -> Node:
         blobs=blobs,
         longest_name=longest,
     )
+
+
+def decode_node_py(data: bytes, limits: TreeLimits) -> Node:
+    """:func:`build_node` of the bytes decoded by upb; :class:`UndecodableNode` when
+    upb refuses them (``fastmat.tree.node.decode_node``'s contract)."""
+    try:
+        msg = proto.Directory.FromString(data)
+    except proto.DecodeError as e:
+        raise UndecodableNode(str(e)) from e
+    return build_node(msg, limits)
