@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 6
+#define FM_ABI_VERSION 7
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -53,6 +53,88 @@
 #define FM_EXEC_DIRS_EXIST 1 /* directories already created by an earlier call */
 #define FM_EXEC_KEEP_GOING 2 /* do not stop at the first failing entry */
 #define FM_EXEC_CHECK_SRCS 4 /* check every LINK / COPY src before creating anything */
+
+/* ---- Directory decoding (fm_dir_decode) ---- */
+/* The lists of a Directory message (struct fm_dir_error.list). */
+#define FM_DIR_FILES 0
+#define FM_DIR_DIRS 1
+#define FM_DIR_SYMLINKS 2
+/* Why a message was refused (struct fm_dir_error.code). The first group are
+ * wire-format refusals (the message is not a decodable Directory). */
+#define FM_DIR_E_TRUNCATED 1  /* a varint, fixed field or length runs past its end */
+#define FM_DIR_E_VARINT 2     /* a varint longer than 10 bytes */
+#define FM_DIR_E_TAG 3        /* a tag over 5 bytes or 2**32 - 1, or field number 0 */
+#define FM_DIR_E_WIRETYPE 4   /* wire type 6 or 7 */
+#define FM_DIR_E_GROUP 5      /* wire type 3 or 4: a group (see fm_dir_decode) */
+#define FM_DIR_E_UTF8 6       /* a string field that is not valid UTF-8 */
+#define FM_DIR_E_SIZE 7       /* the message is 2 GiB or larger */
+#define FM_DIR_E_WIRE_MAX 7   /* codes up to this one are wire-format refusals */
+#define FM_DIR_E_UNSORTED 8   /* list not sorted: name before str (the next name) */
+#define FM_DIR_E_TOO_MANY 9   /* more entries than max_entries */
+#define FM_DIR_E_RESERVED 10  /* name is "", "." or ".." */
+#define FM_DIR_E_SLASH 11     /* name holds '/' or NUL */
+#define FM_DIR_E_LONG 12      /* name longer than max_name_bytes */
+#define FM_DIR_E_DUPLICATE 13 /* name already used by an earlier entry */
+#define FM_DIR_E_HASH 14      /* digest hash (str) not 64 lowercase hex digits */
+#define FM_DIR_E_DIGEST 15    /* digest str/num[0] impossible: size < 0, or 0 not empty */
+#define FM_DIR_E_MODE 16      /* file unix_mode num[0] above 07777 */
+#define FM_DIR_E_MTIME 17     /* file mtime num[0] s num[1] ns out of [0, 2**63 - 1] ns */
+#define FM_DIR_E_TARGET 18    /* symlink target (str) empty, with NUL or too long */
+
+struct fm_dir_opts {
+    int64_t max_entries;      /* files + directories + symlinks (TreeLimits) */
+    int64_t max_name_bytes;   /* UTF-8 bytes of one name */
+    int64_t max_target_bytes; /* UTF-8 bytes of one symlink target */
+    const char *blob_prefix;  /* "blobs/": a blob's area, from fastmat.cas.layout */
+    const char *exec_prefix;  /* "exec/": its executable variant's area */
+};
+
+/* Why fm_dir_decode refused a message; byte ranges are offsets into its buf. */
+struct fm_dir_error {
+    uint32_t code;     /* FM_DIR_E_* */
+    uint32_t list;     /* FM_DIR_FILES / DIRS / SYMLINKS of the offending entry */
+    uint64_t index;    /* the entry's index in that list */
+    uint64_t offset;   /* wire-format refusals: where in buf */
+    uint64_t name_off; /* the entry's name (empty for FM_DIR_E_TOO_MANY and wire refusals) */
+    uint64_t name_len;
+    uint64_t str_off; /* the next name, the hash or the target, as the code says */
+    uint64_t str_len;
+    int64_t num[2];
+};
+
+/*
+ * A decoded Directory: this header, then the parts it locates (offsets from
+ * the header's address; every field a uint64_t, so Python can read the
+ * header as native "Q"s). Entries are the files in message order, then
+ * the symlinks. Strings are packed back to back, each NUL-terminated.
+ */
+struct fm_dir {
+    uint64_t size; /* bytes of the block, header included */
+    uint64_t n_files;
+    uint64_t n_symlinks;
+    uint64_t n_dirs;
+    uint64_t n_blobs;      /* files with a blob (size > 0) */
+    uint64_t n_execs;      /* executable files linked from the exec area */
+    uint64_t longest_name; /* UTF-8 bytes of the longest name, directories too */
+    uint64_t n_bytes_lo;   /* the sum of the file sizes: lo + hi * 2**64 */
+    uint64_t n_bytes_hi;
+    uint64_t has_mtimes; /* some file has a NodeProperties mtime */
+    uint64_t mtimes;     /* int64_t[n] (-1: none), when has_mtimes */
+    uint64_t modes;      /* uint32_t[n] */
+    uint64_t ops;        /* uint8_t[n]: FM_OP_* */
+    uint64_t names;      /* n names */
+    uint64_t names_len;
+    uint64_t srcs; /* n: "<prefix><hh>/<hash>-<size>", "" (EMPTY) or a symlink target */
+    uint64_t srcs_len;
+    uint64_t blobs; /* n_blobs: the blob path each file with bytes reads */
+    uint64_t blobs_len;
+    uint64_t execs; /* n_execs: "<hash>-<size>" of each exec-linked file */
+    uint64_t execs_len;
+    uint64_t child_names; /* n_dirs: the directories' names */
+    uint64_t child_names_len;
+    uint64_t child_keys; /* n_dirs: "<hash>-<size>" of each directory */
+    uint64_t child_keys_len;
+};
 
 /* ---- fault injection sites (tests only; fm_inject) ---- */
 #define FM_SITE_LINK 1    /* linkat of a plan entry */
@@ -263,6 +345,31 @@ int32_t fm_umount(const char *target, int32_t detach);
 /* macOS: clonefile(src, dst, CLONE_NOFOLLOW) of a whole tree. -ENOTSUP
  * elsewhere. */
 int32_t fm_clone_tree(int32_t src_dirfd, const char *src, int32_t dst_dirfd, const char *dst);
+
+/*
+ * Decodes one REAPI v2 Directory message (untrusted bytes) and validates it
+ * as fastmat.tree.node_py.build_node does, in the same order, so that the
+ * first problem found is the same one. On success *out gets a malloc'ed
+ * struct fm_dir (free it with fm_dir_free) and *err is untouched; on any
+ * failure *out is untouched.
+ *
+ * Wire format: varints of at most 10 bytes (bits past 64 dropped, as upb
+ * does), tags of at most 5 bytes, lengths within their enclosing message,
+ * strings valid UTF-8 (every occurrence), unknown fields and known fields
+ * with another wire type skipped (types 0, 1, 2, 5). Groups (types 3 and 4)
+ * are refused: proto3 has none, upb would skip unknown ones. A singular
+ * field given twice: the last scalar wins, messages merge (protobuf's rules).
+ * Every nested message is decoded, ignored ones too (NodeProperties of the
+ * Directory and its symlinks, NodeProperty), as upb decodes them.
+ *
+ * Returns 0, -EINVAL when the message is refused (*err says why: code, the
+ * entry and what is wrong with it), -ENOMEM.
+ */
+int32_t fm_dir_decode(const uint8_t *buf, uint64_t len, const struct fm_dir_opts *opts,
+                      struct fm_dir **out, struct fm_dir_error *err);
+
+/* Frees what fm_dir_decode returned (NULL is fine). */
+void fm_dir_free(struct fm_dir *dir);
 
 /* Tests only: the next `count` calls at `site` fail with `err` (a negative
  * errno) without doing the syscall. count 0 clears the site. Thread-safe. */

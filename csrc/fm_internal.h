@@ -13,7 +13,8 @@
  *   fm_probe.c   version, capabilities, probes               calls: sys file
  *   fm_walk.c    remove_tree                                 calls: sys
  *   fm_mount.c   overlay mounts, clone_tree                  calls: sys
- * The last five define no fm__ helper, so they have no section here.
+ *   fm_decode.c  Directory messages decoded and validated    calls: -
+ * The last six define no fm__ helper, so they have no section here.
  */
 #ifndef FM_INTERNAL_H
 #define FM_INTERNAL_H

@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import errno
 import os
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -442,6 +443,185 @@ def floor_exec(dest_dirfd: int, src_dirfd: int, plan: PlanArrays, threads: int) 
     elapsed = ffi.new("uint64_t *")
     check(lib.fm_floor_exec(dest_dirfd, src_dirfd, cplan.c, threads, elapsed))
     return int(elapsed[0])
+
+
+# ---- Directory messages (fm_dir_decode) ----
+
+DIR_FILES: int = lib.FM_DIR_FILES
+DIR_DIRS: int = lib.FM_DIR_DIRS
+DIR_SYMLINKS: int = lib.FM_DIR_SYMLINKS
+DIR_E_TRUNCATED: int = lib.FM_DIR_E_TRUNCATED
+DIR_E_VARINT: int = lib.FM_DIR_E_VARINT
+DIR_E_TAG: int = lib.FM_DIR_E_TAG
+DIR_E_WIRETYPE: int = lib.FM_DIR_E_WIRETYPE
+DIR_E_GROUP: int = lib.FM_DIR_E_GROUP
+DIR_E_UTF8: int = lib.FM_DIR_E_UTF8
+DIR_E_SIZE: int = lib.FM_DIR_E_SIZE
+DIR_E_WIRE_MAX: int = lib.FM_DIR_E_WIRE_MAX
+DIR_E_UNSORTED: int = lib.FM_DIR_E_UNSORTED
+DIR_E_TOO_MANY: int = lib.FM_DIR_E_TOO_MANY
+DIR_E_RESERVED: int = lib.FM_DIR_E_RESERVED
+DIR_E_SLASH: int = lib.FM_DIR_E_SLASH
+DIR_E_LONG: int = lib.FM_DIR_E_LONG
+DIR_E_DUPLICATE: int = lib.FM_DIR_E_DUPLICATE
+DIR_E_HASH: int = lib.FM_DIR_E_HASH
+DIR_E_DIGEST: int = lib.FM_DIR_E_DIGEST
+DIR_E_MODE: int = lib.FM_DIR_E_MODE
+DIR_E_MTIME: int = lib.FM_DIR_E_MTIME
+DIR_E_TARGET: int = lib.FM_DIR_E_TARGET
+
+# struct fm_dir: every field a uint64_t (csrc/fastmat.h), read in one unpack.
+_DIR_HEADER = struct.Struct(f"={ffi.sizeof('struct fm_dir') // 8}Q")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+class DirectoryRefused(Exception):
+    """``fm_dir_decode`` refused a message. ``code`` is a ``DIR_E_*``; codes up to
+    ``DIR_E_WIRE_MAX`` are wire-format refusals (``offset``: where). Otherwise the
+    entry is ``index`` of list ``which`` (``DIR_FILES`` / ``DIR_DIRS`` /
+    ``DIR_SYMLINKS``), ``name`` its name, ``text`` the other string the code names
+    (the next name, the hash, the target) and ``nums`` the numbers (size, mode,
+    mtime seconds and nanoseconds); strings are the message's UTF-8 bytes."""
+
+    def __init__(
+        self,
+        code: int,
+        *,
+        which: int,
+        index: int,
+        name: bytes,
+        text: bytes,
+        nums: tuple[int, int],
+        offset: int,
+    ) -> None:
+        super().__init__(code, which, index, name, text, nums, offset)
+        self.code = code
+        self.which = which
+        self.index = index
+        self.name = name
+        self.text = text
+        self.nums = nums
+        self.offset = offset
+
+
+@dataclass(slots=True)
+class DecodedDirectory:
+    """``struct fm_dir`` as Python values (entries: the files, then the symlinks)."""
+
+    n_files: int
+    n_symlinks: int
+    ops: bytes  # FM_OP_* per entry
+    names: bytes  # NUL-terminated each
+    srcs: bytes  # NUL-terminated each: CAS path, b"" (EMPTY) or symlink target
+    modes: array.array[int]  # 'I'
+    mtimes: array.array[int] | None  # 'q' (-1: none), None when no file has one
+    child_names: list[bytes]
+    child_keys: list[str]  # "<hash>-<size>" per directory
+    blobs: list[bytes]  # the blob path each file with bytes reads
+    exec_keys: list[str]  # "<hash>-<size>" of each file linked from the exec area
+    n_bytes: int
+    longest_name: int
+
+
+def _int64(v: int) -> int:
+    return max(_INT64_MIN, min(_INT64_MAX, v))
+
+
+class DirectoryDecoder:
+    """``fm_dir_decode`` with fixed limits and CAS area prefixes (one C struct)."""
+
+    def __init__(
+        self,
+        *,
+        max_entries: int,
+        max_name_bytes: int,
+        max_target_bytes: int,
+        blob_prefix: str,
+        exec_prefix: str,
+    ) -> None:
+        self._prefixes = (
+            ffi.new("char[]", blob_prefix.encode()),
+            ffi.new("char[]", exec_prefix.encode()),
+        )
+        c = ffi.new("struct fm_dir_opts *")
+        c.max_entries = _int64(max_entries)
+        c.max_name_bytes = _int64(max_name_bytes)
+        c.max_target_bytes = _int64(max_target_bytes)
+        c.blob_prefix, c.exec_prefix = self._prefixes
+        self._c = c
+
+    def decode(self, data: bytes) -> DecodedDirectory:
+        """Decodes and validates one Directory message; raises
+        :class:`DirectoryRefused` (or ``OSError(ENOMEM)``)."""
+        out = ffi.new("struct fm_dir **")
+        err = ffi.new("struct fm_dir_error *")
+        rc = lib.fm_dir_decode(ffi.from_buffer("uint8_t[]", data), len(data), self._c, out, err)
+        if rc == -errno.EINVAL:
+            raise DirectoryRefused(
+                int(err.code),
+                which=int(err.list),
+                index=int(err.index),
+                name=data[err.name_off : err.name_off + err.name_len],
+                text=data[err.str_off : err.str_off + err.str_len],
+                nums=(int(err.num[0]), int(err.num[1])),
+                offset=int(err.offset),
+            )
+        check(rc)  # -ENOMEM
+        blk = out[0]
+        try:
+            raw = ffi.buffer(blk, blk.size)[:]
+        finally:
+            lib.fm_dir_free(blk)
+        (
+            _,
+            nf,
+            ns,
+            nd,
+            nb,
+            nx,
+            longest,
+            bytes_lo,
+            bytes_hi,
+            has_mtimes,
+            mt,
+            md,
+            op,
+            nm,
+            nm_len,
+            sr,
+            sr_len,
+            bl,
+            bl_len,
+            ex,
+            ex_len,
+            cn,
+            cn_len,
+            ck,
+            ck_len,
+        ) = _DIR_HEADER.unpack_from(raw)
+        n = nf + ns
+        view = memoryview(raw)
+        modes = array.array("I")
+        modes.frombytes(view[md : md + 4 * n])
+        mtimes = None
+        if has_mtimes:
+            mtimes = array.array("q")
+            mtimes.frombytes(view[mt : mt + 8 * n])
+        return DecodedDirectory(
+            n_files=nf,
+            n_symlinks=ns,
+            ops=raw[op : op + n],
+            names=raw[nm : nm + nm_len],
+            srcs=raw[sr : sr + sr_len],
+            modes=modes,
+            mtimes=mtimes,
+            child_names=raw[cn : cn + cn_len].split(b"\0", nd)[:nd],
+            child_keys=raw[ck : ck + ck_len].decode("ascii").split("\0", nd)[:nd],
+            blobs=raw[bl : bl + bl_len].split(b"\0", nb)[:nb],
+            exec_keys=raw[ex : ex + ex_len].decode("ascii").split("\0", nx)[:nx],
+            n_bytes=bytes_lo | bytes_hi << 64,
+            longest_name=longest,
+        )
 
 
 def inject(site: Site, err: int, count: int) -> None:

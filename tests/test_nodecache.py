@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastmat import proto
 from fastmat.tree import DEFAULT_LIMITS, TreeLimits
-from fastmat.tree.node import Node, build_node
+from fastmat.tree.node import Node, decode_node
 from fastmat.tree.nodecache import NodeCache
 
 
@@ -13,7 +13,7 @@ def _node(n: int) -> Node:
     for i in range(n):
         f = msg.files.add(name=f"f{i:04d}")
         f.digest.hash, f.digest.size_bytes = "ab" * 32, 10
-    return build_node(msg, DEFAULT_LIMITS)
+    return decode_node(msg.SerializeToString(), DEFAULT_LIMITS)
 
 
 def test_bounded_lru_and_limits_aware() -> None:

@@ -14,8 +14,10 @@ Under the root::
 ``<hh>`` is the first two hex digits of the hash: 256 shard directories per area, all
 created when the CAS is, so a lookup never creates a directory. Paths are relative to
 the CAS root and meant for ``*at()`` calls on its directory fd. The plan executor
-reads the same names (``fastmat.tree.node`` builds them per file with
-:func:`blob_rel` / :func:`exec_rel`).
+reads the same names: the C core's ``fm_dir_decode`` spells them for every file of a
+``Directory`` (``<prefix><hh>/<hash>-<size>``, the prefixes :data:`BLOBS_PREFIX` and
+:data:`EXEC_PREFIX` passed from here by ``fastmat.tree.node``), exactly as
+:func:`blob_rel` / :func:`exec_rel` do (``tests/test_native_decode.py`` checks it).
 """
 
 from __future__ import annotations
@@ -42,8 +44,10 @@ BLOB_MODE = 0o444
 EXEC_MODE = 0o555
 MODES = {BLOBS: BLOB_MODE, EXEC: EXEC_MODE}
 
-_BLOBS_B = b"blobs/"
-_EXEC_B = b"exec/"
+BLOBS_PREFIX = f"{BLOBS}/"
+EXEC_PREFIX = f"{EXEC}/"
+_BLOBS_B = BLOBS_PREFIX.encode()
+_EXEC_B = EXEC_PREFIX.encode()
 
 
 def blob_rel(h: str, size: int) -> str:

@@ -2,8 +2,16 @@
 
 Every ``Directory`` message is read from the local CAS (after one
 ``fetcher.fetch_directories(root)`` call when some are missing), checked
-against its digest, decoded and validated, once per distinct digest. The
-result is a flat :class:`~fastmat.tree.plan.Plan` (see :func:`load_plan`).
+against its digest, decoded and validated, once per distinct digest (one call
+to the C core each: :func:`fastmat.tree.node.decode_node`). The result is a
+flat :class:`~fastmat.tree.plan.Plan` (see :func:`load_plan`).
+
+Bytes that are no ``Directory`` message -- a malformed wire format, a string
+that is not UTF-8, or a group (wire types 3/4, which proto3 never writes and
+the C core refuses) -- are an ``InvalidTreeError`` "undecodable Directory
+message". A singular field given twice follows protobuf's rules (the last
+scalar wins, messages merge), as does a known field with another wire type
+(skipped as an unknown one).
 
 Decisions, all checked before anything is created:
 
@@ -42,12 +50,11 @@ import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fastmat import proto
 from fastmat.cas import layout
 from fastmat.digest import BlobNotFoundError, Digest, DigestMismatchError
 from fastmat.errors import InvalidTreeError
 from fastmat.tree.limits import DEFAULT_LIMITS, TreeLimits
-from fastmat.tree.node import BadNode, Node, build_node
+from fastmat.tree.node import BadNode, Node, UndecodableNode, decode_node
 from fastmat.tree.nodecache import node_cache
 from fastmat.tree.plan import Plan, expand
 
@@ -147,7 +154,8 @@ class _Loader:
             os.close(fd)
         return b"".join(chunks)
 
-    def decode(self, key: str) -> Any:
+    def node(self, key: str) -> Node:
+        """The Directory stored under ``key``: read, hashed, decoded, validated."""
         h, _, size_s = key.partition("-")
         size = int(size_s)
         data = self.read(key, size) if size else b""
@@ -156,11 +164,13 @@ class _Loader:
                 _digest(key), Digest.of(data), f"Directory at {self.path(key) or '.'!r}"
             )
         try:
-            return proto.Directory.FromString(data)
-        except proto.DecodeError as e:
+            return decode_node(data, self.limits)
+        except UndecodableNode as e:
             raise InvalidTreeError(
-                f"undecodable Directory message {_digest(key)}: {e}", self.path(key)
-            ) from e
+                f"undecodable Directory message {_digest(key)}: {e.message}", self.path(key)
+            ) from None
+        except BadNode as e:
+            raise InvalidTreeError(e.message, self.path(key, e.name)) from None
 
     def load(self, root: Digest) -> dict[str, Node]:
         """Breadth first over distinct digests; depth and path length checked at the
@@ -181,10 +191,7 @@ class _Loader:
             for key in level:
                 node = cache.get(key, limits) if cache is not None else None
                 if node is None:
-                    try:
-                        node = build_node(self.decode(key), limits)
-                    except BadNode as e:
-                        raise InvalidTreeError(e.message, self.path(key, e.name)) from None
+                    node = self.node(key)
                     if cache is not None:
                         cache.put(key, limits, node)
                 nodes[key] = node
