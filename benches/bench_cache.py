@@ -49,10 +49,8 @@ class Bench:
 
     def __init__(self, stack: ExitStack, base: Path) -> None:
         self.base = base
-        self.cas = stack.enter_context(LocalCAS(base / "cas", fsync=False))
-        self.cache = stack.enter_context(
-            DirectoryCache(self.cas, base / "cache", threads=THREADS, fsync=False)
-        )
+        self.cas = stack.enter_context(LocalCAS(base / "cas"))
+        self.cache = stack.enter_context(DirectoryCache(self.cas, base / "cache", threads=THREADS))
         self._n = 0
 
     def dest(self) -> Path:

@@ -131,7 +131,7 @@ def main() -> int:
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="bench_cancel-"))
     try:
-        with LocalCAS(base / "cas", fsync=False) as cas:
+        with LocalCAS(base / "cas") as cas:
             root = big_tree(cas, a.files)
             work = base / "work"
             work.mkdir()
@@ -175,7 +175,7 @@ def main() -> int:
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Digest]:
     base = tmp_path_factory.mktemp("bench_cancel")
-    with LocalCAS(base / "cas", fsync=False) as cas:
+    with LocalCAS(base / "cas") as cas:
         return base / "cas", big_tree(cas, 50_000)
 
 

@@ -80,7 +80,7 @@ class Bench:
 
     def __init__(self, work: Path, bytes_scale: float) -> None:
         self.work = work
-        self.cas = LocalCAS(work / "cas", fsync=False)
+        self.cas = LocalCAS(work / "cas")  # the defaults a user gets (durable)
         self.bytes_scale = bytes_scale
         self._n = 0
 

@@ -121,7 +121,7 @@ def run_bench(cfg: BenchConfig, progress: ProgressFn | None = None) -> dict[str,
     shape_info: list[dict[str, Any]] = []
     try:
         with contextlib.ExitStack() as stack:
-            cas = stack.enter_context(LocalCAS(work / "cas", fsync=False))
+            cas = stack.enter_context(LocalCAS(work / "cas"))  # the default: durable
             cache = stack.enter_context(
                 DirectoryCache(cas, work / "cache", max_bytes=_CACHE_MAX_BYTES, threads=threads)
             )
