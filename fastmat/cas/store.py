@@ -482,9 +482,11 @@ class LocalCAS:
     def put_file(self, path: str | os.PathLike[str], *, expected: Digest | None = None) -> Digest:
         """Stores a copy of the file at ``path`` (never moved, never modified).
 
-        Reflinks it into the temp dir when the filesystem allows and hashes the copy,
-        not the source, so a concurrent writer cannot make a blob disagree with its
-        name; else streams it, hashing the bytes as they are written.
+        Looks first: content already stored is not copied again (a file under 1 MiB is
+        read once; a larger one is hashed, reading only). What is absent is reflinked
+        into the temp dir where the filesystem allows, else streamed, and the copy's
+        bytes are hashed, not the source's, so a concurrent writer cannot make a blob
+        disagree with its name.
         """
         d, staged = self._stage_file(path, expected)
         return d if staged is None else self._commit_one(staged)
