@@ -62,7 +62,7 @@
 /* Why a message was refused (struct fm_dir_error.code). The first group are
  * wire-format refusals (the message is not a decodable Directory). */
 #define FM_DIR_E_TRUNCATED 1  /* a varint, fixed field or length runs past its end */
-#define FM_DIR_E_VARINT 2     /* a varint longer than 10 bytes */
+#define FM_DIR_E_VARINT 2     /* a varint over 10 bytes, or a length over 5 */
 #define FM_DIR_E_TAG 3        /* a tag over 5 bytes or 2**32 - 1, or field number 0 */
 #define FM_DIR_E_WIRETYPE 4   /* wire type 6 or 7 */
 #define FM_DIR_E_GROUP 5      /* wire type 3 or 4: a group (see fm_dir_decode) */

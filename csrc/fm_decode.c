@@ -148,6 +148,8 @@ static int next(struct dec *d, struct rd *r, struct field *f)
         rc = varint(d, r, &f->v);
         if (rc < 0)
             return rc;
+        if (r->p - at > 5) /* upb reads a length in at most 5 bytes */
+            return refuse_wire(d, at, FM_DIR_E_VARINT);
         if (f->v > (uint64_t)(r->end - r->p))
             return refuse_wire(d, at, FM_DIR_E_TRUNCATED);
         f->sub.p = r->p;

@@ -4,7 +4,7 @@
 field twice, unknown fields of every wire type, a known field with the wrong
 wire type, overlong varints, groups); :func:`find_group` says where the first
 group of a ``Directory`` message is, walking the message as a decoder does
-(known submessages entered, everything else skipped), for the one documented
+(known submessages entered, everything else skipped), for a documented
 difference between the C core and upb: the C core refuses every group, upb
 skips an unknown one.
 """
@@ -48,11 +48,12 @@ def tag(num: int, wt: int) -> bytes:
     return varint(num << 3 | wt)
 
 
-def field(num: int, wt: int, payload: bytes = b"") -> bytes:
-    """One field: LEN payloads get their length, others go as given (a varint's
-    bytes, 8 or 4 fixed bytes, nothing for a group tag)."""
+def field(num: int, wt: int, payload: bytes = b"", pad: int = 0) -> bytes:
+    """One field: LEN payloads get their length (``pad`` bytes longer than needed),
+    others go as given (a varint's bytes, 8 or 4 fixed bytes, nothing for a group
+    tag)."""
     if wt == LEN:
-        return tag(num, wt) + varint(len(payload)) + payload
+        return tag(num, wt) + varint(len(payload), pad) + payload
     return tag(num, wt) + payload
 
 
@@ -76,6 +77,11 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
         if not b & 0x80:
             return v & ((1 << 64) - 1), pos
     raise ValueError("varint over 10 bytes")
+
+
+def varint_bytes(data: bytes, pos: int) -> int:
+    """How many bytes the varint at ``pos`` takes (ValueError when malformed)."""
+    return read_varint(data, pos)[1] - pos
 
 
 def find_group(data: bytes, message: str = "Directory") -> int | None:

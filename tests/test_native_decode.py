@@ -3,9 +3,13 @@
 The differential property: for a ``Directory`` message, ``decode_node`` (the C
 core) and ``decode_node_py`` (upb, then ``fastmat.tree.node_py.build_node``)
 give equal ``Node`` s, or the same ``BadNode`` (message and offending name), or
-both find the bytes undecodable. The one documented difference: the C core
-refuses every group (``FM_DIR_E_GROUP``, reported at a group tag), where upb
-skips an unknown one; then the reference may accept.
+both find the bytes undecodable. Two documented differences:
+
+- the C core refuses every group (``FM_DIR_E_GROUP``, reported at a group tag),
+  where upb skips an unknown one; then the reference may accept;
+- the C core refuses a length (wire type 2) written in more than 5 bytes
+  (``FM_DIR_E_VARINT``, reported at the length), as upb does from protobuf 7.34
+  on; older upb reads up to 10 bytes, and then the reference may accept.
 
 Messages come from three sources, each possibly mutated on the bytes
 afterwards (a byte flipped, the end cut, bytes inserted, a slice repeated):
@@ -14,8 +18,9 @@ afterwards (a byte flipped, the end cut, bytes inserted, a slice repeated):
   (bad, duplicate or unsorted names; bad hashes, sizes, modes, mtimes,
   targets), each serialized by upb or re-encoded by hand in an equivalent form
   upb never writes (a singular field split or given twice: the last scalar
-  wins, messages merge; unknown fields of every wire type; overlong varints;
-  a known field number with another wire type);
+  wins, messages merge; unknown fields of every wire type; overlong varints and
+  lengths, rarely a length past 5 bytes; a known field number with another
+  wire type);
 - random field soups built on the wire from the schema (groups included);
 - random bytes.
 
@@ -233,11 +238,24 @@ def _unknown(draw: st.DrawFn, known: set[int]) -> bytes:
     return w.field(num, wt, payload)
 
 
+def _length_pad(draw: st.DrawFn, payload: bytes) -> int:
+    """Extra bytes for the length of ``payload``: mostly none, sometimes overlong
+    within upb's 5-byte bound, rarely past it (where the C core refuses)."""
+    used = len(w.varint(len(payload)))
+    roll = draw(st.integers(0, 63))
+    if roll < 8 and used < 5:
+        return draw(st.integers(1, 5 - used))
+    if roll == 8:
+        return draw(st.integers(6 - used, 10 - used))
+    return 0
+
+
 def reencode(draw: st.DrawFn, msg: Any) -> bytes:
     """``msg`` on the wire, equivalent for any conforming decoder: fields in any order
     (a repeated field's elements kept in order), a singular message field sometimes
     split in two occurrences (they merge), a scalar sometimes preceded by a decoy
-    (the last one wins), unknown fields between them, varints sometimes overlong."""
+    (the last one wins), unknown fields between them, varints and lengths sometimes
+    overlong (see :func:`_length_pad`)."""
     known = {fd.number for fd in msg.DESCRIPTOR.fields}
     chunks: list[bytes] = []
     for fd, value in msg.ListFields():
@@ -247,12 +265,12 @@ def reencode(draw: st.DrawFn, msg: Any) -> bytes:
                 body = reencode(draw, item)
                 if not fd.is_repeated and len(body) > 1 and draw(st.integers(0, 3)) == 0:
                     chunks.append(w.field(fd.number, w.LEN, b""))  # presence, then the rest
-                chunks.append(w.field(fd.number, w.LEN, body))
+                chunks.append(w.field(fd.number, w.LEN, body, _length_pad(draw, body)))
                 continue
             decoy = _decoy(draw, fd) if draw(st.integers(0, 4)) == 0 else b""
             data = _scalar_bytes(fd, item)
             if fd.type == fd.TYPE_STRING:
-                chunks.append(decoy + w.field(fd.number, w.LEN, data))
+                chunks.append(decoy + w.field(fd.number, w.LEN, data, _length_pad(draw, data)))
             else:
                 pad = draw(st.integers(0, 9)) if draw(st.booleans()) else 0
                 chunks.append(decoy + w.field(fd.number, w.VARINT, _padded(int(item), pad)))
@@ -384,8 +402,21 @@ _CODE_NAMES = {
 }
 
 
+def _upb_bounds_lengths() -> bool:
+    """Whether the installed upb refuses a length over 5 bytes (protobuf >= 7.34)."""
+    try:
+        proto.Directory.FromString(w.field(5, w.LEN, b"", pad=5))
+    except Exception:  # protobuf's DecodeError; its import path moved between versions
+        return True
+    return False
+
+
+UPB_BOUNDS_LENGTHS = _upb_bounds_lengths()
+
+
 def c_code(data: bytes, limits: TreeLimits) -> int:
-    """The C core's refusal code for data (0: accepted)."""
+    """The C core's refusal code for data (0: accepted), its offset checked: a group
+    tag, or a varint over 10 bytes or a length over 5."""
     dec = nb.DirectoryDecoder(
         max_entries=limits.max_entries_per_dir,
         max_name_bytes=limits.max_name_bytes,
@@ -402,7 +433,17 @@ def c_code(data: bytes, limits: TreeLimits) -> int:
     if refusal.code == nb.DIR_E_GROUP:  # reported at a group tag
         key, _ = w.read_varint(data, refusal.offset)
         assert key & 7 in (w.SGROUP, w.EGROUP), (data, refusal.offset)
+    if refusal.code == nb.DIR_E_VARINT and not _over_ten_bytes(data, refusal.offset):
+        assert w.varint_bytes(data, refusal.offset) > 5, (data, refusal.offset)
     return refusal.code
+
+
+def _over_ten_bytes(data: bytes, pos: int) -> bool:
+    try:
+        w.read_varint(data, pos)
+    except ValueError:
+        return True
+    return False
 
 
 def check(source: str, data: bytes, limits: TreeLimits) -> None:
@@ -416,6 +457,9 @@ def check(source: str, data: bytes, limits: TreeLimits) -> None:
             event(f"{source}: GROUP, refused by C only")
         else:
             event(f"{source}: GROUP, refused by both")
+        return
+    if code == nb.DIR_E_VARINT and py != c and not UPB_BOUNDS_LENGTHS:
+        event(f"{source}: a length over 5 bytes, refused by C only (protobuf < 7.34)")
         return
     assert c == py, f"{data!r}\nC:  {c!r}\npy: {py!r}"
     event(f"{source}: {'accepted' if code == 0 else _CODE_NAMES[code]}")
@@ -512,6 +556,21 @@ def test_a_group_is_refused_where_upb_skips_it() -> None:
         decode_node(data, DEFAULT)
 
 
+@pytest.mark.parametrize("extra", range(10))
+@pytest.mark.parametrize("number", [1, 5, 9])  # files, node_properties, unknown
+def test_a_length_is_read_in_at_most_5_bytes(number: int, extra: int) -> None:
+    data = w.field(number, w.LEN, b"", pad=extra)  # 1 + extra bytes of length
+    c, py = outcome(decode_node, data, DEFAULT), outcome(decode_node_py, data, DEFAULT)
+    if extra >= 5:
+        assert c == ("undecodable",)
+        assert c_code(data, DEFAULT) == nb.DIR_E_VARINT
+        if UPB_BOUNDS_LENGTHS:
+            assert py == c
+    else:
+        assert c == py
+        assert c_code(data, DEFAULT) != nb.DIR_E_VARINT
+
+
 # ---- the C contract -------------------------------------------------------------------
 
 
@@ -581,6 +640,7 @@ class Refusal:
 CODES: dict[str, Refusal] = {
     "truncated": Refusal(b"\x0a\x05\x0a\x01", nb.DIR_E_TRUNCATED, offset=1),
     "varint": Refusal(b"\x08" + b"\xff" * 10 + b"\x01", nb.DIR_E_VARINT, offset=1),
+    "length over 5 bytes": Refusal(b"\x0a" + b"\x80" * 5 + b"\x00", nb.DIR_E_VARINT, offset=1),
     "tag 0": Refusal(_file("a") + b"\x00\x01", nb.DIR_E_TAG, offset=len(_file("a"))),
     "tag over 5 bytes": Refusal(b"\x88\x80\x80\x80\x80\x00\x01", nb.DIR_E_TAG),
     "wire type 7": Refusal(b"\x0f", nb.DIR_E_WIRETYPE),

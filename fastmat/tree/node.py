@@ -44,7 +44,7 @@ _KINDS = ("file", "directory", "symlink")
 # Wire-format refusals: what the C core found, for the InvalidTreeError message.
 _WIRE = {
     _binding.DIR_E_TRUNCATED: "a field runs past the end of its message",
-    _binding.DIR_E_VARINT: "a varint longer than 10 bytes",
+    _binding.DIR_E_VARINT: "a varint over 10 bytes, or a length over 5 bytes",
     _binding.DIR_E_TAG: "a malformed tag (field number 0, or over 5 bytes)",
     _binding.DIR_E_WIRETYPE: "wire type 6 or 7",
     _binding.DIR_E_GROUP: "a group (wire type 3 or 4; proto3 has none)",
