@@ -17,7 +17,7 @@
  */
 
 /* Bumped whenever a prototype or struct below changes; checked by Python. */
-#define FM_ABI_VERSION 7
+#define FM_ABI_VERSION 8
 
 /* ---- capabilities (fm_capabilities) ---- */
 #define FM_CAP_FICLONE 1         /* Linux FICLONE ioctl compiled in */
@@ -48,6 +48,7 @@
 #define FM_HOW_METHOD_MASK 15
 #define FM_HOW_ROTATED 16 /* EMLINK: source inode rotated, then linked */
 #define FM_HOW_XDEV 32    /* EXDEV: linkat refused, reflinked or copied */
+#define FM_HOW_DENIED 64  /* EPERM (protected_hardlinks): linkat refused, reflinked or copied */
 
 /* ---- fm_plan_exec flags ---- */
 #define FM_EXEC_DIRS_EXIST 1 /* directories already created by an earlier call */
@@ -165,7 +166,7 @@ struct fm_plan {
     uint32_t n_entries;
     const uint8_t *op;        /* [n_entries] FM_OP_* */
     const int32_t *entry_dir; /* [n_entries] index into the directories */
-    const uint32_t *mode;     /* [n_entries] mode for EMPTY / COPY / EXDEV copies */
+    const uint32_t *mode;     /* [n_entries] mode for EMPTY / COPY / fallback copies */
     const int64_t *mtime_ns;  /* [n_entries] or NULL; < 0 leaves the mtime */
     const char *names;        /* n_entries strings: one path component each */
     const char *srcs;         /* n_entries strings: path under src_dirfd, or target */
@@ -194,7 +195,8 @@ uint32_t fm_capabilities(void);
  * FM_EXEC_DIRS_EXIST), then every entry on a bounded pthread pool, each
  * relative to its directory's fd (opened with RESOLVE_BENEATH /
  * RESOLVE_NO_SYMLINKS, or component-wise O_NOFOLLOW). LINK entries fall back
- * per file: EXDEV -> reflink, else copy (mode from the plan); EMLINK ->
+ * per file: EXDEV or EPERM (fs.protected_hardlinks: a source the caller does
+ * not own) -> reflink, else copy (mode from the plan); EMLINK ->
  * rotate the source inode (a fresh private copy renamed over src, existing
  * links untouched) and link again. status[i] gets 0 or -errno per entry
  * (-ECANCELED if never attempted after a failure), how[i] an FM_HOW_* value,

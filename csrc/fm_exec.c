@@ -350,9 +350,11 @@ static int do_entry(struct ctx *c, int dfd, uint32_t i, uint8_t *how)
             rc = fm__linkat(c->src_dirfd, src, dfd, name);
         if (rc == 0) {
             *how = FM_HOW_LINK;
-        } else if (rc == -EXDEV) {
+        } else if (rc == -EXDEV || rc == -EPERM) {
+            /* another filesystem, or a source not ours under protected_hardlinks */
+            uint8_t why = rc == -EXDEV ? FM_HOW_XDEV : FM_HOW_DENIED;
             rc = private_file(c, c->src_dirfd, src, dfd, name, p->mode[i], mtime, &method);
-            *how = rc == 0 ? (uint8_t)(FM_HOW_XDEV | method) : FM_HOW_NONE;
+            *how = rc == 0 ? (uint8_t)(why | method) : FM_HOW_NONE;
         } else if (rc == -EMLINK) {
             int rotated = 0;
             rc = rotate_and_link(c, src, dfd, name, injected != 0, &rotated);

@@ -31,7 +31,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     ) from exc
 
 #: The ABI of csrc/fastmat.h this module was written against.
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 if lib.fm_abi_version() != ABI_VERSION:  # pragma: no cover - a stale build
     raise NativeBuildError(
@@ -63,6 +63,7 @@ FM_HOW_CREATE: int = lib.FM_HOW_CREATE
 FM_HOW_METHOD_MASK: int = lib.FM_HOW_METHOD_MASK
 FM_HOW_ROTATED: int = lib.FM_HOW_ROTATED
 FM_HOW_XDEV: int = lib.FM_HOW_XDEV
+FM_HOW_DENIED: int = lib.FM_HOW_DENIED
 
 Site = Literal["link", "reflink", "copy", "mkdir", "symlink", "rename", "sync"]
 _SITES: dict[str, int] = {

@@ -89,8 +89,9 @@ class MaterializeStats:
     ``reflinked`` / ``copied`` say how each file was made (NodeProperties
     files are private reflinks or copies; empty files are none of these);
     ``rotated`` counts EMLINK inode rotations, ``cross_device`` EXDEV
-    fallbacks. ``plan_s`` is the Python side (load, validate, checks),
-    ``exec_s`` the native call.
+    fallbacks, ``link_denied`` EPERM ones (a CAS file another user owns under
+    ``fs.protected_hardlinks``): each a private reflink or copy. ``plan_s`` is
+    the Python side (load, validate, checks), ``exec_s`` the native call.
     """
 
     files: int = 0
@@ -102,17 +103,23 @@ class MaterializeStats:
     copied: int = 0
     rotated: int = 0
     cross_device: int = 0
+    link_denied: int = 0
     duration_s: float = 0.0
     plan_s: float = 0.0
     exec_s: float = 0.0
 
 
+_FLAGS = (_H.FM_HOW_ROTATED, _H.FM_HOW_XDEV, _H.FM_HOW_DENIED)
+# every combination of the flags
+_FLAG_SETS = tuple(sum(f for k, f in enumerate(_FLAGS) if bits >> k & 1) for bits in range(8))
+
+
 def _histogram(how: bytes) -> dict[int, int]:
-    """FM_HOW_* value -> count (methods 0-5 with any of the ROTATED / XDEV flags)."""
-    flags = (0, _H.FM_HOW_ROTATED, _H.FM_HOW_XDEV, _H.FM_HOW_ROTATED | _H.FM_HOW_XDEV)
+    """FM_HOW_* value -> count (methods 0-5 with any of the ROTATED / XDEV / DENIED
+    flags)."""
     out = {}
     for method in range(_H.FM_HOW_CREATE + 1):
-        for flag in flags:
+        for flag in _FLAG_SETS:
             n = how.count(method | flag)
             if n:
                 out[method | flag] = n
@@ -381,6 +388,7 @@ def materialize(
         copied=method(_H.FM_HOW_COPY),
         rotated=flag(_H.FM_HOW_ROTATED),
         cross_device=flag(_H.FM_HOW_XDEV),
+        link_denied=flag(_H.FM_HOW_DENIED),
         duration_s=t2 - t0,
         plan_s=t1 - t0,
         exec_s=t2 - t1,

@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from fastmat import Digest, LocalCAS, ReadOnlyCASError, ingest_tree, materialize
-from tests.helpers import as_nobody, open_to_all, run_cmd
+from fastmat.tree import load_plan
+from tests.helpers import NOBODY, as_nobody, open_to_all, run_cmd
 from tests.reapi_server import free_port
 
 REPO = str(Path(__file__).resolve().parent.parent)
@@ -252,8 +253,7 @@ def test_command_on_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
 
 def test_cas_read_only_by_permissions(tmp_path: Path) -> None:
     """Another user's CAS, readable but not writable: reads, stats and verify work and
-    a put names the CAS (EACCES). Not materialize on the same filesystem: with
-    fs.protected_hardlinks=1 (the usual default) nobody may hardlink root's blobs."""
+    a put names the CAS (EACCES)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run a part as another user")
     src = tmp_path / "src"
@@ -287,3 +287,52 @@ def test_cas_read_only_by_permissions(tmp_path: Path) -> None:
     assert err == errno.EACCES
     assert f"cannot put: the CAS {root} is read-only" in msg
     assert os.listdir(root / "tmp") == []
+
+
+def test_materialize_from_another_users_cas_copies_what_it_may_not_link(
+    tmp_path: Path,
+) -> None:
+    """Root's CAS read by nobody on the same filesystem: under fs.protected_hardlinks=1
+    (the usual default) linkat of a file one does not own fails with EPERM. Each such
+    file becomes a private reflink or copy with the plan's mode, counted in
+    ``link_denied``; the tree is exact and shares no inode with the CAS."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a part as another user")
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
+        pytest.skip("fs.protected_hardlinks is off here: nobody may link root's blobs")
+    src = tmp_path / "src"
+    _tree(src)
+    root = tmp_path / "cas"
+    with LocalCAS(root) as cas:
+        tree = ingest_tree(cas, src)
+        cas.executable_path(Digest.of(BUILT))  # one variant exists, the other cannot be made
+        files = load_plan(cas, tree).n_files
+    for dirpath, _, _ in os.walk(root):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - everyone may read, only root may write
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    open_to_all(out)
+    dest = out / "tree"
+
+    def as_reader() -> tuple[int, int, int, int]:
+        with LocalCAS(root, create=False) as c:
+            st = materialize(c, tree, dest)
+        return st.linked, st.link_denied, st.reflinked + st.copied, st.cross_device
+
+    linked, denied, copies, xdev = as_nobody(as_reader)
+    assert (linked, xdev) == (0, 0)
+    assert copies == files  # the variant-less tool is a private copy, not a fallback
+    assert denied == files - 1
+    assert (dest / "plain.txt").read_bytes() == PLAIN
+    assert (dest / "sub" / "tool").read_bytes() == TOOL
+    assert (dest / "sub" / "built").read_bytes() == BUILT
+    assert os.readlink(dest / "sub" / "link") == "../plain.txt"
+    modes = {p: stat.S_IMODE((dest / p).stat().st_mode) for p in ("sub/tool", "sub/built")}
+    assert modes == {"sub/tool": 0o555, "sub/built": 0o555}
+    assert stat.S_IMODE((dest / "plain.txt").stat().st_mode) == 0o444
+    cas_inodes = {os.lstat(os.path.join(d, f)).st_ino for d, _, fs in os.walk(root) for f in fs}
+    for name in ("plain.txt", "sub/tool", "sub/built"):
+        st = (dest / name).lstat()
+        assert st.st_uid == NOBODY
+        assert st.st_ino not in cas_inodes

@@ -1,5 +1,5 @@
-"""fm_exec.c: the per-file fallbacks of plan entries. LINK: EXDEV -> reflink, else
-copy; EMLINK -> rotate the source inode, then link again. COPY: reflink, else copy.
+"""fm_exec.c: the per-file fallbacks of plan entries. LINK: EXDEV or EPERM -> reflink,
+else copy; EMLINK -> rotate the source inode, then link again. COPY: reflink, else copy.
 Injected at the C call sites and for real (tmpfs, ext4's link limit, a full tmpfs)."""
 
 from __future__ import annotations
@@ -38,17 +38,21 @@ def test_exec_plan_copy_op_reflinks_on_xfs(xfs_dir: Path) -> None:
     assert (xfs_dir / "dest" / "c").read_bytes() == (xfs_dir / "cas" / "blob").read_bytes()
 
 
-# ---------------------------------------------------------------- EXDEV
+# ---------------------------------------------------------------- EXDEV, EPERM
 
 
-def test_exec_plan_exdev_injected(cas: Path, dest: Path) -> None:
+@pytest.mark.parametrize(
+    ("err", "flag"), [(errno.EXDEV, nb.FM_HOW_XDEV), (errno.EPERM, nb.FM_HOW_DENIED)]
+)
+def test_exec_plan_link_refused_injected(cas: Path, dest: Path, err: int, flag: int) -> None:
+    """EPERM for real (fs.protected_hardlinks) is in test_cas_readonly.py."""
     plan = make_plan(
         [], [(nb.FM_OP_LINK, 0, "a", "blobs/a", 0o444), (nb.FM_OP_LINK, 0, "x", "blobs/x", 0o555)]
     )
-    with nb.injected("link", -errno.EXDEV, 1):
+    with nb.injected("link", -err, 1):
         res = run_plan(dest, cas, plan, threads=1)
     assert res.rc == 0
-    assert res.how == bytes([nb.FM_HOW_XDEV | nb.FM_HOW_COPY, nb.FM_HOW_LINK])
+    assert res.how == bytes([flag | nb.FM_HOW_COPY, nb.FM_HOW_LINK])
     assert (dest / "a").stat().st_ino != (cas / "blobs/a").stat().st_ino
     assert (dest / "a").read_bytes() == b"alpha\n"
     assert mode_of(dest / "a") == 0o444

@@ -22,14 +22,16 @@ if TYPE_CHECKING:
     from fastmat.cache.protocol import Disk
 
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
-_XDEV = bytes(b for b in range(256) if b & _binding.FM_HOW_XDEV)  # translate(): count flags
+# translate(): count the entries with a flag
+_FELL_BACK = bytes(b for b in range(256) if b & (_binding.FM_HOW_XDEV | _binding.FM_HOW_DENIED))
 _ROTATED = bytes(b for b in range(256) if b & _binding.FM_HOW_ROTATED)
 
 
 @dataclass(frozen=True)
 class Copied:
     """How a hit made ``dest``: ``method``, files copied instead of linked (clonefile
-    refused, ``dest`` on another filesystem), entry files rotated (EMLINK)."""
+    refused, ``dest`` on another filesystem, a link denied: EPERM), entry files
+    rotated (EMLINK)."""
 
     method: str
     fell_back: int = 0
@@ -112,7 +114,7 @@ def clone(
             cancel=cancel,
         )
         reporter.finish()
-        fell_back += len(how) - len(how.translate(None, _XDEV))
+        fell_back += len(how) - len(how.translate(None, _FELL_BACK))
         rotated = len(how) - len(how.translate(None, _ROTATED))
         if rotated:
             srcs = r.arrays.srcs.split(b"\0")
