@@ -149,6 +149,19 @@ def _private_executables(cas: LocalCAS, plan: Plan) -> Plan:
     return plan.with_private_executables({cas.exec_relpath(d).encode() for d in lacking})
 
 
+def _fetch_impossible(cas: LocalCAS, plan: Plan) -> None:
+    """On a read-only CAS, which cannot store what a fetcher brings: raises
+    ``ReadOnlyCASError`` (naming the first missing blob and its tree path) before
+    anything is downloaded, if a blob is missing."""
+    absent = _missing(cas, plan.blob_list())
+    if absent:
+        first = _not_found(plan, absent[0])
+        cas.require_writable(
+            f"fetch {len(absent)} missing blob(s) into it (the first: {first.digest} "
+            f"at {first.path!r})"
+        )
+
+
 def check_blobs(
     cas: LocalCAS, plan: Plan, fetcher: Fetcher | None = None, *, presence: bool = True
 ) -> Plan:
@@ -336,6 +349,8 @@ def materialize(
         check_cancel(cancel, "materialize")
         plan = load_plan(cas, root, fetcher=f, limits=limits)
         check_cancel(cancel, "materialize")
+        if f is not None and cas.read_only:
+            _fetch_impossible(cas, plan)
         reporter = Reporter(progress, "materialize", plan.arrays.n_entries, "entries")
         if isinstance(f, PipelinedFetcher):
             if cas.read_only:

@@ -2,8 +2,10 @@
 read-only by ``mount -o remount,ro`` after a tree was ingested and one blob damaged.
 Opening writes nothing; lookups, reads, ``usage()``, ``verify()`` (reporting, not
 quarantining), ``materialize`` (executables without a variant become private copies)
-and the command's stats / verify / materialize work; every write names the CAS and
-the operation. Also a CAS that is read-only to a user by permissions."""
+and the command's stats / verify / materialize work, as does a directory cache over
+it; every write names the CAS and the operation. Also a CAS that is read-only to a
+user by permissions: materialize copies what it may not link, and a fetch into it is
+refused before any download."""
 
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from fastmat import Digest, LocalCAS, ReadOnlyCASError, ingest_tree, materialize
+from fastmat import Digest, LocalCAS, ReadOnlyCASError, ingest_tree, materialize, proto
+from fastmat.cache import DirectoryCache
 from fastmat.tree import load_plan
 from tests.helpers import NOBODY, as_nobody, open_to_all, run_cmd
 from tests.reapi_server import free_port
@@ -138,6 +141,30 @@ def test_materialize_from_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
     assert stats.linked == 0
     ran = subprocess.run([out / "sub" / "tool"], capture_output=True, check=True)
     assert ran.stdout == b"tool\n"
+
+
+def test_directory_cache_over_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
+    """A writable cache over the read-only CAS: a miss builds the entry from it (private
+    copies: another filesystem), hits replay the entry, a workspace serves it; the CAS
+    is not written (its listing, inodes and mtimes unchanged)."""
+    before = _listing(ro.root)
+    with LocalCAS(ro.root) as cas, DirectoryCache(cas, tmp_path / "cache") as cache:
+        miss = cache.materialize(ro.tree, tmp_path / "a")
+        hit = cache.materialize(ro.tree, tmp_path / "b")
+        with cache.workspace(ro.tree, tmp_path / "w"):
+            assert (tmp_path / "w" / "sub" / "tool").read_bytes() == TOOL
+            (tmp_path / "w" / "scratch").write_bytes(b"an action's output")
+        stats = cache.stats()
+    assert (miss.hit, hit.hit) == (False, True)
+    assert (stats.misses, stats.constructions, stats.hits) == (1, 1, 2)
+    for d in (tmp_path / "a", tmp_path / "b"):
+        assert (d / "plain.txt").read_bytes() == PLAIN
+        assert (d / "sub" / "built").read_bytes() == BUILT
+        assert stat.S_IMODE((d / "sub" / "tool").stat().st_mode) == 0o555
+        assert os.readlink(d / "sub" / "link") == "../plain.txt"
+        assert (d / "plain.txt").stat().st_dev != ro.root.stat().st_dev
+    assert not (tmp_path / "w").exists()
+    assert _listing(ro.root) == before
 
 
 def test_remote_materialize_from_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
@@ -336,3 +363,54 @@ def test_materialize_from_another_users_cas_copies_what_it_may_not_link(
         st = (dest / name).lstat()
         assert st.st_uid == NOBODY
         assert st.st_ino not in cas_inodes
+
+
+@pytest.mark.parametrize("missing", ["blob", "Directory"])
+def test_a_fetch_into_a_read_only_cas_is_refused_before_any_download(
+    tmp_path: Path, missing: str
+) -> None:
+    """nobody's materialize with a remote from root's CAS that lacks a blob (or a
+    Directory): ``ReadOnlyCASError`` naming the missing digest and its tree path, before
+    the server is contacted (nothing listens there: a contact would fail otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a part as another user")
+    src = tmp_path / "src"
+    _tree(src)
+    root = tmp_path / "cas"
+    with LocalCAS(root) as cas:
+        tree = ingest_tree(cas, src)
+        sub = proto.Directory.FromString(cas.read(tree)).directories[0]
+        assert sub.name == "sub"
+        gone = (
+            Digest.of(PLAIN)
+            if missing == "blob"
+            else Digest(sub.digest.hash, sub.digest.size_bytes)
+        )
+        cas.path(gone).unlink()
+    for dirpath, _, _ in os.walk(root):
+        os.chmod(dirpath, 0o755)  # noqa: S103 - everyone may read, only root may write
+    out = tmp_path / "out"
+    out.mkdir()
+    os.chown(out, NOBODY, NOBODY)
+    open_to_all(out)
+    url = f"grpc://127.0.0.1:{free_port()}"
+
+    def as_reader() -> str:
+        from fastmat.remote import RemoteCAS
+        from fastmat.tree.nodecache import node_cache
+
+        node_cache.clear()  # the same tree, loaded by an earlier test of this process
+        with RemoteCAS(url, retries=0, timeout_s=5) as remote, LocalCAS(root) as c:
+            try:
+                materialize(c, tree, out / "t", fetcher=remote)
+            except ReadOnlyCASError as e:
+                return str(e)
+        return "materialized"
+
+    what = (
+        f"fetch 1 missing blob(s) into it (the first: {gone} at 'plain.txt')"
+        if missing == "blob"
+        else f"fetch Directory {gone} (at 'sub')"
+    )
+    assert as_nobody(as_reader) == f"cannot {what}: the CAS {root} is read-only (Permission denied)"
+    assert os.listdir(out) == []

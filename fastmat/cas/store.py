@@ -303,6 +303,12 @@ class LocalCAS:
         self._opened.check()
         return self._root_fd
 
+    def require_writable(self, operation: str) -> None:
+        """Raises ``ReadOnlyCASError`` naming ``operation`` when the CAS is read-only:
+        for a caller that would otherwise find out after costly work (a download)."""
+        if self.read_only:
+            raise ReadOnlyCASError(self.root, operation, self._ro_errno)
+
     def _scratch(self, operation: str) -> tuple[int, Path]:
         """(fd, path) of this instance's temp dir, made now if no write made it yet.
         ``ReadOnlyCASError`` naming ``operation`` on a read-only CAS."""
@@ -310,8 +316,7 @@ class LocalCAS:
         if self._scratch_dir:
             owned = self._scratch_dir[0]
             return owned.fd, self.root / layout.TMP / owned.name
-        if self.read_only:
-            raise ReadOnlyCASError(self.root, operation, self._ro_errno)
+        self.require_writable(operation)
         if not self._finalizer.alive:
             raise ValueError(f"LocalCAS {self.root} is closed")
         with self._scratch_mutex:
@@ -672,7 +677,7 @@ class LocalCAS:
         if self.read_only:
             if d.size_bytes and not self._is_file(self.relpath(d)):
                 raise BlobNotFoundError(d)
-            raise ReadOnlyCASError(self.root, f"make the executable variant of {d}", self._ro_errno)
+            self.require_writable(f"make the executable variant of {d}")
         if d.size_bytes == 0:
             self._ensure_empty(d, layout.EXEC)
             return self.root / rel
@@ -772,8 +777,7 @@ class LocalCAS:
         ``max_bytes`` / ``max_blobs`` remain (default: this instance's bounds; neither:
         only the rescan)."""
         self._opened.check()
-        if self.read_only:
-            raise ReadOnlyCASError(self.root, "collect garbage (gc)", self._ro_errno)
+        self.require_writable("collect garbage (gc)")
         self._usage.compact()
         mb = self.budget.max_bytes if max_bytes is None else max_bytes
         mn = self.budget.max_blobs if max_blobs is None else max_blobs
@@ -837,8 +841,8 @@ class LocalCAS:
         raises ``ReadOnlyCASError``."""
         if quarantine is None:
             quarantine = not self.read_only
-        elif quarantine and self.read_only:
-            raise ReadOnlyCASError(self.root, "quarantine damaged blobs", self._ro_errno)
+        elif quarantine:
+            self.require_writable("quarantine damaged blobs")
         return verify_cas(self.root, self.root_fd, progress=progress, quarantine=quarantine)
 
     def quarantine_stamp(self) -> tuple[int, int, int, int]:

@@ -108,6 +108,7 @@ class _Loader:
     """
 
     def __init__(self, cas: LocalCAS, fetcher: Fetcher | None, limits: TreeLimits) -> None:
+        self.cas = cas
         self.root_fd = cas.root_fd
         self.fetcher = fetcher
         self.limits = limits
@@ -131,6 +132,8 @@ class _Loader:
         except FileNotFoundError:
             if self.fetcher is None or self.root is None:
                 raise
+        # a read-only CAS could not store what a fetch brings: say so before downloading
+        self.cas.require_writable(f"fetch Directory {_digest(key)} (at {self.path(key) or '.'!r})")
         root, self.root = self.root, None  # fetch once per load
         self.fetcher.fetch_directories(root)
         return os.open(rel, _RDONLY, dir_fd=self.root_fd)
