@@ -205,7 +205,26 @@ def _blob_failure(cas: LocalCAS, plan: Plan, res: _binding.ExecResult) -> Except
         return OSError(-rc, f"{os.strerror(-rc)}: {why}", where)
     if rc != -errno.ENOENT or os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False):
         return None  # ENOENT for another reason (the destination vanished)
-    return BlobNotFoundError(digest_of_rel(src), plan.path_of_entry(i))
+    return _first_absent(cas, plan, i)
+
+
+def _first_absent(cas: LocalCAS, plan: Plan, last: int) -> BlobNotFoundError:
+    """The error for the first LINK / COPY entry in plan order, up to entry ``last``
+    (whose CAS file is absent), whose CAS file is absent. With several threads, which
+    missing blob a thread met first is timing; the error names the tree's first."""
+    a = plan.arrays
+    srcs = a.srcs.split(b"\0")
+    present: dict[bytes, bool] = {}
+    for k in range(last):
+        if a.op[k] not in (_H.FM_OP_LINK, _H.FM_OP_COPY):
+            continue
+        src = srcs[k]
+        if src not in present:
+            present[src] = os.access(src, os.F_OK, dir_fd=cas.root_fd, follow_symlinks=False)
+        if not present[src]:
+            last = k
+            break
+    return BlobNotFoundError(digest_of_rel(srcs[last]), plan.path_of_entry(last))
 
 
 def _first_failure(status: Sequence[int]) -> int | None:

@@ -220,7 +220,8 @@ def test_failure_removes_dest_and_names_the_path(cas: LocalCAS, tmp_path: Path) 
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_missing_blobs_create_nothing(cas: LocalCAS, tmp_path: Path, threads: int) -> None:
-    """The native presence check: no dest, the digest and tree path of the first missing file."""
+    """Optimistic linking meets missing blobs: no dest, and the digest and tree path of
+    the first missing file in the tree's order, whichever thread met which first."""
     root = _nested(cas, tmp_path)
     gone = {7: Digest.of(b"file 7\n"), 30: Digest.of(b"file 30\n")}
     for d in gone.values():
