@@ -101,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     cas.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
     cache = argparse.ArgumentParser(add_help=False)
     cache.add_argument("--cache", type=Path, metavar="DIR", help="directory cache root")
+    bounded = argparse.ArgumentParser(add_help=False)  # the verbs that may build entries
+    bounded.add_argument(
+        "--cache-max-bytes",
+        type=parse_size,
+        default=parse_size("10G"),
+        metavar="SIZE",
+        help="directory cache size bound (default 10G)",
+    )
 
     p = argparse.ArgumentParser(
         prog="fastmat",
@@ -125,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "materialize",
-        parents=[common, cas, cache],
+        parents=[common, cas, cache, bounded],
         formatter_class=fmt,
         help="build a tree at DEST",
         description="Build the tree DIGEST (hash/size) at DEST, which must not exist.\n\n"
@@ -146,13 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("digest", metavar="DIGEST", type=_digest, help="root digest, hash/size")
     s.add_argument("dest", metavar="DEST", help="destination (must not exist)")
-    s.add_argument(
-        "--cache-max-bytes",
-        type=parse_size,
-        default=parse_size("10G"),
-        metavar="SIZE",
-        help="directory cache size bound (default 10G)",
-    )
     s.add_argument("--remote", metavar="URL", help="REAPI server, grpc://host:port or grpcs://")
     s.add_argument("--instance-name", default="", metavar="NAME", help="REAPI instance name")
     s.add_argument("--workspace", action="store_true", help="hold DEST as a workspace (see above)")
@@ -203,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser(
         "worker",
-        parents=[common, cache],
+        parents=[common, cas, cache, bounded],
         formatter_class=fmt,
         help="run a remote-execution worker (Remote Workers API bot)",
         description="Take actions from a REAPI server's Bots service (BuildGrid) and run\n"
@@ -225,15 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--server", required=True, metavar="URL", help="grpc://host:port (Bots)")
     s.add_argument("--instance", default="", metavar="NAME", help="REAPI instance name")
     s.add_argument("--cas-server", metavar="URL", help="CAS server when not --server")
-    s.add_argument("--cas", required=True, type=Path, metavar="DIR", help="local CAS root")
     s.add_argument("--work", required=True, type=Path, metavar="DIR", help="actions run here")
-    s.add_argument(
-        "--cache-max-bytes",
-        type=parse_size,
-        default=parse_size("10G"),
-        metavar="SIZE",
-        help="directory cache size bound (default 10G)",
-    )
     s.add_argument("--no-overlay", action="store_true", help="never mount overlay workspaces")
     s.add_argument(
         "--jobs", type=int, default=os.cpu_count() or 1, metavar="N", help="actions at once"
