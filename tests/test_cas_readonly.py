@@ -16,7 +16,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,19 +278,37 @@ def test_command_on_a_read_only_cas(ro: ReadOnly, tmp_path: Path) -> None:
     assert "Read-only file system" in res.stderr
 
 
-def test_cas_read_only_by_permissions(tmp_path: Path) -> None:
-    """Another user's CAS, readable but not writable: reads, stats and verify work and
-    a put names the CAS (EACCES)."""
+def _roots_cas(tmp_path: Path, prepare: Callable[[LocalCAS, Digest], None] | None = None) -> Digest:
+    """root's CAS at tmp_path/cas holding the test tree (``prepare`` may change it
+    first), readable by everyone, writable by root only; returns the tree's digest."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run a part as another user")
     src = tmp_path / "src"
     _tree(src)
     root = tmp_path / "cas"
     with LocalCAS(root) as cas:
-        ingest_tree(cas, src)
+        tree = ingest_tree(cas, src)
+        if prepare is not None:
+            prepare(cas, tree)
     for dirpath, _, _ in os.walk(root):
         os.chmod(dirpath, 0o755)  # noqa: S103 - everyone may read, only root may write
     open_to_all(root)
+    return tree
+
+
+def _nobodys(path: Path) -> Path:
+    """A new directory nobody may write."""
+    path.mkdir()
+    os.chown(path, NOBODY, NOBODY)
+    open_to_all(path)
+    return path
+
+
+def test_cas_read_only_by_permissions(tmp_path: Path) -> None:
+    """Another user's CAS, readable but not writable: reads, stats and verify work and
+    a put names the CAS (EACCES)."""
+    _roots_cas(tmp_path)
+    root = tmp_path / "cas"
 
     def as_reader() -> tuple[bool, int, int, bytes, int, str]:
         with LocalCAS(root, create=False) as c:
@@ -323,24 +341,17 @@ def test_materialize_from_another_users_cas_copies_what_it_may_not_link(
     (the usual default) linkat of a file one does not own fails with EPERM. Each such
     file becomes a private reflink or copy with the plan's mode, counted in
     ``link_denied``; the tree is exact and shares no inode with the CAS."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a part as another user")
     if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
         pytest.skip("fs.protected_hardlinks is off here: nobody may link root's blobs")
-    src = tmp_path / "src"
-    _tree(src)
+
+    def one_variant(cas: LocalCAS, tree: Digest) -> None:
+        cas.executable_path(Digest.of(BUILT))  # one variant exists, the other cannot be made
+
+    tree = _roots_cas(tmp_path, one_variant)
     root = tmp_path / "cas"
     with LocalCAS(root) as cas:
-        tree = ingest_tree(cas, src)
-        cas.executable_path(Digest.of(BUILT))  # one variant exists, the other cannot be made
         files = load_plan(cas, tree).n_files
-    for dirpath, _, _ in os.walk(root):
-        os.chmod(dirpath, 0o755)  # noqa: S103 - everyone may read, only root may write
-    out = tmp_path / "out"
-    out.mkdir()
-    os.chown(out, NOBODY, NOBODY)
-    open_to_all(out)
-    dest = out / "tree"
+    dest = _nobodys(tmp_path / "out") / "tree"
 
     def as_reader() -> tuple[int, int, int, int]:
         with LocalCAS(root, create=False) as c:
@@ -372,27 +383,20 @@ def test_a_fetch_into_a_read_only_cas_is_refused_before_any_download(
     """nobody's materialize with a remote from root's CAS that lacks a blob (or a
     Directory): ``ReadOnlyCASError`` naming the missing digest and its tree path, before
     the server is contacted (nothing listens there: a contact would fail otherwise)."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root to run a part as another user")
-    src = tmp_path / "src"
-    _tree(src)
+    gone: list[Digest] = []
+
+    def remove_one(cas: LocalCAS, tree: Digest) -> None:
+        if missing == "blob":
+            gone.append(Digest.of(PLAIN))
+        else:
+            sub = proto.Directory.FromString(cas.read(tree)).directories[0]
+            assert sub.name == "sub"
+            gone.append(Digest(sub.digest.hash, sub.digest.size_bytes))
+        cas.path(gone[0]).unlink()
+
+    tree = _roots_cas(tmp_path, remove_one)
     root = tmp_path / "cas"
-    with LocalCAS(root) as cas:
-        tree = ingest_tree(cas, src)
-        sub = proto.Directory.FromString(cas.read(tree)).directories[0]
-        assert sub.name == "sub"
-        gone = (
-            Digest.of(PLAIN)
-            if missing == "blob"
-            else Digest(sub.digest.hash, sub.digest.size_bytes)
-        )
-        cas.path(gone).unlink()
-    for dirpath, _, _ in os.walk(root):
-        os.chmod(dirpath, 0o755)  # noqa: S103 - everyone may read, only root may write
-    out = tmp_path / "out"
-    out.mkdir()
-    os.chown(out, NOBODY, NOBODY)
-    open_to_all(out)
+    out = _nobodys(tmp_path / "out")
     url = f"grpc://127.0.0.1:{free_port()}"
 
     def as_reader() -> str:
@@ -408,9 +412,9 @@ def test_a_fetch_into_a_read_only_cas_is_refused_before_any_download(
         return "materialized"
 
     what = (
-        f"fetch 1 missing blob(s) into it (the first: {gone} at 'plain.txt')"
+        f"fetch 1 missing blob(s) into it (the first: {gone[0]} at 'plain.txt')"
         if missing == "blob"
-        else f"fetch Directory {gone} (at 'sub')"
+        else f"fetch Directory {gone[0]} (at 'sub')"
     )
     assert as_nobody(as_reader) == f"cannot {what}: the CAS {root} is read-only (Permission denied)"
     assert os.listdir(out) == []
