@@ -536,3 +536,51 @@ def test_latest_mtime_is_kept_to_the_nanosecond(cas: LocalCAS) -> None:
     plan = load_plan(cas, root)
     assert plan.arrays.mtime_ns is not None
     assert list(plan.arrays.mtime_ns) == [2**63 - 1]
+
+
+def _within(seconds: float, fn: Callable[[], object]) -> BaseException | None:
+    """Runs fn on a thread; the exception it raised (None: it returned). Fails the test
+    if fn is still running after ``seconds`` (blocked)."""
+    import threading
+
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as e:  # handed to the caller
+            out.append(e)
+        else:
+            out.append(None)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still blocked after {seconds} s"
+    return out[0]
+
+
+def test_a_fifo_under_a_cas_name_is_refused_not_waited_on(cas: LocalCAS, tmp_path: Path) -> None:
+    """Whoever may write the CAS puts a FIFO where a Directory message (or a blob
+    ``read``) is: the open does not wait for a writer; the load is refused
+    (``DigestMismatchError``: no bytes) and ``read`` names a non-regular file."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_bytes(b"fifo test\n")
+    from fastmat.tree import ingest_tree
+
+    root = ingest_tree(cas, src)
+    sub = proto.Directory.FromString(cas.read(root)).directories[0]
+    sub_digest = Digest(sub.digest.hash, sub.digest.size_bytes)
+    for d in (sub_digest, Digest.of(b"fifo test\n")):
+        name = cas.path(d)
+        os.unlink(name)
+        os.mkfifo(name)
+    node_cache.clear()
+    dest = tmp_path / "dest"
+    err = _within(10, lambda: materialize(cas, root, dest))
+    assert isinstance(err, DigestMismatchError), err
+    assert not os.path.lexists(dest)
+    err = _within(10, lambda: cas.read(Digest.of(b"fifo test\n")))
+    assert isinstance(err, OSError), err
+    assert "not a regular file" in str(err)

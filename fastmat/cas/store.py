@@ -445,13 +445,16 @@ class LocalCAS:
         self._opened.check()
         if d.size_bytes == 0:
             return b""
-        try:
-            fd = os.open(self.relpath(d), _RDONLY, dir_fd=self.root_fd)
+        try:  # O_NONBLOCK: a FIFO under the name opens at once (refused below)
+            fd = os.open(self.relpath(d), _RDONLY | os.O_NONBLOCK, dir_fd=self.root_fd)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ELOOP):
                 raise BlobNotFoundError(d) from None
             raise
         with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                why = "CAS file is not a regular file; run verify"
+                raise OSError(errno.EINVAL, why, str(self.root / self.relpath(d)))
             return f.read()
 
     def _ensure_empty(self, d: Digest, area: str) -> None:

@@ -64,7 +64,9 @@ if TYPE_CHECKING:
 __all__ = ["Fetcher", "load_plan"]
 
 
-_RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+# O_NONBLOCK: a FIFO under a CAS name opens at once (and reads as too short) instead
+# of blocking until someone writes to it
+_RDONLY = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
 class Fetcher(Protocol):
