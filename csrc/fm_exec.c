@@ -25,6 +25,7 @@
 
 #define MAX_CHUNK 64
 #define STRIPES 64
+#define LINK_RETRIES 3 /* link_src */
 
 /* Serializes EMLINK rotations of the same source (hashed by path). */
 static pthread_mutex_t rotate_lock[STRIPES] = {[0 ... STRIPES - 1] = PTHREAD_MUTEX_INITIALIZER};
@@ -285,6 +286,18 @@ static uint32_t stripe_of(const char *s)
     return h % STRIPES;
 }
 
+/* linkat of a CAS name. ENOENT is tried again a few times: a link can find
+ * an inode that loses its last name before it is linked, when another
+ * process's EMLINK rotation renames a fresh copy over the same name (the name
+ * itself never disappears). A blob really absent costs the retries only. */
+static int link_src(struct ctx *c, const char *src, int dfd, const char *name)
+{
+    int rc = fm__linkat(c->src_dirfd, src, dfd, name);
+    for (int k = 0; rc == -ENOENT && k < LINK_RETRIES; k++)
+        rc = fm__linkat(c->src_dirfd, src, dfd, name);
+    return rc;
+}
+
 /* EMLINK: replaces src by a fresh private copy of itself (same mode, bytes
  * and mtime; the existing links keep the old inode), then links again.
  * Under the lock, a real EMLINK first retries the link: another thread may
@@ -298,7 +311,7 @@ static int rotate_and_link(struct ctx *c, const char *src, int dfd, const char *
     int tdir = c->tmp_dirfd >= 0 ? c->tmp_dirfd : c->src_dirfd;
     pthread_mutex_t *lock = &rotate_lock[stripe_of(src)];
     pthread_mutex_lock(lock);
-    int rc = injected ? -EMLINK : fm__linkat(c->src_dirfd, src, dfd, name);
+    int rc = injected ? -EMLINK : link_src(c, src, dfd, name);
     if (rc != -EMLINK)
         goto out;
     rc = fm__fstatat(c->src_dirfd, src, &now, AT_SYMLINK_NOFOLLOW);
@@ -329,7 +342,7 @@ static int rotate_and_link(struct ctx *c, const char *src, int dfd, const char *
         goto out;
     }
     *rotated = 1;
-    rc = fm__linkat(c->src_dirfd, src, dfd, name);
+    rc = link_src(c, src, dfd, name);
 out:
     pthread_mutex_unlock(lock);
     return rc;
@@ -347,7 +360,7 @@ static int do_entry(struct ctx *c, int dfd, uint32_t i, uint8_t *how)
     case FM_OP_LINK:
         rc = injected = fm__injected(FM_SITE_LINK);
         if (rc == 0)
-            rc = fm__linkat(c->src_dirfd, src, dfd, name);
+            rc = link_src(c, src, dfd, name);
         if (rc == 0) {
             *how = FM_HOW_LINK;
         } else if (rc == -EXDEV || rc == -EPERM) {
